@@ -1,0 +1,68 @@
+"""nbparallel: parallel work from a Jupyter notebook, through a small sidecar process.
+
+The kernel never forks: a sidecar started with ``subprocess`` owns the workers, and functions
+defined in the notebook travel by value (cloudpickle). See README.md and docs/.
+
+Names are imported lazily, so ``python -m nbparallel.sidecar`` and the workers stay light.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "map",
+    "imap",
+    "submit",
+    "Executor",
+    "configure",
+    "status",
+    "shutdown",
+    "NbParallelError",
+    "TaskError",
+    "WorkerCrashed",
+    "TaskTimeout",
+    "SidecarDied",
+    "SerializationError",
+    "Interrupted",
+    "load_ipython_extension",
+    "unload_ipython_extension",
+]
+
+_WHERE = {
+    "map": "api",
+    "imap": "api",
+    "configure": "api",
+    "status": "api",
+    "shutdown": "api",
+    "submit": "futures",
+    "Executor": "futures",
+    "load_ipython_extension": "magics",
+    "unload_ipython_extension": "magics",
+    **{name: "errors" for name in ("NbParallelError", "TaskError", "WorkerCrashed", "TaskTimeout",
+                                   "SidecarDied", "SerializationError", "Interrupted")},
+}
+
+if TYPE_CHECKING:
+    from .api import configure, imap, map, shutdown, status
+    from .errors import (Interrupted, NbParallelError, SerializationError, SidecarDied, TaskError,
+                         TaskTimeout, WorkerCrashed)
+    from .futures import Executor, submit
+    from .magics import load_ipython_extension, unload_ipython_extension
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'nbparallel' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -1,0 +1,241 @@
+"""The public calls: map, imap, configure, status, shutdown (submit and Executor live in futures.py)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from . import client as _client
+from . import config
+from .errors import Interrupted, NbParallelError
+from .mapping import Batch, MapRun
+
+_ERRORS = ("raise", "return")
+
+
+def _check_errors(errors: str) -> None:
+    if errors not in _ERRORS:
+        raise ValueError(f'errors must be "raise" or "return", got {errors!r}')
+
+
+def map(
+    fn: Callable[..., Any],
+    *iterables: Iterable[Any],
+    workers: int | None = None,
+    chunksize: int | str = "auto",
+    ordered: bool = True,
+    errors: str = "raise",
+) -> list[Any]:
+    """Apply ``fn`` to every item in the workers and return the results as a list.
+
+    Args:
+        fn: any callable, including lambdas, closures and functions defined in a notebook.
+        iterables: one iterable, or several whose items are passed as separate arguments
+            (``fn(a, b)`` for ``map(fn, As, Bs)``; the shortest one ends the call).
+        workers: how many workers may run this call at once; None or -1 all usable CPUs, -2 all
+            but one (joblib's convention).
+        chunksize: items sent to a worker at a time; ``"auto"`` adapts it to the task's duration.
+        ordered: results in input order (True) or in the order they finished (False).
+        errors: ``"raise"`` stops at the first failure and raises it (``err.completed`` holds the
+            finished results by index); ``"return"`` puts the exception in that item's place.
+
+    Raises:
+        TaskError: ``fn`` raised (the object is also an instance of the original exception type).
+        WorkerCrashed: a worker died running an item.
+        SidecarDied: the sidecar went away.
+        Interrupted: Ctrl-C or the stop button; ``err.completed`` holds the finished results.
+    """
+    _check_errors(errors)
+    run = MapRun(fn, iterables, workers=workers, chunksize=chunksize, stop_on_error=errors == "raise")
+    spans: list[tuple[int, list[Any]]] = []  # (first index, values) for contiguous batches
+    singles: dict[int, Any] = {}
+    arrival: list[Any] = []
+    batches = run.batches()
+    try:
+        for batch in batches:
+            if errors == "raise" and batch.errors:
+                _keep(batch, spans, singles)
+                raise _stop(run, batch, spans, singles)
+            _keep(batch, spans, singles)
+            if not ordered:
+                arrival.extend(batch.values)
+                arrival.extend(batch.errors.values())
+    except KeyboardInterrupt:
+        raise _interrupted(run, spans, singles) from None
+    except NbParallelError as error:
+        if not error.completed:
+            error.completed = _completed(run, spans, singles)
+        raise
+    finally:
+        batches.close()
+    if not ordered:
+        return arrival
+    results: list[Any] = [None] * run.next_index
+    for start, values in spans:
+        results[start : start + len(values)] = values
+    for index, value in singles.items():
+        results[index] = value
+    return results
+
+
+def imap(
+    fn: Callable[..., Any],
+    *iterables: Iterable[Any],
+    workers: int | None = None,
+    chunksize: int | str = "auto",
+    ordered: bool = True,
+    errors: str = "raise",
+) -> Iterator[Any]:
+    """Like ``map``, but yield results while the work goes on; input is read lazily.
+
+    With ``ordered=False`` results come as they finish. Only a bounded window of items is in
+    flight, so an endless generator works. Stopping the iteration (or ``close()``) cancels the rest.
+    On a failure with ``errors="raise"``, ``err.completed`` holds the results not yet yielded.
+    """
+    _check_errors(errors)
+    run = MapRun(fn, iterables, workers=workers, chunksize=chunksize, stop_on_error=errors == "raise")
+    return _imap(run, ordered=ordered, errors=errors)
+
+
+def _imap(run: MapRun, *, ordered: bool, errors: str, deadline: float | None = None,
+          raise_in_order: bool = False) -> Iterator[Any]:
+    waiting: dict[int, Any] = {}  # ordered: finished but not yet yielded
+    failed: dict[int, NbParallelError] = {}
+    run.backlog = waiting.__len__
+    next_index = 0
+    batches = run.batches()
+    try:
+        while True:
+            if deadline is not None and time.monotonic() > deadline:
+                import concurrent.futures as cf
+
+                raise cf.TimeoutError("Executor.map: the results did not all arrive before the timeout")
+            batch = next(batches, None)
+            if batch is None:
+                break
+            if batch.errors and errors == "raise" and not raise_in_order:
+                batches.close()
+                error = next(iter(batch.errors.values()))
+                waiting.update(zip(batch.indices, batch.values))
+                for late in run.late:
+                    waiting.update(zip(late.indices, late.values))
+                error.completed = dict(waiting)
+                raise error
+            if not ordered:
+                yield from batch.values
+                yield from batch.errors.values()
+                continue
+            waiting.update(zip(batch.indices, batch.values))
+            if raise_in_order:
+                failed.update(batch.errors)
+            waiting.update(batch.errors)
+            while next_index in waiting:
+                value = waiting.pop(next_index)
+                if next_index in failed:
+                    batches.close()
+                    raise value
+                next_index += 1
+                yield value
+    except KeyboardInterrupt:
+        batches.close()
+        completed = dict(waiting)
+        for late in run.late:
+            completed.update(zip(late.indices, late.values))
+        raise Interrupted(_interrupt_message(run), completed) from None
+    finally:
+        batches.close()
+
+
+def _imap_in_order(fn: Callable[..., Any], iterables: tuple[Iterable[Any], ...], *, workers: int | None,
+                   chunksize: int | str, timeout: float | None) -> Iterator[Any]:
+    """concurrent.futures semantics: in order; an item's exception raised when it is reached."""
+    run = MapRun(fn, iterables, workers=workers, chunksize=chunksize, stop_on_error=False)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    return _imap(run, ordered=True, errors="return", deadline=deadline, raise_in_order=True)
+
+
+def _keep(batch: Batch, spans: list[tuple[int, list[Any]]], singles: dict[int, Any]) -> None:
+    if isinstance(batch.indices, range) and batch.values:
+        spans.append((batch.indices.start, batch.values))
+    else:
+        singles.update(zip(batch.indices, batch.values))
+    singles.update(batch.errors)
+
+
+def _completed(run: MapRun, spans: list[tuple[int, list[Any]]], singles: dict[int, Any]) -> dict[int, Any]:
+    completed: dict[int, Any] = {}
+    for start, values in spans:
+        completed.update(zip(range(start, start + len(values)), values))
+    completed.update((i, v) for i, v in singles.items() if not isinstance(v, NbParallelError))
+    for late in run.late:
+        completed.update(zip(late.indices, late.values))
+    return completed
+
+
+def _stop(run: MapRun, batch: Batch, spans: list[tuple[int, list[Any]]], singles: dict[int, Any]) -> NbParallelError:
+    run.cancel()
+    error = min(batch.errors.items())[1]
+    error.completed = _completed(run, spans, singles)
+    return error
+
+
+def _interrupt_message(run: MapRun) -> str:
+    return (f"nbparallel: cancelled after {run.done} of {run.next_index if run.exhausted else 'unknown'} items "
+            f"finished; the finished results are in err.completed")
+
+
+def _interrupted(run: MapRun, spans: list[tuple[int, list[Any]]], singles: dict[int, Any]) -> Interrupted:
+    run.cancel()
+    return Interrupted(_interrupt_message(run), _completed(run, spans, singles))
+
+
+def configure(
+    *,
+    workers: int | None | type[Ellipsis] = ...,  # type: ignore[valid-type]
+    preload: list[str] | None = None,
+    env: dict[str, str] | None = None,
+    limit_threads: bool | None = None,
+    tag_output: bool | None = None,
+) -> None:
+    """Change the pool: its size, modules preloaded in every worker, environment variables.
+
+    ``workers`` follows joblib's convention (None or -1: all usable CPUs). ``preload`` names modules
+    every worker imports once before work arrives (changing it restarts the workers).
+    ``limit_threads`` keeps BLAS/OpenMP thread pools to each worker's share of the CPUs.
+    ``tag_output`` prefixes lines printed by workers with ``[item N]``.
+    """
+    settings = _client.settings
+    if workers is not ...:
+        config.resolve_workers(workers)  # type: ignore[arg-type]  # validate now, with a clear message
+        settings.workers = workers  # type: ignore[assignment]
+    if preload is not None:
+        settings.preload = list(preload)
+    if env is not None:
+        settings.env = dict(env)
+    if limit_threads is not None:
+        settings.limit_threads = limit_threads
+    if tag_output is not None:
+        settings.tag_output = tag_output
+    running = _client.current_client()
+    if running is not None and running.dead is None:
+        running.configure(settings)
+
+
+def status() -> dict[str, Any]:
+    """The sidecar's PID and memory, and each worker's state, current item, memory and tasks done."""
+    client = _client.get_client()
+    reply = client.request({"op": "status"}).header
+    reply.pop("op", None)
+    reply.pop("req", None)
+    return reply
+
+
+def shutdown() -> None:
+    """Stop the sidecar and every worker now. The next call starts them again."""
+    _client.shutdown_client()
+
+
+def start() -> int:
+    """Start the sidecar and its workers now (``%load_ext`` does this); return the sidecar's PID."""
+    return _client.get_client().pid

@@ -1,0 +1,95 @@
+"""Tunables, in one place, and how many CPUs this process may really use."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class Settings:
+    """What ``nbparallel.configure`` changes. Every field is documented where it is used."""
+
+    #: Pool size; None means every usable CPU (cgroup quota and affinity counted).
+    workers: int | None = None
+    #: Modules every worker imports once at start, before any work arrives.
+    preload: list[str] = field(default_factory=list)
+    #: Extra environment variables for the workers.
+    env: dict[str, str] = field(default_factory=dict)
+    #: Limit BLAS/OpenMP threads in each worker so N workers don't start N x cores threads.
+    limit_threads: bool = True
+    #: Calls shorter than this (seconds) show no progress bar.
+    progress_after: float = 1.0
+    #: Prefix each line a worker prints with the item it was running.
+    tag_output: bool = True
+
+
+# Chunking: a chunk should take about CHUNK_SECONDS of work, so progress moves smoothly and
+# the per-chunk cost (a few hundred microseconds of routing) stays small beside the work.
+CHUNK_SECONDS = 0.05
+MAX_CHUNK_ITEMS = 20_000
+MAX_CHUNK_BYTES = 8 * 2**20
+# Items in flight (sent, not yet handed to the caller), in chunks per worker: enough to keep every
+# worker busy while results travel, few enough that a 10-million-item generator never sits in memory.
+CHUNKS_IN_FLIGHT_PER_WORKER = 4
+# How long to wait for the sidecar to confirm a cancellation before raising anyway.
+CANCEL_WAIT = 0.8
+# How long the sidecar may take to start and answer its first message.
+START_TIMEOUT = 30.0
+
+_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
+                "NUMEXPR_NUM_THREADS")
+
+
+def usable_cpus() -> int:
+    """CPUs this process may use: affinity, then the cgroup CPU quota (v2 or v1), at least 1."""
+    try:
+        count = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        count = os.cpu_count() or 1
+    quota = _cgroup_quota()
+    if quota is not None:
+        count = min(count, max(1, math.ceil(quota)))
+    return max(1, count)
+
+
+def _cgroup_quota() -> float | None:
+    try:
+        text = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if text and text[0] != "max":
+            return int(text[0]) / int(text[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        quota = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+        period = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        if quota > 0 and period > 0:
+            return quota / period
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def resolve_workers(workers: int | None) -> int:
+    """joblib's n_jobs convention: None or -1 all usable CPUs, -2 all but one, n exactly n."""
+    cpus = usable_cpus()
+    if workers is None:
+        return cpus
+    if isinstance(workers, bool) or not isinstance(workers, int):
+        raise TypeError(f"workers must be an int or None, got {workers!r}")
+    if workers > 0:
+        return workers
+    if workers < 0 and cpus + 1 + workers >= 1:
+        return cpus + 1 + workers
+    raise ValueError(
+        f"workers={workers} leaves no worker on this machine ({cpus} usable CPUs). Use a positive "
+        "number, None or -1 for all CPUs, or -2 for all but one."
+    )
+
+
+def thread_limits(workers: int) -> dict[str, str]:
+    """Environment that keeps each worker's BLAS/OpenMP pool to its share of the CPUs."""
+    share = str(max(1, usable_cpus() // max(1, workers)))
+    return {name: share for name in _THREAD_VARS if name not in os.environ}

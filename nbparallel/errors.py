@@ -1,0 +1,207 @@
+"""Exception types. Each message says what happened, why, and what to try.
+
+The hierarchy::
+
+    NbParallelError
+     ├── TaskError          the user's function raised (also an instance of the original type)
+     ├── WorkerCrashed      the worker process died while running the item
+     ├── TaskTimeout        the item ran past its time limit
+     ├── SidecarDied        the runner process went away
+     ├── SerializationError something could not be pickled or unpickled
+     └── ProtocolError      a malformed or incompatible message on the wire
+    Interrupted (KeyboardInterrupt)  the call was cancelled; carries what completed
+
+Every per-item error carries ``item`` (a short repr of the input), ``index`` (its position in the
+input) and, once a call stopped, ``completed``: ``{index: result}`` of everything that finished.
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+__all__ = [
+    "NbParallelError",
+    "TaskError",
+    "WorkerCrashed",
+    "TaskTimeout",
+    "SidecarDied",
+    "SerializationError",
+    "ProtocolError",
+    "Interrupted",
+]
+
+
+class NbParallelError(Exception):
+    """Base class of every error nbparallel raises."""
+
+    #: ``{index: result}`` of the items that had finished when the call stopped.
+    completed: dict[int, Any]
+    index: int | None = None
+    item: str | None = None
+
+    def __init__(self, message: str = "", *, index: int | None = None, item: str | None = None):
+        super().__init__(message)
+        self.index = index
+        self.item = item
+        self.completed = {}
+
+    def _where(self) -> str:
+        if self.index is None:
+            return ""
+        return f"item {self.index}" + (f" ({self.item})" if self.item else "")
+
+
+class TaskError(NbParallelError):
+    """The mapped function raised for one item.
+
+    The object raised is also an instance of the original exception's type, so
+    ``except ValueError`` keeps working; the original is ``exception`` (and ``__cause__``), and the
+    worker's formatted traceback is ``remote_traceback``.
+    """
+
+    exception: BaseException
+    remote_traceback: str
+
+    def __str__(self) -> str:
+        original = self.exception
+        text = f"{type(original).__name__}: {original}" if str(original) else type(original).__name__
+        return f"{self._where()} raised {text}\n\nRemote traceback:\n{self.remote_traceback.rstrip()}"
+
+    def _render_traceback_(self) -> list[str]:
+        # IPython shows this instead of the local traceback, which is only our waiting loop.
+        original = self.exception
+        head = f"nbparallel: {self._where()} raised {type(original).__name__} in a worker"
+        return [head, "", *self.remote_traceback.rstrip().splitlines()]
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_task_error, (self.exception, self.remote_traceback, self.index, self.item))
+
+
+_task_error_classes: dict[type[BaseException], type[TaskError]] = {}
+
+
+def _task_error_class(original: type[BaseException]) -> type[TaskError]:
+    """A subclass of both TaskError and the original type, made once per type."""
+    cls = _task_error_classes.get(original)
+    if cls is None:
+        try:
+            if not issubclass(original, Exception) or issubclass(original, NbParallelError):
+                raise TypeError("not mixed")
+            cls = type("TaskError", (TaskError, original), {"__module__": __name__})
+        except TypeError:  # a final class, or an incompatible layout: plain TaskError
+            cls = TaskError
+        _task_error_classes[original] = cls
+    return cls
+
+
+def make_task_error(
+    exception: BaseException, remote_traceback: str, index: int | None, item: str | None
+) -> TaskError:
+    """Wrap ``exception`` raised remotely for one item."""
+    cls = _task_error_class(type(exception))
+    error = Exception.__new__(cls)
+    # The mixed-in type's own __init__ may need other arguments; fill the fields by hand.
+    error.args = exception.args
+    error.exception = exception
+    error.remote_traceback = remote_traceback
+    error.index = index
+    error.item = item
+    error.completed = {}
+    error.__cause__ = exception
+    return error
+
+
+def _rebuild_task_error(
+    exception: BaseException, remote_traceback: str, index: int | None, item: str | None
+) -> TaskError:
+    return make_task_error(exception, remote_traceback, index, item)
+
+
+def describe_exit(exitcode: int | None) -> tuple[int | None, str | None, str]:
+    """(exit status, signal name, likely cause) for a subprocess return code."""
+    if exitcode is None:
+        return None, None, "the worker stopped answering"
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        causes = {
+            "SIGSEGV": "a segmentation fault, usually a bug in a C extension",
+            "SIGBUS": "a bus error, usually a bug in a C extension or a truncated memory map",
+            "SIGABRT": "an abort, usually a failed assertion in a C extension",
+            "SIGKILL": "it was killed with SIGKILL, most often by the out-of-memory killer",
+            "SIGTERM": "it was asked to terminate by another process",
+        }
+        return None, name, causes.get(name, f"it was killed by {name}")
+    return exitcode, None, f"it exited with status {exitcode} (os._exit or sys.exit in the task?)"
+
+
+class WorkerCrashed(NbParallelError):
+    """The worker running the item died: a signal, an exit, or the out-of-memory killer."""
+
+    def __init__(
+        self,
+        *,
+        index: int | None = None,
+        item: str | None = None,
+        pid: int | None = None,
+        exitcode: int | None = None,
+        memory: int | None = None,
+    ):
+        status, self.signal, cause = describe_exit(exitcode)
+        self.exitcode = status
+        self.pid = pid
+        self.memory = memory
+        mem = f"; last seen using {memory / 2**20:.0f} MiB" if memory else ""
+        message = (
+            f"the worker (pid {pid}) running {'item ' + str(index) if index is not None else 'a task'}"
+            f"{' (' + item + ')' if item else ''} died: {cause}{mem}. The worker was replaced and "
+            "the other items went on. If this item needs much memory, use fewer workers."
+        )
+        super().__init__(message, index=index, item=item)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_crash, (self.index, self.item, self.pid, self._raw_exitcode(), self.memory))
+
+    def _raw_exitcode(self) -> int | None:
+        if self.signal is not None:
+            try:
+                return -int(signal.Signals[self.signal])
+            except KeyError:
+                return None
+        return self.exitcode
+
+
+def _rebuild_crash(
+    index: int | None, item: str | None, pid: int | None, exitcode: int | None, memory: int | None
+) -> WorkerCrashed:
+    return WorkerCrashed(index=index, item=item, pid=pid, exitcode=exitcode, memory=memory)
+
+
+class TaskTimeout(NbParallelError):
+    """The item ran longer than its time limit; its worker was killed and replaced."""
+
+
+class SidecarDied(NbParallelError):
+    """The sidecar process went away. The next call starts a new one."""
+
+
+class SerializationError(NbParallelError):
+    """Something could not be pickled or unpickled; the message names it and where it was."""
+
+
+class ProtocolError(NbParallelError):
+    """A message on the wire was malformed or came from an incompatible version."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """The call was interrupted (Ctrl-C or the stop button) and cancelled.
+
+    ``completed`` holds ``{index: result}`` of every item that had finished.
+    """
+
+    def __init__(self, message: str = "", completed: dict[int, Any] | None = None):
+        super().__init__(message)
+        self.completed: dict[int, Any] = completed or {}

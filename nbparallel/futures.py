@@ -1,0 +1,195 @@
+"""``submit`` and ``Executor``: one task per Future, on the shared sidecar.
+
+A Future here is a real ``concurrent.futures.Future``. Unlike the standard library's, cancelling one
+that is already running stops it: the sidecar kills the worker running it and starts another.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import itertools
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from . import config
+from . import serialization as ser
+from .client import Client, get_client
+from .errors import SidecarDied, WorkerCrashed, make_task_error
+from .output import capture_sink, flush_std
+from .protocol import Frame
+
+_groups = itertools.count(1)
+
+
+class TaskFuture(cf.Future):  # type: ignore[type-arg]
+    """A Future whose ``cancel()`` also stops the task if a worker is already running it."""
+
+    _task: _Task | None = None
+
+    def cancel(self) -> bool:
+        if not super().cancel():
+            return False
+        if self._task is not None:
+            self._task.abandon()
+        return True
+
+
+class _Task:
+    """One submitted call: its job in the sidecar and the Future it settles."""
+
+    def __init__(self, client: Client, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+                 limit: int, group: int | None) -> None:
+        function_bytes = ser.dumps_function(fn)
+        try:
+            payload = ser.dumps([(args, kwargs)])
+        except Exception:
+            for position, arg in enumerate(args):
+                _check_argument(arg, f"argument {position + 1}")
+            for name, arg in kwargs.items():
+                _check_argument(arg, f"keyword argument {name!r}")
+            raise
+        self.client = client
+        self.item = ser.describe(args[0] if len(args) == 1 and not kwargs else (args, kwargs))
+        self.future = TaskFuture()
+        self.future._task = self
+        self.sink = capture_sink()
+        self.job = client.new_job_id()
+        self.settled = threading.Lock()
+        self.ended = False
+        flush_std()
+        client.register(self.job, self)
+        header: dict[str, Any] = {
+            "op": "job",
+            "job": self.job,
+            "key": hashlib.blake2b(function_bytes, digest_size=16).hexdigest(),
+            "call": "kwargs",
+            "limit": limit,
+        }
+        if group is not None:
+            header["group"] = group
+        client.send(header, [function_bytes])
+        client.send({"op": "chunk", "job": self.job, "chunk": client.new_chunk_id(), "start": 0, "count": 1},
+                    [payload])
+
+    def on_frame(self, frame: Frame) -> None:
+        if frame.op == "output":
+            self.sink(frame.get("stream", "stdout"), frame.get("text", ""))
+            return
+        if frame.op == "result":
+            offsets, values, problems = ser.loads(frame.payload)
+            if values:
+                self._settle(lambda f: f.set_result(values[0]))
+            elif problems:
+                status, value = problems[0]
+                if status == ser.RAISED:
+                    error = make_task_error(value[0], value[1], None, self.item)
+                else:
+                    error = value
+                self._settle(lambda f: f.set_exception(error))
+        elif frame.op == "crashed":
+            error = WorkerCrashed(item=self.item, pid=frame.get("pid"), exitcode=frame.get("exitcode"),
+                                  memory=frame.get("memory"))
+            self._settle(lambda f: f.set_exception(error))
+
+    def on_died(self, error: SidecarDied) -> None:
+        self._settle(lambda f: f.set_exception(SidecarDied(str(error))), send_end=False)
+
+    def _settle(self, how: Callable[[cf.Future[Any]], None], send_end: bool = True) -> None:
+        with self.settled:
+            if not self.future.done():
+                try:
+                    how(self.future)
+                except cf.InvalidStateError:  # cancelled in the meantime
+                    pass
+        self._end(send_end)
+
+    def abandon(self) -> None:
+        if self.client.dead is None:
+            try:
+                self.client.send({"op": "cancel", "job": self.job})
+            except SidecarDied:
+                pass
+        self._end(True)
+
+    def _end(self, send: bool) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        self.client.unregister(self.job)
+        if send and self.client.dead is None:
+            try:
+                self.client.send({"op": "end", "job": self.job})
+            except SidecarDied:
+                pass
+
+
+def _check_argument(value: Any, where: str) -> None:
+    try:
+        ser.dumps(value)
+    except Exception as exc:
+        from .errors import SerializationError
+
+        raise SerializationError(
+            f"{where} ({ser.describe(value)}, a {type(value).__name__}) cannot be sent to a worker: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def submit(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future[Any]:
+    """Run ``fn(*args, **kwargs)`` in a worker; return a ``concurrent.futures.Future``."""
+    return _Task(get_client(), fn, args, kwargs, 0, None).future
+
+
+class Executor(cf.Executor):
+    """A ``concurrent.futures.Executor`` on the shared sidecar.
+
+    ``max_workers`` caps how many of its tasks run at once (None: every worker of the pool).
+    ``map`` streams lazily and chunks like ``nbparallel.imap``.
+    """
+
+    def __init__(self, max_workers: int | None = None) -> None:
+        self._limit = config.resolve_workers(max_workers) if max_workers is not None else 0
+        self._group = next(_groups)
+        self._futures: set[cf.Future[Any]] = set()
+        self._lock = threading.Lock()
+        self._shutdown = False
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future[Any]:
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            future = _Task(get_client(), fn, args, kwargs, self._limit, self._group).future
+            self._futures.add(future)
+            future.add_done_callback(self._forget)
+            return future
+
+    def _forget(self, future: cf.Future[Any]) -> None:
+        with self._lock:
+            self._futures.discard(future)
+
+    def map(  # type: ignore[override]
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int | str = "auto",
+    ) -> Iterator[Any]:
+        """Like ``concurrent.futures.Executor.map``: results in order; an exception is raised when
+        its item is reached; ``timeout`` counts from this call."""
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        from .api import _imap_in_order
+
+        return _imap_in_order(fn, iterables, workers=self._limit or None, chunksize=chunksize, timeout=timeout)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            self._shutdown = True
+            pending = list(self._futures)
+        if cancel_futures:
+            for future in pending:
+                future.cancel()
+        if wait:
+            cf.wait(pending)

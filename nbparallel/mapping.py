@@ -1,0 +1,356 @@
+"""One map call on the kernel side: feed chunks lazily, collect outcomes, cancel on demand.
+
+The caller's own thread drives the run: it pickles the next chunks while fewer than the window are
+in flight, then waits for the reader thread to hand it a result. So a generator of ten million
+items is read only as fast as the workers consume it, and Ctrl-C lands in the thread that waits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+import operator
+import queue
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from . import config
+from . import serialization as ser
+from .client import Client, get_client
+from .errors import NbParallelError, SidecarDied, WorkerCrashed, make_task_error
+from .output import capture_sink, flush_std, tag_lines
+from .protocol import Frame
+
+WAIT_SLICE = 0.25  # seconds: the caller re-checks its state at least this often while waiting
+
+
+@dataclass
+class Batch:
+    """Outcomes of some items: ``values[k]`` belongs to ``indices[k]``; ``errors`` are the failures."""
+
+    indices: range | list[int]
+    values: list[Any]
+    errors: dict[int, NbParallelError]
+
+
+class ChunkSizer:
+    """Chooses how many items go in the next chunk.
+
+    ``"auto"`` starts with one item per chunk, then aims at ``CHUNK_SECONDS`` of work per chunk from
+    the per-item time the workers report, bounded by bytes, by ``MAX_CHUNK_ITEMS``, and by a fair
+    share of what is left so the last chunks don't leave workers idle.
+    """
+
+    def __init__(self, chunksize: int | str, workers: int) -> None:
+        if chunksize != "auto" and (isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1):
+            raise ValueError(f'chunksize must be "auto" or a positive int, got {chunksize!r}')
+        self.fixed = None if chunksize == "auto" else int(chunksize)
+        self.workers = workers
+        self.seconds_per_item: float | None = None
+        self.bytes_per_item: float | None = None
+
+    def next_size(self, remaining: int | None) -> int:
+        if self.fixed is not None:
+            return self.fixed
+        if self.seconds_per_item is None:
+            return 1
+        size = config.CHUNK_SECONDS / max(self.seconds_per_item, 1e-8)
+        if self.bytes_per_item:
+            size = min(size, config.MAX_CHUNK_BYTES / self.bytes_per_item)
+        if remaining is not None:
+            size = min(size, math.ceil(remaining / (2 * self.workers)))
+        return int(max(1, min(size, config.MAX_CHUNK_ITEMS)))
+
+    def observe_time(self, items: int, seconds: float) -> None:
+        if items <= 0:
+            return
+        per_item = seconds / items
+        old = self.seconds_per_item
+        self.seconds_per_item = per_item if old is None else 0.5 * old + 0.5 * per_item
+
+    def observe_bytes(self, items: int, size: int) -> None:
+        per_item = size / max(1, items)
+        old = self.bytes_per_item
+        self.bytes_per_item = per_item if old is None else 0.5 * old + 0.5 * per_item
+
+
+@dataclass
+class _InFlight:
+    start: int
+    items: list[Any]
+    left: int
+
+
+class MapRun:
+    """The state of one map/imap call. Iterate ``batches()`` to drive it."""
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        iterables: tuple[Iterable[Any], ...],
+        *,
+        workers: int | None,
+        chunksize: int | str,
+        stop_on_error: bool,
+        client: Client | None = None,
+    ) -> None:
+        if not iterables:
+            raise TypeError("map() needs at least one iterable to map the function over")
+        self.function_bytes = ser.dumps_function(fn)  # before anything runs: fail fast, name the culprit
+        self.total = _known_length(iterables)
+        self.items = _iterate(iterables)
+        self.star = len(iterables) > 1
+        self.limit = config.resolve_workers(workers) if workers is not None else 0
+        self.client = client or get_client()
+        pool = config.resolve_workers(self._pool_setting())
+        self.workers = self.limit or pool
+        self.sizer = ChunkSizer(chunksize, self.workers)
+        self.stop_on_error = stop_on_error
+        self.events: queue.SimpleQueue[Frame | SidecarDied] = queue.SimpleQueue()
+        self.sink = capture_sink()
+        self.job = self.client.new_job_id()
+        self.next_index = 0
+        self.exhausted = False
+        self.in_flight: dict[int, _InFlight] = {}
+        self.unresolved = 0
+        self.done = 0
+        self.failed = 0
+        self.finished = False
+        self.cancelled = False
+        self.late: list[Batch] = []  # outcomes that arrived while cancelling
+        self.backlog: Callable[[], int] = lambda: 0  # items the consumer holds back (ordered imap)
+
+    def _pool_setting(self) -> int | None:
+        from .client import settings
+
+        return settings.workers
+
+    # -- reader-thread side -------------------------------------------------------------------
+
+    def on_frame(self, frame: Frame) -> None:
+        if frame.op == "output":
+            text = frame.get("text", "")
+            from .client import settings
+
+            if settings.tag_output:
+                text = tag_lines(text, frame.get("index"))
+            self.sink(frame.get("stream", "stdout"), text)
+        else:
+            self.events.put(frame)
+
+    def on_died(self, error: SidecarDied) -> None:
+        self.events.put(error)
+
+    # -- caller side --------------------------------------------------------------------------
+
+    def batches(self) -> Iterator[Batch]:
+        """Outcomes as they arrive, until every item has one."""
+        flush_std()
+        self.client.register(self.job, self)
+        try:
+            self.client.send(
+                {
+                    "op": "job",
+                    "job": self.job,
+                    "key": hashlib.blake2b(self.function_bytes, digest_size=16).hexdigest(),
+                    "stop_on_error": self.stop_on_error,
+                    "call": "star" if self.star else "one",
+                    "limit": self.limit,
+                    "cwd": _cwd(),
+                    "path": _sys_path(),
+                },
+                [self.function_bytes],
+            )
+            while True:
+                self.pump()
+                if self.exhausted and self.unresolved == 0:
+                    break
+                batch = self.handle(self.wait())
+                if batch is not None:
+                    yield batch
+            self.finished = True
+        finally:
+            if not self.finished:
+                self.cancel()
+            self.close()
+
+    def pump(self) -> None:
+        max_chunks = config.CHUNKS_IN_FLIGHT_PER_WORKER * self.workers
+        while not self.exhausted and len(self.in_flight) < max_chunks:
+            if self.in_flight and self.unresolved + self.backlog() >= max_chunks * config.MAX_CHUNK_ITEMS:
+                return
+            remaining = None if self.total is None else self.total - self.next_index
+            items = list(itertools.islice(self.items, self.sizer.next_size(remaining)))
+            if not items:
+                self.exhausted = True
+                return
+            payload = ser.dumps_items(items, self.next_index)
+            self.sizer.observe_bytes(len(items), len(payload))
+            chunk = self.client.new_chunk_id()
+            self.client.send(
+                {"op": "chunk", "job": self.job, "chunk": chunk, "start": self.next_index, "count": len(items)},
+                [payload],
+            )
+            self.in_flight[chunk] = _InFlight(self.next_index, items, len(items))
+            self.next_index += len(items)
+            self.unresolved += len(items)
+
+    def wait(self) -> Frame | SidecarDied:
+        while True:
+            try:
+                return self.events.get(timeout=WAIT_SLICE)
+            except queue.Empty:
+                if self.client.dead is not None:
+                    return self.client.dead
+
+    def handle(self, event: Frame | SidecarDied) -> Batch | None:
+        if isinstance(event, SidecarDied):
+            raise _with_completed(SidecarDied(str(event)), {})
+        if event.get("chunk") not in self.in_flight:
+            return None  # a late word about a chunk that was already settled
+        if event.op == "result":
+            return self._result(event)
+        if event.op == "crashed":
+            return self._crashed(event)
+        return None
+
+    def _result(self, frame: Frame) -> Batch:
+        flight = self.in_flight[frame["chunk"]]
+        offsets, values, problems = ser.loads(frame.payload)
+        if frame["final"] and frame.get("n"):
+            self.sizer.observe_time(frame["n"], frame["elapsed"])
+        start = flight.start
+        indices: range | list[int]
+        if isinstance(offsets, range):
+            indices = range(start + offsets.start, start + offsets.stop)
+        else:
+            indices = [start + o for o in offsets]
+        errors: dict[int, NbParallelError] = {}
+        for offset, (status, value) in problems.items():
+            index = start + offset
+            if status == ser.RAISED:
+                exception, text = value
+                errors[index] = make_task_error(exception, text, index, ser.describe(flight.items[offset]))
+            else:
+                value.index, value.item = index, ser.describe(flight.items[offset])
+                errors[index] = value
+        self._resolve(frame["chunk"], len(indices) + len(errors))
+        self.done += len(indices)
+        self.failed += len(errors)
+        return Batch(indices, values, errors)
+
+    def _crashed(self, frame: Frame) -> Batch:
+        flight = self.in_flight[frame["chunk"]]
+        errors: dict[int, NbParallelError] = {}
+        for index in frame["indices"]:
+            errors[index] = WorkerCrashed(
+                index=index,
+                item=ser.describe(flight.items[index - flight.start]),
+                pid=frame.get("pid"),
+                exitcode=frame.get("exitcode"),
+                memory=frame.get("memory"),
+            )
+        self._resolve(frame["chunk"], len(errors))
+        self.failed += len(errors)
+        return Batch([], [], errors)
+
+    def _resolve(self, chunk: int, count: int) -> None:
+        flight = self.in_flight[chunk]
+        flight.left -= count
+        self.unresolved -= count
+        if flight.left <= 0:
+            del self.in_flight[chunk]
+
+    def cancel(self) -> None:
+        """Stop the job in the sidecar (queued chunks dropped, its workers killed) and keep the
+        outcomes that arrive before the sidecar confirms."""
+        if self.cancelled or self.client.dead is not None:
+            return
+        self.cancelled = True
+        try:
+            self.client.send({"op": "cancel", "job": self.job})
+        except SidecarDied:
+            return
+        import time
+
+        deadline = time.monotonic() + config.CANCEL_WAIT
+        try:
+            while (left := deadline - time.monotonic()) > 0:
+                try:
+                    event = self.events.get(timeout=min(left, WAIT_SLICE))
+                except queue.Empty:
+                    continue
+                if isinstance(event, SidecarDied) or event.op == "cancelled":
+                    return
+                if event.op in ("result", "crashed"):
+                    batch = self.handle(event)
+                    if batch is not None:
+                        self.late.append(batch)
+        except KeyboardInterrupt:  # a second Ctrl-C: stop waiting, the sidecar cancels anyway
+            return
+
+    def close(self) -> None:
+        self.client.unregister(self.job)
+        try:
+            self.client.send({"op": "end", "job": self.job})
+        except SidecarDied:
+            pass
+
+
+def _with_completed(error: NbParallelError, completed: dict[int, Any]) -> NbParallelError:
+    error.completed = completed
+    return error
+
+
+def _known_length(iterables: tuple[Iterable[Any], ...]) -> int | None:
+    lengths = []
+    for iterable in iterables:
+        if not hasattr(iterable, "__len__"):
+            return None
+        try:
+            lengths.append(len(iterable))  # type: ignore[arg-type]
+        except TypeError:
+            return None
+    return min(lengths)
+
+
+def length_hint(iterables: tuple[Iterable[Any], ...]) -> int | None:
+    known = _known_length(iterables)
+    if known is not None:
+        return known
+    hints = [operator.length_hint(it, -1) for it in iterables]
+    return min(hints) if hints and min(hints) >= 0 else None
+
+
+def _iterate(iterables: tuple[Iterable[Any], ...]) -> Iterator[Any]:
+    iterators = []
+    for position, iterable in enumerate(iterables):
+        try:
+            iterators.append(iter(iterable))
+        except TypeError:
+            which = f"argument {position + 2}" if len(iterables) > 1 else "the second argument"
+            raise TypeError(
+                f"map() needs iterables after the function; {which} is a {type(iterable).__name__} "
+                f"({ser.describe(iterable)}), which is not iterable. Wrap a single value in a list."
+            ) from None
+    if len(iterators) == 1:
+        return iterators[0]
+    return zip(*iterators)
+
+
+def _cwd() -> str | None:
+    import os
+
+    try:
+        return os.getcwd()
+    except OSError:
+        return None
+
+
+def _sys_path() -> list[str]:
+    import os
+    import sys
+
+    return [os.path.abspath(p) if p else _cwd() or "" for p in sys.path]

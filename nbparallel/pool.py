@@ -1,0 +1,120 @@
+"""Worker processes as the sidecar sees them: start, talk to, watch, kill."""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from .channel import Channel
+
+SLOT_SIZE = 16  # two int64: the chunk id and the offset of the item being run (see worker.SLOT)
+
+
+@dataclass
+class Chunk:
+    """A run of consecutive items of one job, routed as opaque bytes."""
+
+    job: int
+    id: int
+    start: int  # index of the first item in the job's input
+    count: int
+    payload: Any  # the pickled items; never unpickled here
+    resume: int = 0  # offsets below this were delivered (or failed) already
+    skip: list[int] = field(default_factory=list)  # offsets that failed and must not run again
+
+    def remaining(self) -> list[int]:
+        skip = set(self.skip)
+        return [off for off in range(self.resume, self.count) if off not in skip]
+
+
+class WorkerProcess:
+    """One worker: its process, its socket, its slot, and the chunks sent to it."""
+
+    def __init__(self, preload: list[str], env: dict[str, str]) -> None:
+        parent, child = socket.socketpair()
+        with tempfile.TemporaryFile() as slot_file:  # unlinked at once: nothing left on disk
+            slot_file.truncate(SLOT_SIZE)
+            self.slot = mmap.mmap(slot_file.fileno(), SLOT_SIZE)
+            self.slot[:] = (-1).to_bytes(8, sys.byteorder, signed=True) * 2
+            slot_fd = slot_file.fileno()
+            args = [str(child.fileno()), str(slot_fd), str(os.getpid()), json.dumps(preload)]
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "nbparallel.worker", *args],
+                pass_fds=(child.fileno(), slot_fd),
+                stdin=subprocess.DEVNULL,
+                env=env,
+                # Its own process group: a kill takes the task's own children with it.
+                start_new_session=True,
+            )
+        child.close()
+        self.pid = self.process.pid
+        self.channel = Channel(parent)
+        self.ready = False
+        self.retiring = False  # asked to exit, or killed on purpose: its exit is not a crash
+        self.assigned: deque[Chunk] = deque()
+        self.keys: set[str] = set()  # functions this worker holds
+        self.jobs: set[int] = set()  # jobs whose settings it has
+        self.tasks_done = 0
+        self.rss = 0
+        self.rss_peak = 0
+
+    def fileno(self) -> int:
+        return self.channel.fileno()
+
+    def read_slot(self) -> tuple[int, int]:
+        chunk = int.from_bytes(self.slot[0:8], sys.byteorder, signed=True)
+        offset = int.from_bytes(self.slot[8:16], sys.byteorder, signed=True)
+        return chunk, offset
+
+    def kill(self) -> None:
+        """SIGKILL the worker and everything it started."""
+        self.retiring = True
+        for kill in (lambda: os.killpg(self.pid, signal.SIGKILL), lambda: os.kill(self.pid, signal.SIGKILL)):
+            try:
+                kill()
+                return
+            except (ProcessLookupError, PermissionError):
+                continue
+
+    def reap(self) -> int | None:
+        """Wait for the process to end (it closed its socket, so it is dying) and return its code."""
+        try:
+            return self.process.wait(timeout=2)
+        except subprocess.TimeoutExpired:  # closed the socket but lingers: make sure
+            self.kill()
+            try:
+                return self.process.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                return None
+        finally:
+            self.channel.close()
+            self.slot.close()
+
+    def jobs_running(self) -> set[int]:
+        return {chunk.job for chunk in self.assigned}
+
+    def describe(self) -> dict[str, Any]:
+        state = "starting" if not self.ready else ("busy" if self.assigned else "idle")
+        current = self.assigned[0] if self.assigned else None
+        index = None
+        if current is not None:
+            chunk_id, offset = self.read_slot()
+            if chunk_id == current.id and 0 <= offset < current.count:
+                index = current.start + offset
+        return {
+            "pid": self.pid,
+            "state": state,
+            "job": current.job if current else None,
+            "index": index,
+            "rss": self.rss,
+            "tasks_done": self.tasks_done,
+        }

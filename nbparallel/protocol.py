@@ -1,0 +1,170 @@
+"""The wire format between the kernel, the sidecar and the workers (see docs/protocol.md).
+
+A frame is a fixed prefix, a JSON header and raw payload bytes::
+
+    !IQ  header length (bytes), payload length (bytes)
+    header  UTF-8 JSON object; "op" names the message; "sizes" splits the payload into buffers
+    payload the buffers, back to back; never base64
+
+Payloads are opaque here: the sidecar routes them without unpickling. Only the standard library is
+used, so the sidecar can import this module and stay small.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+
+PREFIX = struct.Struct("!IQ")
+MAX_HEADER = 16 * 2**20  # a header is metadata; anything this big is a corrupt stream
+
+Buffer = bytes | bytearray | memoryview
+
+
+@dataclass
+class Frame:
+    """One message: its header fields and its payload buffers."""
+
+    header: dict[str, Any]
+    buffers: list[Buffer] = field(default_factory=list)
+
+    @property
+    def op(self) -> str:
+        return str(self.header["op"])
+
+    @property
+    def payload(self) -> Buffer:
+        """The single payload buffer (empty if none)."""
+        if not self.buffers:
+            return b""
+        if len(self.buffers) == 1:
+            return self.buffers[0]
+        return b"".join(self.buffers)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.header[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.header.get(key, default)
+
+
+def encode(header: dict[str, Any], buffers: Sequence[Buffer] = ()) -> list[Buffer]:
+    """The pieces of one frame, ready for ``sendmsg``/``writev`` without joining them."""
+    if len(buffers) > 1:
+        header = {**header, "sizes": [memoryview(b).nbytes for b in buffers]}
+    head = json.dumps(header, separators=(",", ":")).encode()
+    total = sum(memoryview(b).nbytes for b in buffers)
+    return [PREFIX.pack(len(head), total) + head, *buffers]
+
+
+def _split(header: dict[str, Any], payload: memoryview) -> list[Buffer]:
+    sizes = header.pop("sizes", None)
+    if sizes is None:
+        return [payload] if payload.nbytes else []
+    out: list[Buffer] = []
+    at = 0
+    for size in sizes:
+        out.append(payload[at : at + size])
+        at += size
+    if at != payload.nbytes:
+        raise ProtocolError(f"buffer sizes {sizes} do not add up to the payload ({payload.nbytes} bytes)")
+    return out
+
+
+def _decode_header(raw: Buffer) -> dict[str, Any]:
+    try:
+        header = json.loads(bytes(raw))
+    except ValueError as exc:
+        raise ProtocolError(f"a frame header is not valid JSON: {exc}") from None
+    if not isinstance(header, dict) or "op" not in header:
+        raise ProtocolError(f"a frame header has no 'op': {str(header)[:200]}")
+    return header
+
+
+class FrameParser:
+    """Incremental decoder for a non-blocking reader: ``feed`` bytes, get whole frames."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: Buffer) -> Iterator[Frame]:
+        self._buf += data
+        buf = self._buf
+        at = 0
+        while len(buf) - at >= PREFIX.size:
+            head_len, payload_len = PREFIX.unpack_from(buf, at)
+            if head_len > MAX_HEADER:
+                raise ProtocolError(f"frame header of {head_len} bytes: the stream is corrupt")
+            end = at + PREFIX.size + head_len + payload_len
+            if len(buf) < end:
+                break
+            start = at + PREFIX.size
+            header = _decode_header(buf[start : start + head_len])
+            # Copy the payload out: the buffer is compacted below and may be reused.
+            payload = memoryview(bytes(buf[start + head_len : end]))
+            at = end
+            yield Frame(header, _split(header, payload))
+        if at:
+            del buf[:at]
+
+    @property
+    def pending(self) -> int:
+        return len(self._buf)
+
+
+def _recv_exact(sock: socket.socket, size: int) -> memoryview:
+    out = memoryview(bytearray(size))
+    got = 0
+    while got < size:
+        n = sock.recv_into(out[got:], size - got)
+        if n == 0:
+            raise EOFError("the other end closed the connection")
+        got += n
+    return out
+
+
+def read_frame(sock: socket.socket) -> Frame:
+    """Read one frame from a blocking socket. Raises EOFError when the peer has gone."""
+    head_len, payload_len = PREFIX.unpack(_recv_exact(sock, PREFIX.size))
+    if head_len > MAX_HEADER:
+        raise ProtocolError(f"frame header of {head_len} bytes: the stream is corrupt")
+    header = _decode_header(_recv_exact(sock, head_len))
+    payload = _recv_exact(sock, payload_len) if payload_len else memoryview(b"")
+    return Frame(header, _split(header, payload))
+
+
+def send_frame(sock: socket.socket, header: dict[str, Any], buffers: Sequence[Buffer] = ()) -> None:
+    """Write one frame to a blocking socket (the caller serialises concurrent writers)."""
+    pieces = [memoryview(p).cast("B") for p in encode(header, buffers)]
+    while pieces:
+        sent = sock.sendmsg(pieces[:512])
+        while sent and pieces:
+            size = pieces[0].nbytes
+            if sent >= size:
+                sent -= size
+                pieces.pop(0)
+            else:
+                pieces[0] = pieces[0][sent:]
+                sent = 0
+        while pieces and pieces[0].nbytes == 0:
+            pieces.pop(0)
+
+
+def check_hello(frame: Frame, peer: str) -> None:
+    """Validate the first frame from ``peer``: right op, same protocol version."""
+    if frame.op != "hello":
+        raise ProtocolError(f"the {peer} began with {frame.op!r} instead of 'hello'")
+    version = frame.get("version")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"the {peer} speaks protocol version {version}, this side {PROTOCOL_VERSION}: "
+            "the kernel and the sidecar come from different installs; restart the kernel"
+        )

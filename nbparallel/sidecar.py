@@ -1,0 +1,377 @@
+"""The sidecar: a small runner process that owns the workers, the queue and the scheduling.
+
+::
+
+      kernel (client.py)                     sidecar (this module)                  workers
+   ┌────────────────────┐   job, chunk,    ┌─────────────────────────────┐  job,   ┌──────────┐
+   │ map / imap / submit│ ─ cancel, end ─▶ │ jobs: queue of chunks       │ chunk ─▶│ worker.py│
+   │ reader thread      │ ◀─ result, ────  │ one selector loop, no threads│ ◀ result│ slot:    │
+   └────────────────────┘  crashed, output │ slot read on crash          │  output │ (chunk,  │
+                                           └─────────────────────────────┘         │  offset) │
+                                                                                    └──────────┘
+
+It runs as ``python -m nbparallel.sidecar FD KERNEL_PID``, started by the kernel in a session of its
+own, so the stop button's SIGINT to the kernel's process group never reaches it; cancellation comes
+as a ``cancel`` message. It imports only the standard library, psutil and our protocol modules, and
+routes the pickled function, items and results as bytes without ever unpickling them.
+
+It exits, killing every worker, when the kernel's socket closes or the kernel's PID goes away.
+Every item ends in exactly one outcome: a ``result`` entry, or a ``crashed`` message naming it.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from .channel import Channel
+from .pool import Chunk, WorkerProcess
+from .protocol import PROTOCOL_VERSION, Frame
+
+PREFETCH = 2  # chunks queued per worker: one running, one waiting so the worker never idles
+TICK = 0.25  # seconds between housekeeping passes (kernel alive? memory samples)
+SAMPLE_INTERVAL = 1.0  # seconds between memory samples of the workers
+
+
+@dataclass
+class Job:
+    header: dict[str, Any]  # key, stop_on_error, star, cwd, path, limit
+    function: Any  # pickled function bytes
+    queue: deque[Chunk] = field(default_factory=deque)
+
+    @property
+    def id(self) -> int:
+        return int(self.header["job"])
+
+    @property
+    def limit(self) -> int:
+        return int(self.header.get("limit") or 0)
+
+    @property
+    def group(self) -> Any:
+        """Jobs of one Executor share its ``max_workers`` cap."""
+        return self.header.get("group") or ("job", self.id)
+
+
+class Sidecar:
+    def __init__(self, kernel_sock: socket.socket, kernel_pid: int) -> None:
+        self.kernel = Channel(kernel_sock)
+        self.kernel_pid = kernel_pid
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.kernel.sock, selectors.EVENT_READ, self.kernel)
+        self.workers: dict[int, WorkerProcess] = {}  # by pid
+        self.jobs: dict[int, Job] = {}
+        self.size = 1
+        self.preload: list[str] = []
+        self.env = dict(os.environ)
+        self.running = True
+        self.last_sample = 0.0
+        self.rss_peak = 0
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            while self.running:
+                for key, events in self.selector.select(TICK):
+                    peer = key.data
+                    if events & selectors.EVENT_WRITE:
+                        peer.flush() if isinstance(peer, Channel) else peer.channel.flush()
+                    if events & selectors.EVENT_READ:
+                        if peer is self.kernel:
+                            self.read_kernel()
+                        else:
+                            self.read_worker(peer)
+                    if not self.running:
+                        break
+                self.housekeeping()
+                self.schedule()
+                self.update_interest()
+        finally:
+            self.stop_all()
+
+    def update_interest(self) -> None:
+        for peer in [self.kernel, *self.workers.values()]:
+            channel = peer if isinstance(peer, Channel) else peer.channel
+            if channel.closed:
+                continue
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if channel.wants_write else 0)
+            self.selector.modify(channel.sock, events, peer)
+
+    def housekeeping(self) -> None:
+        if os.getppid() != self.kernel_pid:  # the kernel died (even by SIGKILL): so do we
+            self.running = False
+            return
+        now = time.monotonic()
+        if now - self.last_sample >= SAMPLE_INTERVAL:
+            self.last_sample = now
+            self.sample_memory()
+        self.resize()
+
+    def sample_memory(self) -> None:
+        import psutil
+
+        for worker in self.workers.values():
+            try:
+                worker.rss = psutil.Process(worker.pid).memory_info().rss
+            except psutil.Error:
+                continue
+            worker.rss_peak = max(worker.rss_peak, worker.rss)
+        self.rss_peak = max(self.rss_peak, psutil.Process().memory_info().rss)
+
+    # -- the kernel side --------------------------------------------------------------------
+
+    def read_kernel(self) -> None:
+        try:
+            frames = list(self.kernel.receive())
+        except EOFError:
+            self.running = False
+            return
+        for frame in frames:
+            handler = getattr(self, "on_" + frame.op, None)
+            if handler is None:
+                self.kernel.send({"op": "error", "message": f"unknown op {frame.op!r}"})
+                continue
+            try:
+                handler(frame)
+            except Exception:  # a bug here must be reported, not take the pool down
+                import traceback
+
+                self.kernel.send({"op": "error", "message": traceback.format_exc()})
+
+    def on_hello(self, frame: Frame) -> None:
+        self.kernel.send({"op": "hello", "version": PROTOCOL_VERSION, "pid": os.getpid()})
+
+    def on_configure(self, frame: Frame) -> None:
+        if "workers" in frame.header:
+            self.size = max(1, int(frame["workers"]))
+        if "env" in frame.header:
+            self.env = {**self.env, **frame["env"]}
+        if "preload" in frame.header and list(frame["preload"]) != self.preload:
+            self.preload = list(frame["preload"])
+            for worker in list(self.workers.values()):  # new workers import the new preload list
+                self.retire(worker)
+        self.resize()
+
+    def on_job(self, frame: Frame) -> None:
+        self.jobs[frame["job"]] = Job(frame.header, frame.payload)
+
+    def on_chunk(self, frame: Frame) -> None:
+        job = self.jobs.get(frame["job"])
+        if job is not None:
+            job.queue.append(Chunk(job.id, frame["chunk"], frame["start"], frame["count"], frame.payload))
+
+    def on_cancel(self, frame: Frame) -> None:
+        job_id = frame["job"]
+        job = self.jobs.pop(job_id, None)
+        if job is not None:
+            job.queue.clear()
+            for worker in list(self.workers.values()):
+                if job_id in worker.jobs_running():
+                    self.requeue_others(worker, job_id)
+                    worker.kill()
+        self.kernel.send({"op": "cancelled", "job": job_id})
+
+    def on_end(self, frame: Frame) -> None:
+        job_id = frame["job"]
+        self.jobs.pop(job_id, None)
+        for worker in self.workers.values():
+            if job_id in worker.jobs:
+                worker.jobs.discard(job_id)
+                worker.channel.send({"op": "end", "job": job_id})
+
+    def on_status(self, frame: Frame) -> None:
+        import psutil
+
+        rss = psutil.Process().memory_info().rss
+        self.kernel.send(
+            {
+                "op": "status",
+                "req": frame.get("req"),
+                "pid": os.getpid(),
+                "rss": rss,
+                "rss_peak": max(self.rss_peak, rss),
+                "size": self.size,
+                "workers": [w.describe() for w in self.workers.values() if not w.retiring],
+                "queued": sum(len(job.queue) for job in self.jobs.values()),
+                "jobs": len(self.jobs),
+            }
+        )
+
+    def on_shutdown(self, frame: Frame) -> None:
+        self.running = False
+
+    # -- the workers ------------------------------------------------------------------------
+
+    def target_size(self) -> int:
+        asked = [job.limit for job in self.jobs.values() if job.limit]
+        return max([self.size, *asked])
+
+    def resize(self) -> None:
+        alive = [w for w in self.workers.values() if not w.retiring]
+        for _ in range(self.target_size() - len(alive)):
+            self.spawn()
+        extra = len(alive) - self.target_size()
+        for worker in alive:
+            if extra <= 0:
+                break
+            if not worker.assigned:
+                self.retire(worker)
+                extra -= 1
+
+    def spawn(self) -> None:
+        worker = WorkerProcess(self.preload, self.env)
+        self.workers[worker.pid] = worker
+        self.selector.register(worker.channel.sock, selectors.EVENT_READ, worker)
+
+    def retire(self, worker: WorkerProcess) -> None:
+        """Ask an idle worker to exit; a busy one is killed and its chunks go back to the queue."""
+        if worker.assigned:
+            self.requeue_others(worker, None)
+            worker.kill()
+        else:
+            worker.retiring = True
+            worker.channel.send({"op": "exit"})
+
+    def requeue_others(self, worker: WorkerProcess, except_job: int | None) -> None:
+        """Put the worker's chunks back at the front of their queues (dropping ``except_job``'s)."""
+        for chunk in reversed(worker.assigned):
+            job = self.jobs.get(chunk.job)
+            if job is not None and chunk.job != except_job:
+                job.queue.appendleft(chunk)
+        worker.assigned.clear()
+
+    def read_worker(self, worker: WorkerProcess) -> None:
+        try:
+            frames = list(worker.channel.receive())
+        except EOFError:
+            frames = None
+        for frame in frames or ():
+            if frame.op == "result":
+                self.on_worker_result(worker, frame)
+            elif frame.op == "output":
+                if frame.get("job") in self.jobs:
+                    self.kernel.send({**frame.header, "pid": worker.pid})
+            elif frame.op == "hello":
+                worker.ready = True
+        if frames is None:
+            self.on_worker_exit(worker)
+
+    def on_worker_result(self, worker: WorkerProcess, frame: Frame) -> None:
+        chunk = worker.assigned[0] if worker.assigned else None
+        if chunk is None or chunk.id != frame["chunk"]:
+            return  # a job cancelled meanwhile
+        chunk.resume = frame["upto"]
+        if frame["final"]:
+            worker.assigned.popleft()
+            worker.tasks_done += chunk.count
+        if chunk.job in self.jobs:
+            header = {**frame.header, "start": chunk.start, "pid": worker.pid}
+            self.kernel.send(header, frame.buffers)
+
+    def on_worker_exit(self, worker: WorkerProcess) -> None:
+        self.selector.unregister(worker.channel.sock)
+        chunk_id, offset = worker.read_slot()
+        exitcode = worker.reap()
+        del self.workers[worker.pid]
+        running = worker.assigned.popleft() if worker.assigned else None
+        self.requeue_others(worker, None)
+        if running is None or running.job not in self.jobs:
+            return
+        if chunk_id == running.id and running.resume <= offset < running.count:
+            culprits = [offset]  # the slot names the item that was running
+            running.skip.append(offset)
+        else:  # it died outside any item (unpickling the chunk, sending results): fail the rest
+            culprits = running.remaining()
+            running.skip.extend(culprits)
+        self.kernel.send(
+            {
+                "op": "crashed",
+                "job": running.job,
+                "chunk": running.id,
+                "indices": [running.start + off for off in culprits],
+                "pid": worker.pid,
+                "exitcode": exitcode,
+                "memory": worker.rss_peak or None,
+            }
+        )
+        if running.remaining():  # the items after it (and those done but unsent) run again elsewhere
+            self.jobs[running.job].queue.appendleft(running)
+
+    def schedule(self) -> None:
+        if not any(job.queue for job in self.jobs.values()):
+            return
+        ready = [w for w in self.workers.values() if w.ready and not w.retiring]
+        for depth in range(PREFETCH):
+            for worker in ready:
+                if len(worker.assigned) != depth:
+                    continue
+                chunk = self.next_chunk_for(worker)
+                if chunk is None:
+                    continue
+                self.send_chunk(worker, chunk)
+
+    def next_chunk_for(self, worker: WorkerProcess) -> Chunk | None:
+        holding = {self.jobs[j].group for j in worker.jobs_running() if j in self.jobs}
+        # Oldest job first; a job capped by ``workers=`` waits if enough workers hold its chunks.
+        for job in self.jobs.values():
+            if not job.queue:
+                continue
+            if job.limit and job.group not in holding:
+                busy = sum(1 for w in self.workers.values()
+                           if any(self.jobs[j].group == job.group for j in w.jobs_running() if j in self.jobs))
+                if busy >= job.limit:
+                    continue
+            return job.queue.popleft()
+        return None
+
+    def send_chunk(self, worker: WorkerProcess, chunk: Chunk) -> None:
+        job = self.jobs[chunk.job]
+        if chunk.job not in worker.jobs:
+            key = job.header["key"]
+            buffers = [] if key in worker.keys else [job.function]
+            worker.channel.send({**job.header, "op": "job"}, buffers)
+            worker.keys.add(key)
+            worker.jobs.add(chunk.job)
+        header: dict[str, Any] = {
+            "op": "chunk",
+            "job": chunk.job,
+            "chunk": chunk.id,
+            "start": chunk.start,
+            "count": chunk.count,
+        }
+        if chunk.resume:
+            header["resume"] = chunk.resume
+        if chunk.skip:
+            header["skip"] = chunk.skip
+        worker.channel.send(header, [chunk.payload])
+        worker.assigned.append(chunk)
+
+    def stop_all(self) -> None:
+        for worker in self.workers.values():
+            worker.kill()
+        for worker in self.workers.values():
+            try:
+                worker.process.wait(timeout=2)
+            except Exception:
+                pass
+        self.kernel.close()
+
+
+def main(argv: list[str]) -> None:
+    fd, kernel_pid = int(argv[0]), int(argv[1])
+    # Belt and braces: we run in our own session, but a stray SIGINT must never stop the pool.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    Sidecar(socket.socket(fileno=fd), kernel_pid).run()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

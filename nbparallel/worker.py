@@ -1,0 +1,335 @@
+"""The worker: started by the sidecar, runs chunks of items and sends back one outcome per item.
+
+Run as ``python -m nbparallel.worker FD SLOT_FD SIDECAR_PID PRELOAD_JSON``. It talks to the sidecar
+over the inherited socket ``FD``. Before running each item it writes ``(chunk, offset)`` into the
+shared slot ``SLOT_FD``, so when the process dies the sidecar knows exactly which item killed it and
+can rerun the rest of the chunk elsewhere. ``print`` and ``logging`` output is sent as frames tagged
+with the item being run.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import json
+import mmap
+import os
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from . import serialization as ser
+from .errors import SerializationError
+from .protocol import PROTOCOL_VERSION, Frame, read_frame, send_frame
+
+SLOT = struct.Struct("qq")  # chunk id, offset of the item being run (-1: between items)
+SLOT_OFFSET = struct.Struct("q")  # the offset alone, rewritten before every item
+FLUSH_INTERVAL = 0.25  # seconds: a long chunk streams the results it has at this pace
+FUNCTION_CACHE = 16  # unpickled functions kept, most recently used first
+WATCH_INTERVAL = 0.5  # seconds between checks that the sidecar is still alive
+
+
+class Connection:
+    """The socket to the sidecar, shared by the task thread and any thread that prints."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.lock = threading.Lock()
+
+    def send(self, header: dict[str, Any], buffers: list[bytes] | None = None) -> None:
+        with self.lock:
+            send_frame(self.sock, header, buffers or [])
+
+
+class TaggedOutput(io.TextIOBase):
+    """A stand-in for sys.stdout/stderr that sends each line tagged with the current item."""
+
+    def __init__(self, conn: Connection, name: str, state: WorkerState) -> None:
+        self.conn = conn
+        self.stream = name
+        self.state = state
+        self.pending: list[str] = []
+        self.lock = threading.Lock()
+
+    def writable(self) -> bool:
+        return True
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return "utf-8"
+
+    def write(self, text: str) -> int:
+        if not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        with self.lock:
+            self.pending.append(text)
+            if "\n" in text or sum(map(len, self.pending)) > 65536:
+                self._send_locked()
+        return len(text)
+
+    def flush(self) -> None:
+        with self.lock:
+            self._send_locked()
+
+    def _send_locked(self) -> None:
+        if not self.pending:
+            return
+        text, self.pending = "".join(self.pending), []
+        self.conn.send(
+            {"op": "output", "stream": self.stream, "job": self.state.job, "index": self.state.index, "text": text}
+        )
+
+    def isatty(self) -> bool:
+        return False
+
+    def fileno(self) -> int:
+        raise io.UnsupportedOperation("worker output is captured; it has no file descriptor")
+
+
+class WorkerState:
+    """What the worker is doing now; read by the output streams to tag lines."""
+
+    def __init__(self) -> None:
+        self.job: int | None = None
+        self.index: int | None = None
+
+
+class Worker:
+    def __init__(self, conn: Connection, slot: mmap.mmap) -> None:
+        self.conn = conn
+        self.slot = slot
+        self.state = WorkerState()
+        self.function_bytes: dict[str, bytes] = {}
+        self.functions: OrderedDict[str, Callable[..., Any]] = OrderedDict()
+        self.jobs: dict[int, dict[str, Any]] = {}
+
+    def serve(self) -> None:
+        while True:
+            try:
+                frame = read_frame(self.conn.sock)
+            except EOFError:
+                return
+            op = frame.op
+            if op == "chunk":
+                self.run_chunk(frame)
+            elif op == "job":
+                self.jobs[frame["job"]] = frame.header
+                if frame.buffers:
+                    self.function_bytes[frame["key"]] = bytes(frame.payload)
+            elif op == "end":
+                self.jobs.pop(frame["job"], None)
+            elif op == "exit":
+                return
+
+    def function(self, key: str) -> Callable[..., Any]:
+        fn = self.functions.get(key)
+        if fn is None:
+            fn = ser.loads(self.function_bytes[key])
+            self.functions[key] = fn
+            if len(self.functions) > FUNCTION_CACHE:
+                old, _ = self.functions.popitem(last=False)
+                self.function_bytes.pop(old, None)
+        self.functions.move_to_end(key)
+        return fn
+
+    def enter_job(self, job: dict[str, Any]) -> None:
+        # The kernel may have changed directory or sys.path since the worker started; functions
+        # pickled by reference are imported from there.
+        cwd = job.get("cwd")
+        if cwd and cwd != os.getcwd() and os.path.isdir(cwd):
+            os.chdir(cwd)
+        for entry in reversed(job.get("path", [])):
+            if entry not in sys.path:
+                sys.path.insert(0, entry)
+
+    def run_chunk(self, frame: Frame) -> None:
+        chunk, start, count = frame["chunk"], frame["start"], frame["count"]
+        job = self.jobs[frame["job"]]
+        skip = set(frame.get("skip", ()))
+        resume = frame.get("resume", 0)
+        stop_on_error = bool(job.get("stop_on_error"))
+        call = job.get("call", "one")
+        self.state.job = frame["job"]
+        batch = Batch(start)
+        began = last_flush = time.perf_counter()
+        stage = "function"
+        try:
+            self.enter_job(job)
+            fn = self.function(job["key"])
+            stage = "items"
+            items = ser.loads(frame.payload)
+        except BaseException as exc:  # the function or the items could not be rebuilt here
+            error = SerializationError(
+                f"the worker could not unpickle the {stage}: {type(exc).__name__}: {exc}. "
+                "Is the module that defines it importable in the worker (same sys.path, same cwd)?"
+            )
+            for offset in range(resume, count):
+                if offset not in skip:
+                    batch.add_problem(offset, ser.FAILED, error)
+            self.send_result(frame, batch, count, began, final=True)
+            return
+        slot, pack, state = self.slot, SLOT_OFFSET.pack_into, self.state
+        SLOT.pack_into(slot, 0, chunk, resume)
+        offsets, values = batch.offsets, batch.values
+        upto = count
+        for offset in range(resume, count):
+            if skip and offset in skip:
+                continue
+            pack(slot, 8, offset)
+            state.index = start + offset
+            try:
+                item = items[offset]
+                if call == "one":
+                    value = fn(item)
+                elif call == "star":
+                    value = fn(*item)
+                else:  # "kwargs": submit's (args, kwargs)
+                    value = fn(*item[0], **item[1])
+            except BaseException as exc:  # SystemExit and KeyboardInterrupt in a task are its outcome too
+                batch.add_problem(offset, ser.RAISED, ser.encode_exception(exc))
+                if stop_on_error:
+                    upto = offset + 1
+                    break
+            else:
+                offsets.append(offset)
+                values.append(value)
+            if not offset & 31 or len(offsets) < 32:
+                now = time.perf_counter()
+                if now - last_flush > FLUSH_INTERVAL and offset + 1 < count:
+                    self.send_result(frame, batch, offset + 1, began, final=False)
+                    batch = Batch(start)
+                    offsets, values = batch.offsets, batch.values
+                    last_flush = now
+        state.index = None
+        _flush_std()
+        pack(slot, 8, count)  # past the last item: a death now is not any item's fault
+        self.send_result(frame, batch, upto, began, final=True)
+        SLOT.pack_into(slot, 0, -1, -1)
+
+    def send_result(self, frame: Frame, batch: Batch, upto: int, began: float, *, final: bool) -> None:
+        header = {
+            "op": "result",
+            "job": frame["job"],
+            "chunk": frame["chunk"],
+            "upto": upto,
+            "n": len(batch.offsets) + len(batch.problems),
+            "failed": len(batch.problems),
+            "elapsed": time.perf_counter() - began,
+            "final": final,
+        }
+        self.conn.send(header, [batch.pickle()])
+
+
+class Batch:
+    """Outcomes of some items of one chunk, in the shape the kernel unpacks fastest.
+
+    Pickled as ``(offsets, values, problems)``: ``offsets`` a ``range`` when contiguous (the usual
+    case) or a list; ``values`` the results of those offsets; ``problems`` ``{offset: (status,
+    value)}`` for items that raised or failed.
+    """
+
+    def __init__(self, start: int) -> None:
+        self.start = start
+        self.offsets: list[int] = []
+        self.values: list[Any] = []
+        self.problems: dict[int, tuple[int, Any]] = {}
+
+    def add_problem(self, offset: int, status: int, value: Any) -> None:
+        self.problems[offset] = (status, value)
+
+    def pickle(self) -> bytes:
+        offsets: range | list[int] = self.offsets
+        if self.offsets and self.offsets[-1] - self.offsets[0] + 1 == len(self.offsets):
+            offsets = range(self.offsets[0], self.offsets[-1] + 1)
+        try:
+            return ser.dumps((offsets, self.values, self.problems))
+        except Exception:
+            pass
+        # One value spoils the batch: pickle each alone and fail only those that cannot travel.
+        kept_offsets: list[int] = []
+        kept_values: list[Any] = []
+        problems: dict[int, tuple[int, Any]] = {}
+        pairs = [(o, (ser.OK, v)) for o, v in zip(self.offsets, self.values)] + list(self.problems.items())
+        for offset, (status, value) in pairs:
+            try:
+                ser.dumps(value)
+            except Exception as exc:
+                what = "result" if status == ser.OK else "exception"
+                shown = value[0] if status == ser.RAISED else value
+                value, status = (
+                    SerializationError(
+                        f"the {what} of item {self.start + offset} ({ser.describe(shown)}, a "
+                        f"{type(shown).__name__}) cannot be sent back: {type(exc).__name__}: {exc}. "
+                        "Return plain data (numbers, strings, arrays, dicts) instead.",
+                        index=self.start + offset,
+                    ),
+                    ser.FAILED,
+                )
+            if status == ser.OK:
+                kept_offsets.append(offset)
+                kept_values.append(value)
+            else:
+                problems[offset] = (status, value)
+        return ser.dumps((kept_offsets, kept_values, problems))
+
+
+def _flush_std() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+
+
+def _die_with_parent(sidecar_pid: int) -> None:
+    """Make sure this worker never outlives the sidecar."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: the kernel kills us when it dies
+        except Exception:
+            pass
+
+    def watch() -> None:  # the portable fallback, and the race before prctl took effect
+        while True:
+            if os.getppid() != sidecar_pid:
+                os._exit(70)
+            time.sleep(WATCH_INTERVAL)
+
+    if os.getppid() != sidecar_pid:
+        os._exit(70)
+    threading.Thread(target=watch, name="nbparallel-watch-sidecar", daemon=True).start()
+
+
+def main(argv: list[str]) -> None:
+    fd, slot_fd, sidecar_pid = int(argv[0]), int(argv[1]), int(argv[2])
+    preload: list[str] = json.loads(argv[3]) if len(argv) > 3 else []
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # cancellation arrives as a kill from the sidecar
+    _die_with_parent(sidecar_pid)
+    sock = socket.socket(fileno=fd)
+    sock.setblocking(True)
+    slot = mmap.mmap(slot_fd, SLOT.size)
+    os.close(slot_fd)
+    conn = Connection(sock)
+    worker = Worker(conn, slot)
+    sys.stdout = TaggedOutput(conn, "stdout", worker.state)
+    sys.stderr = TaggedOutput(conn, "stderr", worker.state)
+    for name in preload:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:
+            print(f"nbparallel: preload of {name!r} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+    conn.send({"op": "hello", "version": PROTOCOL_VERSION, "pid": os.getpid()})
+    worker.serve()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
