@@ -27,8 +27,6 @@ __all__ = [
     "SidecarDied",
     "SerializationError",
     "Interrupted",
-    "load_ipython_extension",
-    "unload_ipython_extension",
 ]
 
 _WHERE = {
@@ -39,8 +37,6 @@ _WHERE = {
     "shutdown": "api",
     "submit": "futures",
     "Executor": "futures",
-    "load_ipython_extension": "magics",
-    "unload_ipython_extension": "magics",
     **{name: "errors" for name in ("NbParallelError", "TaskError", "WorkerCrashed", "TaskTimeout",
                                    "SidecarDied", "SerializationError", "Interrupted")},
 }
@@ -50,7 +46,6 @@ if TYPE_CHECKING:
     from .errors import (Interrupted, NbParallelError, SerializationError, SidecarDied, TaskError,
                          TaskTimeout, WorkerCrashed)
     from .futures import Executor, submit
-    from .magics import load_ipython_extension, unload_ipython_extension
 
 
 def __getattr__(name: str) -> Any:

@@ -12,6 +12,7 @@ from .errors import Interrupted, NbParallelError
 from .mapping import Batch, MapRun
 
 _ERRORS = ("raise", "return")
+_UNSET: Any = object()
 
 
 def _check_errors(errors: str) -> None:
@@ -192,7 +193,7 @@ def _interrupted(run: MapRun, spans: list[tuple[int, list[Any]]], singles: dict[
 
 def configure(
     *,
-    workers: int | None | type[Ellipsis] = ...,  # type: ignore[valid-type]
+    workers: Any = _UNSET,
     preload: list[str] | None = None,
     env: dict[str, str] | None = None,
     limit_threads: bool | None = None,
@@ -206,9 +207,9 @@ def configure(
     ``tag_output`` prefixes lines printed by workers with ``[item N]``.
     """
     settings = _client.settings
-    if workers is not ...:
-        config.resolve_workers(workers)  # type: ignore[arg-type]  # validate now, with a clear message
-        settings.workers = workers  # type: ignore[assignment]
+    if workers is not _UNSET:
+        config.resolve_workers(workers)  # validate now, with a clear message
+        settings.workers = workers
     if preload is not None:
         settings.preload = list(preload)
     if env is not None:

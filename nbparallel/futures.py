@@ -16,14 +16,14 @@ from typing import Any
 from . import config
 from . import serialization as ser
 from .client import Client, get_client
-from .errors import SidecarDied, WorkerCrashed, make_task_error
+from .errors import NbParallelError, SidecarDied, WorkerCrashed, make_task_error
 from .output import capture_sink, flush_std
 from .protocol import Frame
 
 _groups = itertools.count(1)
 
 
-class TaskFuture(cf.Future):  # type: ignore[type-arg]
+class TaskFuture(cf.Future):  # type: ignore[type-arg]  # Future is generic only in stubs
     """A Future whose ``cancel()`` also stops the task if a worker is already running it."""
 
     _task: _Task | None = None
@@ -83,15 +83,16 @@ class _Task:
                 self._settle(lambda f: f.set_result(values[0]))
             elif problems:
                 status, value = problems[0]
+                error: NbParallelError
                 if status == ser.RAISED:
                     error = make_task_error(value[0], value[1], None, self.item)
                 else:
                     error = value
                 self._settle(lambda f: f.set_exception(error))
         elif frame.op == "crashed":
-            error = WorkerCrashed(item=self.item, pid=frame.get("pid"), exitcode=frame.get("exitcode"),
+            crash = WorkerCrashed(item=self.item, pid=frame.get("pid"), exitcode=frame.get("exitcode"),
                                   memory=frame.get("memory"))
-            self._settle(lambda f: f.set_exception(error))
+            self._settle(lambda f: f.set_exception(crash))
 
     def on_died(self, error: SidecarDied) -> None:
         self._settle(lambda f: f.set_exception(SidecarDied(str(error))), send_end=False)
@@ -169,7 +170,7 @@ class Executor(cf.Executor):
         with self._lock:
             self._futures.discard(future)
 
-    def map(  # type: ignore[override]
+    def map(
         self,
         fn: Callable[..., Any],
         *iterables: Iterable[Any],

@@ -12,7 +12,7 @@ import itertools
 import math
 import operator
 import queue
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -145,7 +145,7 @@ class MapRun:
 
     # -- caller side --------------------------------------------------------------------------
 
-    def batches(self) -> Iterator[Batch]:
+    def batches(self) -> Generator[Batch, None, None]:
         """Outcomes as they arrive, until every item has one."""
         flush_std()
         self.client.register(self.job, self)

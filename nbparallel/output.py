@@ -29,18 +29,19 @@ def _kernel_shell() -> Any:
 
 
 def _current_parent(shell: Any) -> dict[str, Any] | None:
-    for getter in (
-        lambda: shell.get_parent(),  # ipykernel 7
-        lambda: shell.kernel.get_parent("shell"),  # ipykernel 6
-        lambda: shell.parent_header,
-    ):
+    attempts: list[tuple[Any, tuple[Any, ...]]] = [
+        (getattr(shell, "get_parent", None), ()),  # ipykernel 7
+        (getattr(shell.kernel, "get_parent", None), ("shell",)),  # ipykernel 6
+    ]
+    for getter, args in attempts:
         try:
-            parent = getter()
+            parent = getter(*args) if getter is not None else None
         except Exception:
             continue
         if parent:
             return dict(parent)
-    return None
+    parent = getattr(shell, "parent_header", None)
+    return dict(parent) if parent else None
 
 
 def capture_sink() -> Sink:

@@ -78,12 +78,13 @@ class WorkerProcess:
     def kill(self) -> None:
         """SIGKILL the worker and everything it started."""
         self.retiring = True
-        for kill in (lambda: os.killpg(self.pid, signal.SIGKILL), lambda: os.kill(self.pid, signal.SIGKILL)):
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
             try:
-                kill()
-                return
+                os.kill(self.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
-                continue
+                pass
 
     def reap(self) -> int | None:
         """Wait for the process to end (it closed its socket, so it is dying) and return its code."""

@@ -81,11 +81,11 @@ class Sidecar:
         try:
             while self.running:
                 for key, events in self.selector.select(TICK):
-                    peer = key.data
+                    peer: Channel | WorkerProcess = key.data
                     if events & selectors.EVENT_WRITE:
-                        peer.flush() if isinstance(peer, Channel) else peer.channel.flush()
+                        (peer if isinstance(peer, Channel) else peer.channel).flush()
                     if events & selectors.EVENT_READ:
-                        if peer is self.kernel:
+                        if isinstance(peer, Channel):
                             self.read_kernel()
                         else:
                             self.read_worker(peer)
@@ -98,12 +98,14 @@ class Sidecar:
             self.stop_all()
 
     def update_interest(self) -> None:
-        for peer in [self.kernel, *self.workers.values()]:
+        peers: list[Channel | WorkerProcess] = [self.kernel, *self.workers.values()]
+        for peer in peers:
             channel = peer if isinstance(peer, Channel) else peer.channel
             if channel.closed:
                 continue
             events = selectors.EVENT_READ | (selectors.EVENT_WRITE if channel.wants_write else 0)
-            self.selector.modify(channel.sock, events, peer)
+            if self.selector.get_key(channel.sock).events != events:
+                self.selector.modify(channel.sock, events, peer)
 
     def housekeeping(self) -> None:
         if os.getppid() != self.kernel_pid:  # the kernel died (even by SIGKILL): so do we
