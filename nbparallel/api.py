@@ -116,6 +116,7 @@ def _imap(run: MapRun, *, ordered: bool, errors: str, deadline: float | None = N
             if batch is None:
                 break
             if batch.errors and errors == "raise" and not raise_in_order:
+                run.cancel("failed")
                 batches.close()
                 error = next(iter(batch.errors.values()))
                 waiting.update(zip(batch.indices, batch.values))
@@ -175,7 +176,7 @@ def _completed(run: MapRun, spans: list[tuple[int, list[Any]]], singles: dict[in
 
 
 def _stop(run: MapRun, batch: Batch, spans: list[tuple[int, list[Any]]], singles: dict[int, Any]) -> NbParallelError:
-    run.cancel()
+    run.cancel("failed")
     error = min(batch.errors.items())[1]
     error.completed = _completed(run, spans, singles)
     return error

@@ -14,7 +14,7 @@ import operator
 import queue
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from . import config
 from . import serialization as ser
@@ -76,6 +76,20 @@ class ChunkSizer:
         self.bytes_per_item = per_item if old is None else 0.5 * old + 0.5 * per_item
 
 
+class Observer(Protocol):
+    """Watches one run (the progress display). ``output`` is called on the reader thread, the rest
+    on the caller's thread."""
+
+    def started(self, run: MapRun) -> None: ...
+
+    def advanced(self, run: MapRun, batch: Batch) -> None: ...
+
+    def output(self, run: MapRun, stream: str, text: str, index: int | None) -> None: ...
+
+    def finished(self, run: MapRun, state: str) -> None:
+        """``state``: "done", "failed" (an error stopped it) or "cancelled"."""
+
+
 @dataclass
 class _InFlight:
     start: int
@@ -95,6 +109,7 @@ class MapRun:
         chunksize: int | str,
         stop_on_error: bool,
         client: Client | None = None,
+        observer: Observer | None = None,
     ) -> None:
         if not iterables:
             raise TypeError("map() needs at least one iterable to map the function over")
@@ -121,6 +136,8 @@ class MapRun:
         self.cancelled = False
         self.late: list[Batch] = []  # outcomes that arrived while cancelling
         self.backlog: Callable[[], int] = lambda: 0  # items the consumer holds back (ordered imap)
+        self.observer = observer
+        self.state = "running"  # then "done", "failed" or "cancelled"
 
     def _pool_setting(self) -> int | None:
         from .client import settings
@@ -137,6 +154,8 @@ class MapRun:
             if settings.tag_output:
                 text = tag_lines(text, frame.get("index"))
             self.sink(frame.get("stream", "stdout"), text)
+            if self.observer is not None:
+                self.observer.output(self, frame.get("stream", "stdout"), frame.get("text", ""), frame.get("index"))
         else:
             self.events.put(frame)
 
@@ -163,17 +182,25 @@ class MapRun:
                 },
                 [self.function_bytes],
             )
+            if self.observer is not None:
+                self.observer.started(self)
             while True:
                 self.pump()
                 if self.exhausted and self.unresolved == 0:
                     break
                 batch = self.handle(self.wait())
                 if batch is not None:
+                    if self.observer is not None:
+                        self.observer.advanced(self, batch)
                     yield batch
             self.finished = True
+        except (GeneratorExit, KeyboardInterrupt):  # the consumer stopped, or Ctrl-C
+            self.cancel("cancelled")
+            raise
+        except BaseException:
+            self.cancel("failed")
+            raise
         finally:
-            if not self.finished:
-                self.cancel()
             self.close()
 
     def pump(self) -> None:
@@ -263,9 +290,11 @@ class MapRun:
         if flight.left <= 0:
             del self.in_flight[chunk]
 
-    def cancel(self) -> None:
+    def cancel(self, reason: str = "cancelled") -> None:
         """Stop the job in the sidecar (queued chunks dropped, its workers killed) and keep the
-        outcomes that arrive before the sidecar confirms."""
+        outcomes that arrive before the sidecar confirms. ``reason``: "cancelled" or "failed"."""
+        if self.state == "running":
+            self.state = reason
         if self.cancelled or self.client.dead is not None:
             return
         self.cancelled = True
@@ -292,6 +321,10 @@ class MapRun:
             return
 
     def close(self) -> None:
+        if self.state == "running":
+            self.state = "done" if self.finished else "cancelled"
+        if self.observer is not None:
+            self.observer.finished(self, self.state)
         self.client.unregister(self.job)
         try:
             self.client.send({"op": "end", "job": self.job})
