@@ -64,6 +64,7 @@ class WorkerProcess:
         self.keys: set[str] = set()  # functions this worker holds
         self.jobs: set[int] = set()  # jobs whose settings it has
         self.tasks_done = 0
+        self.head_since = 0.0  # when the chunk now at the head of ``assigned`` started running
         self.rss = 0
         self.rss_peak = 0
 

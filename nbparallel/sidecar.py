@@ -36,6 +36,9 @@ from .pool import Chunk, WorkerProcess
 from .protocol import PROTOCOL_VERSION, Frame
 
 PREFETCH = 2  # chunks queued per worker: one running, one waiting so the worker never idles
+# A second chunk waits behind the first, so prefetching helps only when chunks are short (the round
+# trip is then a large share of the time) and hurts when an item is slow (its neighbour waits).
+PREFETCH_BELOW = 0.01  # seconds per chunk
 TICK = 0.25  # seconds between housekeeping passes (kernel alive? memory samples)
 SAMPLE_INTERVAL = 1.0  # seconds between memory samples of the workers
 
@@ -45,6 +48,7 @@ class Job:
     header: dict[str, Any]  # key, stop_on_error, star, cwd, path, limit
     function: Any  # pickled function bytes
     queue: deque[Chunk] = field(default_factory=deque)
+    chunk_seconds: float | None = None  # recent time a chunk takes, from the workers' reports
 
     @property
     def id(self) -> int:
@@ -271,10 +275,15 @@ class Sidecar:
         if chunk is None or chunk.id != frame["chunk"]:
             return  # a job cancelled meanwhile
         chunk.resume = frame["upto"]
+        job = self.jobs.get(chunk.job)
         if frame["final"]:
             worker.assigned.popleft()
             worker.tasks_done += chunk.count
-        if chunk.job in self.jobs:
+            worker.head_since = time.monotonic()
+            if job is not None:
+                old, new = job.chunk_seconds, float(frame["elapsed"])
+                job.chunk_seconds = new if old is None else 0.7 * old + 0.3 * new
+        if job is not None:
             header = {**frame.header, "start": chunk.start, "pid": worker.pid}
             self.kernel.send(header, frame.buffers)
 
@@ -315,10 +324,19 @@ class Sidecar:
             for worker in ready:
                 if len(worker.assigned) != depth:
                     continue
+                if depth and not self.may_prefetch(worker):
+                    continue
                 chunk = self.next_chunk_for(worker)
                 if chunk is None:
                     continue
                 self.send_chunk(worker, chunk)
+
+    def may_prefetch(self, worker: WorkerProcess) -> bool:
+        """Queue a second chunk only behind a short one that is not running late."""
+        job = self.jobs.get(worker.assigned[0].job)
+        if job is None or job.chunk_seconds is None or job.chunk_seconds >= PREFETCH_BELOW:
+            return False
+        return time.monotonic() - worker.head_since < 2 * job.chunk_seconds + 0.002
 
     def next_chunk_for(self, worker: WorkerProcess) -> Chunk | None:
         holding = {self.jobs[j].group for j in worker.jobs_running() if j in self.jobs}
@@ -354,6 +372,8 @@ class Sidecar:
         if chunk.skip:
             header["skip"] = chunk.skip
         worker.channel.send(header, [chunk.payload])
+        if not worker.assigned:
+            worker.head_since = time.monotonic()
         worker.assigned.append(chunk)
 
     def stop_all(self) -> None:

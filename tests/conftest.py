@@ -1,0 +1,86 @@
+"""Shared fixtures: every test is checked for processes it left behind."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _descendants() -> dict[int, psutil.Process]:
+    return {p.pid: p for p in psutil.Process().children(recursive=True)}
+
+
+def _sidecar_tree() -> set[int]:
+    """The shared sidecar and its workers: they live across tests on purpose."""
+    from nbparallel import client
+
+    running = client.current_client()
+    if running is None or running.dead is not None:
+        return set()
+    try:
+        sidecar = psutil.Process(running.pid)
+        return {sidecar.pid, *(p.pid for p in sidecar.children(recursive=True))}
+    except psutil.NoSuchProcess:
+        return set()
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_processes() -> Iterator[None]:
+    """Fail a test that leaves a process of its own running (the shared pool excepted)."""
+    before = set(_descendants())
+    yield
+    deadline = time.monotonic() + 5
+    while True:
+        allowed = before | _sidecar_tree()
+        leaked = [p for pid, p in _descendants().items() if pid not in allowed and _alive(p)]
+        if not leaked or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    for proc in leaked:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    assert not leaked, f"the test left processes running: {[(p.pid, p.cmdline()[:4]) for p in leaked]}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_at_the_end() -> Iterator[None]:
+    yield
+    import nbparallel
+
+    nbparallel.shutdown()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        left = [p for p in _descendants().values() if _alive(p)]
+        if not left:
+            return
+        time.sleep(0.1)
+    pytest.fail(f"processes left after the session: {[(p.pid, p.cmdline()[:4]) for p in left]}")
+
+
+@pytest.fixture
+def script_env() -> dict[str, str]:
+    """Environment for a child Python script that imports nbparallel from this checkout."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+PYTHON = sys.executable
