@@ -104,14 +104,11 @@ def _imap(run: MapRun, *, ordered: bool, errors: str, deadline: float | None = N
     waiting: dict[int, Any] = {}  # ordered: finished but not yet yielded
     failed: dict[int, NbParallelError] = {}
     run.backlog = waiting.__len__
+    run.deadline = deadline
     next_index = 0
     batches = run.batches()
     try:
         while True:
-            if deadline is not None and time.monotonic() > deadline:
-                import concurrent.futures as cf
-
-                raise cf.TimeoutError("Executor.map: the results did not all arrive before the timeout")
             batch = next(batches, None)
             if batch is None:
                 break

@@ -31,6 +31,8 @@ class TaskFuture(cf.Future):  # type: ignore[type-arg]  # Future is generic only
     def cancel(self) -> bool:
         if not super().cancel():
             return False
+        # Waiters in concurrent.futures.wait/as_completed only hear of it once notified.
+        self.set_running_or_notify_cancel()
         if self._task is not None:
             self._task.abandon()
         return True
@@ -163,8 +165,8 @@ class Executor(cf.Executor):
                 raise RuntimeError("cannot schedule new futures after shutdown")
             future = _Task(get_client(), fn, args, kwargs, self._limit, self._group).future
             self._futures.add(future)
-            future.add_done_callback(self._forget)
-            return future
+        future.add_done_callback(self._forget)  # outside the lock: it runs at once if already done
+        return future
 
     def _forget(self, future: cf.Future[Any]) -> None:
         with self._lock:

@@ -12,6 +12,7 @@ import itertools
 import math
 import operator
 import queue
+import time
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -137,6 +138,7 @@ class MapRun:
         self.late: list[Batch] = []  # outcomes that arrived while cancelling
         self.backlog: Callable[[], int] = lambda: 0  # items the consumer holds back (ordered imap)
         self.observer = observer
+        self.deadline: float | None = None  # time.monotonic() past which waiting raises TimeoutError
         self.state = "running"  # then "done", "failed" or "cancelled"
 
     def _pool_setting(self) -> int | None:
@@ -226,11 +228,18 @@ class MapRun:
 
     def wait(self) -> Frame | SidecarDied:
         while True:
+            timeout = WAIT_SLICE
+            if self.deadline is not None:
+                timeout = min(timeout, max(0.0, self.deadline - time.monotonic()))
             try:
-                return self.events.get(timeout=WAIT_SLICE)
+                return self.events.get(timeout=timeout)
             except queue.Empty:
                 if self.client.dead is not None:
                     return self.client.dead
+                if self.deadline is not None and time.monotonic() >= self.deadline:
+                    import concurrent.futures as cf
+
+                    raise cf.TimeoutError("the results did not all arrive before the timeout") from None
 
     def handle(self, event: Frame | SidecarDied) -> Batch | None:
         if isinstance(event, SidecarDied):
@@ -302,8 +311,6 @@ class MapRun:
             self.client.send({"op": "cancel", "job": self.job})
         except SidecarDied:
             return
-        import time
-
         deadline = time.monotonic() + config.CANCEL_WAIT
         try:
             while (left := deadline - time.monotonic()) > 0:
