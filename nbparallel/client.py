@@ -215,7 +215,13 @@ def get_client() -> Client:
             old = _client
             _client = None
             old.close(timeout=0.5)
-            warnings.warn(f"{old.dead} A new sidecar was started.", SidecarRestarted, stacklevel=3)
+            _client = Client(settings)
+            warnings.warn(
+                f"nbparallel: the previous sidecar (pid {old.pid}) had stopped; started a new one "
+                f"(pid {_client.pid}).",
+                SidecarRestarted,
+                stacklevel=3,
+            )
         if _client is None:
             _client = Client(settings)
         return _client

@@ -170,5 +170,5 @@ def test_sidecar_killed_mid_call_gives_sidecar_died_and_next_call_recovers() -> 
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         assert nbparallel.map(abs, [-5]) == [5]
-    assert any("new sidecar" in str(w.message) for w in seen)
+    assert any("started a new one" in str(w.message) for w in seen)
     assert nbparallel.status()["pid"] != sidecar
