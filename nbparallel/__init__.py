@@ -27,6 +27,8 @@ __all__ = [
     "SidecarDied",
     "SerializationError",
     "Interrupted",
+    "load_ipython_extension",
+    "unload_ipython_extension",
 ]
 
 _WHERE = {
@@ -37,6 +39,9 @@ _WHERE = {
     "shutdown": "api",
     "submit": "futures",
     "Executor": "futures",
+    # IPython is imported only when IPython itself asks for these (``%load_ext nbparallel``).
+    "load_ipython_extension": "magics",
+    "unload_ipython_extension": "magics",
     **{name: "errors" for name in ("NbParallelError", "TaskError", "WorkerCrashed", "TaskTimeout",
                                    "SidecarDied", "SerializationError", "Interrupted")},
 }
@@ -46,6 +51,7 @@ if TYPE_CHECKING:
     from .errors import (Interrupted, NbParallelError, SerializationError, SidecarDied, TaskError,
                          TaskTimeout, WorkerCrashed)
     from .futures import Executor, submit
+    from .magics import load_ipython_extension, unload_ipython_extension
 
 
 def __getattr__(name: str) -> Any:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from . import client as _client
 from . import config
+from . import progress as _progress
 from .errors import Interrupted, NbParallelError
-from .mapping import Batch, MapRun
+from .errors import TaskTimeout
+from .mapping import Batch, Limits, MapRun
 
 _ERRORS = ("raise", "return")
 _UNSET: Any = object()
@@ -27,6 +30,12 @@ def map(
     chunksize: int | str = "auto",
     ordered: bool = True,
     errors: str = "raise",
+    progress: bool | None = None,
+    timeout: float | None = None,
+    total_timeout: float | None = None,
+    retries: int = 0,
+    retry_on: type[BaseException] | tuple[type[BaseException], ...] = (),
+    memory_limit: int | str | None = None,
 ) -> list[Any]:
     """Apply ``fn`` to every item in the workers and return the results as a list.
 
@@ -40,6 +49,18 @@ def map(
         ordered: results in input order (True) or in the order they finished (False).
         errors: ``"raise"`` stops at the first failure and raises it (``err.completed`` holds the
             finished results by index); ``"return"`` puts the exception in that item's place.
+        progress: None shows a progress display once the call has run ``progress_after`` seconds
+            (a widget in a notebook, a text bar on stderr in a terminal); True always; False never.
+        timeout: seconds one item may run; past it the worker is killed and replaced and the item
+            fails with ``TaskTimeout``; the other items go on.
+        total_timeout: seconds the whole call may run; then it is cancelled, and the unfinished
+            items fail with ``TaskTimeout`` (raised, or in their places with ``errors="return"``).
+        retries: how many more times to run an item whose worker crashed or timed out (on a fresh
+            worker); the error records ``attempts``.
+        retry_on: exception types worth retrying in the worker (e.g. ``ConnectionError``); other
+            exceptions are never retried.
+        memory_limit: per worker, e.g. ``"2GB"``: a worker past it is killed before the machine
+            runs short, and its item fails with ``MemoryLimitExceeded``.
 
     Raises:
         TaskError: ``fn`` raised (the object is also an instance of the original exception type).
@@ -48,7 +69,11 @@ def map(
         Interrupted: Ctrl-C or the stop button; ``err.completed`` holds the finished results.
     """
     _check_errors(errors)
-    run = MapRun(fn, iterables, workers=workers, chunksize=chunksize, stop_on_error=errors == "raise")
+    observer = _progress.for_call(progress, fn, "map")
+    limits = Limits.make(timeout, retries, retry_on, memory_limit)
+    run = MapRun(fn, iterables, workers=workers, chunksize=chunksize, stop_on_error=errors == "raise",
+                 limits=limits, observer=observer)
+    run.deadline = _deadline(total_timeout)
     spans: list[tuple[int, list[Any]]] = []  # (first index, values) for contiguous batches
     singles: dict[int, Any] = {}
     arrival: list[Any] = []
@@ -64,6 +89,18 @@ def map(
                 arrival.extend(batch.errors.values())
     except KeyboardInterrupt:
         raise _interrupted(run, spans, singles) from None
+    except cf.TimeoutError:
+        if errors == "raise":
+            raise _call_timeout(run, total_timeout, _completed(run, spans, singles)) from None
+        for late in run.late:
+            _keep(late, spans, singles)
+        for index in range(run.next_index):
+            singles.setdefault(index, TaskTimeout(
+                f"item {index} did not finish before the call's total_timeout of {total_timeout:g} s",
+                index=index, limit=total_timeout))
+        _mark_unfinished(spans, singles)
+        if not ordered:
+            arrival.extend(v for v in singles.values() if isinstance(v, TaskTimeout))
     except NbParallelError as error:
         if not error.completed:
             error.completed = _completed(run, spans, singles)
@@ -87,20 +124,31 @@ def imap(
     chunksize: int | str = "auto",
     ordered: bool = True,
     errors: str = "raise",
+    progress: bool | None = None,
+    timeout: float | None = None,
+    total_timeout: float | None = None,
+    retries: int = 0,
+    retry_on: type[BaseException] | tuple[type[BaseException], ...] = (),
+    memory_limit: int | str | None = None,
 ) -> Iterator[Any]:
     """Like ``map``, but yield results while the work goes on; input is read lazily.
 
     With ``ordered=False`` results come as they finish. Only a bounded window of items is in
     flight, so an endless generator works. Stopping the iteration (or ``close()``) cancels the rest.
     On a failure with ``errors="raise"``, ``err.completed`` holds the results not yet yielded.
+    ``progress`` as in ``map``; the widget's Cancel button stops an imap consumed across cells.
     """
     _check_errors(errors)
-    run = MapRun(fn, iterables, workers=workers, chunksize=chunksize, stop_on_error=errors == "raise")
-    return _imap(run, ordered=ordered, errors=errors)
+    observer = _progress.for_call(progress, fn, "imap", cancellable=True)
+    limits = Limits.make(timeout, retries, retry_on, memory_limit)
+    run = MapRun(fn, iterables, workers=workers, chunksize=chunksize, stop_on_error=errors == "raise",
+                 limits=limits, observer=observer)
+    return _progress.attach(observer, _imap(run, ordered=ordered, errors=errors, deadline=_deadline(total_timeout),
+                                            total_timeout=total_timeout))
 
 
 def _imap(run: MapRun, *, ordered: bool, errors: str, deadline: float | None = None,
-          raise_in_order: bool = False) -> Iterator[Any]:
+          raise_in_order: bool = False, total_timeout: float | None = None) -> Iterator[Any]:
     waiting: dict[int, Any] = {}  # ordered: finished but not yet yielded
     failed: dict[int, NbParallelError] = {}
     run.backlog = waiting.__len__
@@ -142,6 +190,13 @@ def _imap(run: MapRun, *, ordered: bool, errors: str, deadline: float | None = N
         for late in run.late:
             completed.update(zip(late.indices, late.values))
         raise Interrupted(_interrupt_message(run), completed) from None
+    except cf.TimeoutError:
+        if total_timeout is None:
+            raise  # Executor.map's own timeout: concurrent.futures semantics
+        completed = {i: v for i, v in waiting.items() if not isinstance(v, NbParallelError)}
+        for late in run.late:
+            completed.update(zip(late.indices, late.values))
+        raise _call_timeout(run, total_timeout, completed) from None
     finally:
         batches.close()
 
@@ -152,6 +207,30 @@ def _imap_in_order(fn: Callable[..., Any], iterables: tuple[Iterable[Any], ...],
     run = MapRun(fn, iterables, workers=workers, chunksize=chunksize, stop_on_error=False)
     deadline = None if timeout is None else time.monotonic() + timeout
     return _imap(run, ordered=True, errors="return", deadline=deadline, raise_in_order=True)
+
+
+def _deadline(total_timeout: float | None) -> float | None:
+    if total_timeout is None:
+        return None
+    if isinstance(total_timeout, bool) or not isinstance(total_timeout, (int, float)) or total_timeout <= 0:
+        raise ValueError(f"total_timeout must be a positive number of seconds, got {total_timeout!r}")
+    return time.monotonic() + total_timeout
+
+
+def _call_timeout(run: MapRun, total_timeout: float | None, completed: dict[int, Any]) -> TaskTimeout:
+    error = TaskTimeout(
+        f"the call ran past its total_timeout of {total_timeout:g} s with {run.done} items finished; it was "
+        "cancelled (the finished results are in err.completed). Raise total_timeout, or pass "
+        'errors="return" to get the finished results in place.', limit=total_timeout)
+    error.completed = completed
+    return error
+
+
+def _mark_unfinished(spans: list[tuple[int, list[Any]]], singles: dict[int, Any]) -> None:
+    """Spans win over placeholders for the indices they cover."""
+    for start, values in spans:
+        for index in range(start, start + len(values)):
+            singles.pop(index, None)
 
 
 def _keep(batch: Batch, spans: list[tuple[int, list[Any]]], singles: dict[int, Any]) -> None:
@@ -196,6 +275,8 @@ def configure(
     env: dict[str, str] | None = None,
     limit_threads: bool | None = None,
     tag_output: bool | None = None,
+    max_tasks_per_worker: int | None | Any = _UNSET,
+    max_output_bytes: int | None = None,
 ) -> None:
     """Change the pool: its size, modules preloaded in every worker, environment variables.
 
@@ -203,6 +284,8 @@ def configure(
     every worker imports once before work arrives (changing it restarts the workers).
     ``limit_threads`` keeps BLAS/OpenMP thread pools to each worker's share of the CPUs.
     ``tag_output`` prefixes lines printed by workers with ``[item N]``.
+    ``max_tasks_per_worker`` replaces a worker after that many items (None: never).
+    ``max_output_bytes`` caps the printed output one call passes on.
     """
     settings = _client.settings
     if workers is not _UNSET:
@@ -216,6 +299,12 @@ def configure(
         settings.limit_threads = limit_threads
     if tag_output is not None:
         settings.tag_output = tag_output
+    if max_tasks_per_worker is not _UNSET:
+        if max_tasks_per_worker is not None and (not isinstance(max_tasks_per_worker, int) or max_tasks_per_worker < 1):
+            raise ValueError(f"max_tasks_per_worker must be a positive int or None, got {max_tasks_per_worker!r}")
+        settings.max_tasks_per_worker = max_tasks_per_worker
+    if max_output_bytes is not None:
+        settings.max_output_bytes = int(max_output_bytes)
     running = _client.current_client()
     if running is not None and running.dead is None:
         running.configure(settings)

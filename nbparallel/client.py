@@ -93,7 +93,8 @@ class Client:
         env = dict(settings.env)
         if settings.limit_threads:
             env = {**config.thread_limits(size), **env}
-        self.send({"op": "configure", "workers": size, "preload": settings.preload, "env": env})
+        self.send({"op": "configure", "workers": size, "preload": settings.preload, "env": env,
+                   "max_tasks_per_worker": settings.max_tasks_per_worker})
 
     def new_job_id(self) -> int:
         return next(self.job_ids)

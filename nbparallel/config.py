@@ -24,6 +24,11 @@ class Settings:
     progress_after: float = 1.0
     #: Prefix each line a worker prints with the item it was running.
     tag_output: bool = True
+    #: Replace a worker after it has run this many items (None: never). Cures slow leaks.
+    max_tasks_per_worker: int | None = None
+    #: Worker output a call passes on to the caller before it drops the rest (a notebook drowns
+    #: in megabytes of text).
+    max_output_bytes: int = 2 * 2**20
 
 
 # Chunking: a chunk should take about CHUNK_SECONDS of work, so progress moves smoothly and
@@ -41,6 +46,30 @@ START_TIMEOUT = 30.0
 
 _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
                 "NUMEXPR_NUM_THREADS")
+
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string such as "2GB", "512 MiB", "1.5g"."""
+    if isinstance(size, bool):
+        raise TypeError(f"a memory size must be an int or a string like '2GB', got {size!r}")
+    if isinstance(size, int):
+        value = size
+    elif isinstance(size, str):
+        text = size.strip().lower().replace(" ", "")
+        number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+        unit = text[len(number):]
+        if not number or unit not in _UNITS:
+            raise ValueError(f"cannot read the memory size {size!r}; write e.g. '2GB', '512MiB' or 2_000_000_000")
+        value = int(float(number) * _UNITS[unit])
+    else:
+        raise TypeError(f"a memory size must be an int or a string like '2GB', got {size!r}")
+    if value <= 0:
+        raise ValueError(f"a memory size must be positive, got {size!r}")
+    return value
 
 
 def usable_cpus() -> int:

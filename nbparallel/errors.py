@@ -5,6 +5,7 @@ The hierarchy::
     NbParallelError
      ├── TaskError          the user's function raised (also an instance of the original type)
      ├── WorkerCrashed      the worker process died while running the item
+     │    └── MemoryLimitExceeded   killed on purpose: it passed ``memory_limit``
      ├── TaskTimeout        the item ran past its time limit
      ├── SidecarDied        the runner process went away
      ├── SerializationError something could not be pickled or unpickled
@@ -24,12 +25,20 @@ __all__ = [
     "NbParallelError",
     "TaskError",
     "WorkerCrashed",
+    "MemoryLimitExceeded",
     "TaskTimeout",
     "SidecarDied",
     "SerializationError",
     "ProtocolError",
     "Interrupted",
 ]
+
+
+def _rebuild(cls: type[NbParallelError], args: tuple[Any, ...], state: dict[str, Any]) -> NbParallelError:
+    error = Exception.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
 
 
 class NbParallelError(Exception):
@@ -39,12 +48,18 @@ class NbParallelError(Exception):
     completed: dict[int, Any]
     index: int | None = None
     item: str | None = None
+    #: How many times the item was tried (``retries=`` gives crashed or timed-out items more).
+    attempts: int = 1
 
     def __init__(self, message: str = "", *, index: int | None = None, item: str | None = None):
         super().__init__(message)
         self.index = index
         self.item = item
         self.completed = {}
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Subclasses take keyword-only fields; rebuild from the state rather than calling __init__.
+        return (_rebuild, (type(self), self.args, dict(self.__dict__)))
 
     def _where(self) -> str:
         if self.index is None:
@@ -138,6 +153,12 @@ def describe_exit(exitcode: int | None) -> tuple[int | None, str | None, str]:
     return exitcode, None, f"it exited with status {exitcode} (os._exit or sys.exit in the task?)"
 
 
+def _which(index: int | None, item: str | None) -> str:
+    if index is None:
+        return f"the task{' (' + item + ')' if item else ''}"
+    return f"item {index}{' (' + item + ')' if item else ''}"
+
+
 class WorkerCrashed(NbParallelError):
     """The worker running the item died: a signal, an exit, or the out-of-memory killer."""
 
@@ -149,39 +170,57 @@ class WorkerCrashed(NbParallelError):
         pid: int | None = None,
         exitcode: int | None = None,
         memory: int | None = None,
+        attempts: int = 1,
     ):
         status, self.signal, cause = describe_exit(exitcode)
         self.exitcode = status
         self.pid = pid
         self.memory = memory
+        self.attempts = attempts
         mem = f"; last seen using {memory / 2**20:.0f} MiB" if memory else ""
-        message = (
-            f"the worker (pid {pid}) running {'item ' + str(index) if index is not None else 'a task'}"
-            f"{' (' + item + ')' if item else ''} died: {cause}{mem}. The worker was replaced and "
-            "the other items went on. If this item needs much memory, use fewer workers."
+        hint = " If the item needs much memory, use fewer workers or set memory_limit=." if self.signal == "SIGKILL" else ""
+        tries = f" (tried {attempts} times)" if attempts > 1 else ""
+        super().__init__(
+            f"the worker (pid {pid}) running {_which(index, item)} died{tries}: {cause}{mem}. "
+            f"The worker was replaced and the other items went on.{hint}",
+            index=index,
+            item=item,
         )
-        super().__init__(message, index=index, item=item)
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild_crash, (self.index, self.item, self.pid, self._raw_exitcode(), self.memory))
-
-    def _raw_exitcode(self) -> int | None:
-        if self.signal is not None:
-            try:
-                return -int(signal.Signals[self.signal])
-            except KeyError:
-                return None
-        return self.exitcode
 
 
-def _rebuild_crash(
-    index: int | None, item: str | None, pid: int | None, exitcode: int | None, memory: int | None
-) -> WorkerCrashed:
-    return WorkerCrashed(index=index, item=item, pid=pid, exitcode=exitcode, memory=memory)
+class MemoryLimitExceeded(WorkerCrashed):
+    """The worker passed ``memory_limit`` and was killed before the machine ran short."""
+
+    def __init__(self, *, index: int | None = None, item: str | None = None, pid: int | None = None,
+                 limit: int = 0, memory: int = 0, attempts: int = 1):
+        NbParallelError.__init__(
+            self,
+            f"{_which(index, item)} made its worker (pid {pid}) use {memory / 2**20:.0f} MiB, past the "
+            f"memory_limit of {limit / 2**20:.0f} MiB; the worker was killed and replaced"
+            f"{f' (tried {attempts} times)' if attempts > 1 else ''}. Give it a higher memory_limit, or "
+            "split the item.",
+            index=index,
+            item=item,
+        )
+        self.exitcode, self.signal = None, "SIGKILL"
+        self.pid, self.memory, self.limit, self.attempts = pid, memory, limit, attempts
 
 
 class TaskTimeout(NbParallelError):
-    """The item ran longer than its time limit; its worker was killed and replaced."""
+    """The item ran longer than its time limit; its worker was killed and replaced.
+
+    Also raised when a whole call runs past ``total_timeout`` (then ``index`` is None).
+    """
+
+    def __init__(self, message: str = "", *, index: int | None = None, item: str | None = None,
+                 limit: float | None = None, attempts: int = 1):
+        super().__init__(message or (
+            f"{_which(index, item)} ran past its time limit of {limit:g} s"
+            f"{f' (tried {attempts} times)' if attempts > 1 else ''}; its worker was killed and replaced "
+            "and the other items went on. Raise timeout= if it needs longer."
+        ), index=index, item=item)
+        self.limit = limit
+        self.attempts = attempts
 
 
 class SidecarDied(NbParallelError):

@@ -14,15 +14,17 @@ import operator
 import queue
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from . import config
 from . import serialization as ser
 from .client import Client, get_client
-from .errors import NbParallelError, SidecarDied, WorkerCrashed, make_task_error
+from .errors import (MemoryLimitExceeded, NbParallelError, SerializationError, SidecarDied, TaskTimeout,
+                     WorkerCrashed, make_task_error)
 from .output import capture_sink, flush_std, tag_lines
 from .protocol import Frame
+from .retrying import ATTEMPTS_ATTR, RetryOn
 
 WAIT_SLICE = 0.25  # seconds: the caller re-checks its state at least this often while waiting
 
@@ -91,11 +93,42 @@ class Observer(Protocol):
         """``state``: "done", "failed" (an error stopped it) or "cancelled"."""
 
 
+@dataclass(frozen=True)
+class Limits:
+    """Per-call limits the sidecar enforces (see ``nbparallel.map``)."""
+
+    timeout: float | None = None
+    retries: int = 0
+    retry_on: tuple[type[BaseException], ...] = ()
+    memory_limit: int | None = None
+
+    @staticmethod
+    def make(timeout: float | None, retries: int, retry_on: Any, memory_limit: int | str | None) -> Limits:
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
+            raise ValueError(f"timeout must be a positive number of seconds per item, got {timeout!r}")
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"retries must be an int >= 0, got {retries!r}")
+        if isinstance(retry_on, type):
+            retry_on = (retry_on,)
+        retry_on = tuple(retry_on or ())
+        if not all(isinstance(t, type) and issubclass(t, BaseException) for t in retry_on):
+            raise TypeError(f"retry_on must be exception types, got {retry_on!r}")
+        memory = None if memory_limit is None else config.parse_size(memory_limit)
+        return Limits(None if timeout is None else float(timeout), retries, retry_on, memory)
+
+    def header(self) -> dict[str, Any]:
+        return {"timeout": self.timeout, "retries": self.retries, "memory_limit": self.memory_limit}
+
+
 @dataclass
 class _InFlight:
     start: int
     items: list[Any]
     left: int
+    settled: list[range | list[int]] = field(default_factory=list)  # indices with an outcome
+
+    def is_settled(self, index: int) -> bool:
+        return any(index in indices for indices in self.settled)
 
 
 class MapRun:
@@ -109,11 +142,15 @@ class MapRun:
         workers: int | None,
         chunksize: int | str,
         stop_on_error: bool,
+        limits: Limits | None = None,
         client: Client | None = None,
         observer: Observer | None = None,
     ) -> None:
         if not iterables:
             raise TypeError("map() needs at least one iterable to map the function over")
+        self.limits = limits or Limits()
+        if self.limits.retry_on:
+            fn = RetryOn(fn, self.limits.retries, self.limits.retry_on)
         self.function_bytes = ser.dumps_function(fn)  # before anything runs: fail fast, name the culprit
         self.total = _known_length(iterables)
         self.items = _iterate(iterables)
@@ -138,6 +175,8 @@ class MapRun:
         self.late: list[Batch] = []  # outcomes that arrived while cancelling
         self.backlog: Callable[[], int] = lambda: 0  # items the consumer holds back (ordered imap)
         self.observer = observer
+        self.output_bytes = 0
+        self.output_dropped = False
         self.deadline: float | None = None  # time.monotonic() past which waiting raises TimeoutError
         self.state = "running"  # then "done", "failed" or "cancelled"
 
@@ -150,16 +189,25 @@ class MapRun:
 
     def on_frame(self, frame: Frame) -> None:
         if frame.op == "output":
-            text = frame.get("text", "")
-            from .client import settings
-
-            if settings.tag_output:
-                text = tag_lines(text, frame.get("index"))
-            self.sink(frame.get("stream", "stdout"), text)
-            if self.observer is not None:
-                self.observer.output(self, frame.get("stream", "stdout"), frame.get("text", ""), frame.get("index"))
+            self.on_output(frame)
         else:
             self.events.put(frame)
+
+    def on_output(self, frame: Frame) -> None:
+        from .client import settings
+
+        raw = frame.get("text", "")
+        self.output_bytes += len(raw)
+        if self.output_bytes > settings.max_output_bytes:
+            if not self.output_dropped:
+                self.output_dropped = True
+                self.sink("stderr", f"[nbparallel: the workers printed more than {settings.max_output_bytes:,} "
+                                    "bytes; the rest of this call's output is dropped (configure(max_output_bytes=...))]\n")
+        else:
+            text = tag_lines(raw, frame.get("index")) if settings.tag_output else raw
+            self.sink(frame.get("stream", "stdout"), text)
+        if self.observer is not None:
+            self.observer.output(self, frame.get("stream", "stdout"), raw, frame.get("index"))
 
     def on_died(self, error: SidecarDied) -> None:
         self.events.put(error)
@@ -181,6 +229,7 @@ class MapRun:
                     "limit": self.limit,
                     "cwd": _cwd(),
                     "path": _sys_path(),
+                    **self.limits.header(),
                 },
                 [self.function_bytes],
             )
@@ -254,7 +303,10 @@ class MapRun:
 
     def _result(self, frame: Frame) -> Batch:
         flight = self.in_flight[frame["chunk"]]
-        offsets, values, problems = ser.loads(frame.payload)
+        try:
+            offsets, values, problems = ser.loads(frame.payload)
+        except Exception as exc:  # e.g. a result of a class the kernel cannot import
+            return self._unreadable(frame["chunk"], exc)
         if frame["final"] and frame.get("n"):
             self.sizer.observe_time(frame["n"], frame["elapsed"])
         start = flight.start
@@ -269,9 +321,12 @@ class MapRun:
             if status == ser.RAISED:
                 exception, text = value
                 errors[index] = make_task_error(exception, text, index, ser.describe(flight.items[offset]))
+                errors[index].attempts = getattr(exception, ATTEMPTS_ATTR, 1)
             else:
                 value.index, value.item = index, ser.describe(flight.items[offset])
                 errors[index] = value
+        flight.settled.append(indices)
+        flight.settled.append(list(errors))
         self._resolve(frame["chunk"], len(indices) + len(errors))
         self.done += len(indices)
         self.failed += len(errors)
@@ -279,16 +334,25 @@ class MapRun:
 
     def _crashed(self, frame: Frame) -> Batch:
         flight = self.in_flight[frame["chunk"]]
-        errors: dict[int, NbParallelError] = {}
-        for index in frame["indices"]:
-            errors[index] = WorkerCrashed(
-                index=index,
-                item=ser.describe(flight.items[index - flight.start]),
-                pid=frame.get("pid"),
-                exitcode=frame.get("exitcode"),
-                memory=frame.get("memory"),
-            )
+        errors = {index: crash_error(frame, index, ser.describe(flight.items[index - flight.start]))
+                  for index in frame["indices"]}
+        flight.settled.append(list(errors))
         self._resolve(frame["chunk"], len(errors))
+        self.failed += len(errors)
+        return Batch([], [], errors)
+
+    def _unreadable(self, chunk: int, exc: Exception) -> Batch:
+        """Fail what is left of a chunk whose results the kernel could not unpickle."""
+        flight = self.in_flight[chunk]
+        errors: dict[int, NbParallelError] = {}
+        for offset, item in enumerate(flight.items):
+            if not flight.is_settled(flight.start + offset):
+                errors[flight.start + offset] = SerializationError(
+                    f"the results for item {flight.start + offset} could not be unpickled here: "
+                    f"{type(exc).__name__}: {exc}. Is everything the function returns importable in the "
+                    "kernel?", index=flight.start + offset, item=ser.describe(item))
+        self.unresolved -= flight.left
+        del self.in_flight[chunk]
         self.failed += len(errors)
         return Batch([], [], errors)
 
@@ -337,6 +401,18 @@ class MapRun:
             self.client.send({"op": "end", "job": self.job})
         except SidecarDied:
             pass
+
+
+def crash_error(frame: Frame, index: int | None, item: str) -> NbParallelError:
+    """The error for an item whose worker died (a ``crashed`` frame), by the reason it died."""
+    reason, attempts, pid = frame.get("reason"), frame.get("attempts", 1), frame.get("pid")
+    if reason == "timeout":
+        return TaskTimeout(index=index, item=item, limit=frame["limit"], attempts=attempts)
+    if reason == "memory":
+        return MemoryLimitExceeded(index=index, item=item, pid=pid, limit=frame["limit"],
+                                   memory=frame["memory"], attempts=attempts)
+    return WorkerCrashed(index=index, item=item, pid=pid, exitcode=frame.get("exitcode"),
+                         memory=frame.get("memory"), attempts=attempts)
 
 
 def _with_completed(error: NbParallelError, completed: dict[int, Any]) -> NbParallelError:

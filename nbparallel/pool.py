@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .channel import Channel
+from .protocol import SLOT
 
-SLOT_SIZE = 16  # two int64: the chunk id and the offset of the item being run (see worker.SLOT)
 
 
 @dataclass
@@ -30,6 +30,7 @@ class Chunk:
     payload: Any  # the pickled items; never unpickled here
     resume: int = 0  # offsets below this were delivered (or failed) already
     skip: list[int] = field(default_factory=list)  # offsets that failed and must not run again
+    attempts: dict[int, int] = field(default_factory=dict)  # offset -> times its worker died on it
 
     def remaining(self) -> list[int]:
         skip = set(self.skip)
@@ -42,9 +43,9 @@ class WorkerProcess:
     def __init__(self, preload: list[str], env: dict[str, str]) -> None:
         parent, child = socket.socketpair()
         with tempfile.TemporaryFile() as slot_file:  # unlinked at once: nothing left on disk
-            slot_file.truncate(SLOT_SIZE)
-            self.slot = mmap.mmap(slot_file.fileno(), SLOT_SIZE)
-            self.slot[:] = (-1).to_bytes(8, sys.byteorder, signed=True) * 2
+            slot_file.truncate(SLOT.size)
+            self.slot = mmap.mmap(slot_file.fileno(), SLOT.size)
+            SLOT.pack_into(self.slot, 0, -1, -1, 0.0)
             slot_fd = slot_file.fileno()
             args = [str(child.fileno()), str(slot_fd), str(os.getpid()), json.dumps(preload)]
             self.process = subprocess.Popen(
@@ -60,6 +61,7 @@ class WorkerProcess:
         self.channel = Channel(parent)
         self.ready = False
         self.retiring = False  # asked to exit, or killed on purpose: its exit is not a crash
+        self.kill_reason: dict[str, Any] | None = None  # set when killed for a timeout or memory limit
         self.assigned: deque[Chunk] = deque()
         self.keys: set[str] = set()  # functions this worker holds
         self.jobs: set[int] = set()  # jobs whose settings it has
@@ -71,10 +73,10 @@ class WorkerProcess:
     def fileno(self) -> int:
         return self.channel.fileno()
 
-    def read_slot(self) -> tuple[int, int]:
-        chunk = int.from_bytes(self.slot[0:8], sys.byteorder, signed=True)
-        offset = int.from_bytes(self.slot[8:16], sys.byteorder, signed=True)
-        return chunk, offset
+    def read_slot(self) -> tuple[int, int, float]:
+        """(chunk id, offset of the item being run, when it started or 0)."""
+        chunk, offset, started = SLOT.unpack_from(self.slot)
+        return int(chunk), int(offset), float(started)
 
     def kill(self) -> None:
         """SIGKILL the worker and everything it started."""
@@ -109,7 +111,7 @@ class WorkerProcess:
         current = self.assigned[0] if self.assigned else None
         index = None
         if current is not None:
-            chunk_id, offset = self.read_slot()
+            chunk_id, offset, _ = self.read_slot()
             if chunk_id == current.id and 0 <= offset < current.count:
                 index = current.start + offset
         return {

@@ -24,6 +24,11 @@ from .errors import ProtocolError
 PROTOCOL_VERSION = 1
 
 PREFIX = struct.Struct("!IQ")
+# The memory a worker shares with the sidecar: the chunk it runs, the offset of the item it is on,
+# and when that item started (time.monotonic(), a clock both processes share; 0 when untimed).
+SLOT = struct.Struct("qqd")
+SLOT_OFFSET = struct.Struct("q")  # at byte 8
+SLOT_STARTED = struct.Struct("d")  # at byte 16
 MAX_HEADER = 16 * 2**20  # a header is metadata; anything this big is a corrupt stream
 
 Buffer = bytes | bytearray | memoryview

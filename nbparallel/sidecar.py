@@ -40,7 +40,9 @@ PREFETCH = 2  # chunks queued per worker: one running, one waiting so the worker
 # trip is then a large share of the time) and hurts when an item is slow (its neighbour waits).
 PREFETCH_BELOW = 0.01  # seconds per chunk
 TICK = 0.25  # seconds between housekeeping passes (kernel alive? memory samples)
-SAMPLE_INTERVAL = 1.0  # seconds between memory samples of the workers
+SAMPLE_INTERVAL = 0.5  # seconds between memory samples of the workers
+# While a job has a time or memory limit, look more often: a limit is only as sharp as this.
+WATCH_TICK = 0.05
 
 
 @dataclass
@@ -59,6 +61,18 @@ class Job:
         return int(self.header.get("limit") or 0)
 
     @property
+    def timeout(self) -> float:
+        return float(self.header.get("timeout") or 0)
+
+    @property
+    def memory_limit(self) -> int:
+        return int(self.header.get("memory_limit") or 0)
+
+    @property
+    def retries(self) -> int:
+        return int(self.header.get("retries") or 0)
+
+    @property
     def group(self) -> Any:
         """Jobs of one Executor share its ``max_workers`` cap."""
         return self.header.get("group") or ("job", self.id)
@@ -73,6 +87,7 @@ class Sidecar:
         self.workers: dict[int, WorkerProcess] = {}  # by pid
         self.jobs: dict[int, Job] = {}
         self.size = 1
+        self.max_tasks = 0  # replace a worker after this many items (0: never)
         self.preload: list[str] = []
         self.env = dict(os.environ)
         self.running = True
@@ -84,7 +99,8 @@ class Sidecar:
     def run(self) -> None:
         try:
             while self.running:
-                for key, events in self.selector.select(TICK):
+                watching = any(job.timeout or job.memory_limit for job in self.jobs.values())
+                for key, events in self.selector.select(WATCH_TICK if watching else TICK):
                     peer: Channel | WorkerProcess = key.data
                     if events & selectors.EVENT_WRITE:
                         (peer if isinstance(peer, Channel) else peer.channel).flush()
@@ -116,10 +132,30 @@ class Sidecar:
             self.running = False
             return
         now = time.monotonic()
-        if now - self.last_sample >= SAMPLE_INTERVAL:
+        memory_limited = any(job.memory_limit for job in self.jobs.values())
+        if now - self.last_sample >= (WATCH_TICK if memory_limited else SAMPLE_INTERVAL):
             self.last_sample = now
             self.sample_memory()
+        self.enforce_limits(now)
         self.resize()
+
+    def enforce_limits(self, now: float) -> None:
+        """Kill a worker whose item ran past the job's timeout or whose memory passed its limit."""
+        for worker in self.workers.values():
+            if not worker.assigned or worker.kill_reason is not None:
+                continue
+            head = worker.assigned[0]
+            job = self.jobs.get(head.job)
+            if job is None or not (job.timeout or job.memory_limit):
+                continue
+            chunk_id, offset, started = worker.read_slot()
+            on_item = chunk_id == head.id and head.resume <= offset < head.count
+            if job.timeout and on_item and started and now - started > job.timeout:
+                worker.kill_reason = {"reason": "timeout", "limit": job.timeout}
+            elif job.memory_limit and worker.rss > job.memory_limit:
+                worker.kill_reason = {"reason": "memory", "limit": job.memory_limit, "memory": worker.rss}
+            if worker.kill_reason is not None:
+                worker.kill()  # its exit is handled like a crash, with the reason attached
 
     def sample_memory(self) -> None:
         import psutil
@@ -158,6 +194,8 @@ class Sidecar:
     def on_configure(self, frame: Frame) -> None:
         if "workers" in frame.header:
             self.size = max(1, int(frame["workers"]))
+        if "max_tasks_per_worker" in frame.header:
+            self.max_tasks = int(frame["max_tasks_per_worker"] or 0)
         if "env" in frame.header:
             self.env = {**self.env, **frame["env"]}
         if "preload" in frame.header and list(frame["preload"]) != self.preload:
@@ -221,6 +259,10 @@ class Sidecar:
         return max([self.size, *asked])
 
     def resize(self) -> None:
+        if self.max_tasks:
+            for worker in list(self.workers.values()):
+                if not worker.retiring and not worker.assigned and worker.tasks_done >= self.max_tasks:
+                    self.retire(worker)
         alive = [w for w in self.workers.values() if not w.retiring]
         for _ in range(self.target_size() - len(alive)):
             self.spawn()
@@ -289,30 +331,39 @@ class Sidecar:
 
     def on_worker_exit(self, worker: WorkerProcess) -> None:
         self.selector.unregister(worker.channel.sock)
-        chunk_id, offset = worker.read_slot()
+        chunk_id, offset, _ = worker.read_slot()
         exitcode = worker.reap()
         del self.workers[worker.pid]
         running = worker.assigned.popleft() if worker.assigned else None
         self.requeue_others(worker, None)
         if running is None or running.job not in self.jobs:
             return
+        job = self.jobs[running.job]
         if chunk_id == running.id and running.resume <= offset < running.count:
             culprits = [offset]  # the slot names the item that was running
-            running.skip.append(offset)
+            attempts = running.attempts[offset] = running.attempts.get(offset, 0) + 1
+            if attempts > job.retries:
+                running.skip.append(offset)
+            else:  # it runs again on another worker; the kernel hears only of the final outcome
+                culprits = []
         else:  # it died outside any item (unpickling the chunk, sending results): fail the rest
             culprits = running.remaining()
             running.skip.extend(culprits)
-        self.kernel.send(
-            {
-                "op": "crashed",
-                "job": running.job,
-                "chunk": running.id,
-                "indices": [running.start + off for off in culprits],
-                "pid": worker.pid,
-                "exitcode": exitcode,
-                "memory": worker.rss_peak or None,
-            }
-        )
+            attempts = 1
+        if culprits:
+            self.kernel.send(
+                {
+                    "op": "crashed",
+                    "job": running.job,
+                    "chunk": running.id,
+                    "indices": [running.start + off for off in culprits],
+                    "pid": worker.pid,
+                    "exitcode": exitcode,
+                    "memory": worker.rss_peak or None,
+                    "attempts": attempts,
+                    **(worker.kill_reason or {}),
+                }
+            )
         if running.remaining():  # the items after it (and those done but unsent) run again elsewhere
             self.jobs[running.job].queue.appendleft(running)
 

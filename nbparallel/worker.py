@@ -26,10 +26,8 @@ from typing import Any
 
 from . import serialization as ser
 from .errors import SerializationError
-from .protocol import PROTOCOL_VERSION, Frame, read_frame, send_frame
+from .protocol import PROTOCOL_VERSION, SLOT, SLOT_OFFSET, SLOT_STARTED, Frame, read_frame, send_frame
 
-SLOT = struct.Struct("qq")  # chunk id, offset of the item being run (-1: between items)
-SLOT_OFFSET = struct.Struct("q")  # the offset alone, rewritten before every item
 FLUSH_INTERVAL = 0.25  # seconds: a long chunk streams the results it has at this pace
 FUNCTION_CACHE = 16  # unpickled functions kept, most recently used first
 WATCH_INTERVAL = 0.5  # seconds between checks that the sidecar is still alive
@@ -175,12 +173,16 @@ class Worker:
             self.send_result(frame, batch, count, began, final=True)
             return
         slot, pack, state = self.slot, SLOT_OFFSET.pack_into, self.state
-        SLOT.pack_into(slot, 0, chunk, resume)
+        timed = SLOT_STARTED.pack_into if job.get("timeout") else None
+        monotonic = time.monotonic
+        SLOT.pack_into(slot, 0, chunk, resume, 0.0)
         offsets, values = batch.offsets, batch.values
         upto = count
         for offset in range(resume, count):
             if skip and offset in skip:
                 continue
+            if timed is not None:
+                timed(slot, 16, monotonic())
             pack(slot, 8, offset)
             state.index = start + offset
             try:
@@ -210,7 +212,7 @@ class Worker:
         _flush_std()
         pack(slot, 8, count)  # past the last item: a death now is not any item's fault
         self.send_result(frame, batch, upto, began, final=True)
-        SLOT.pack_into(slot, 0, -1, -1)
+        SLOT.pack_into(slot, 0, -1, -1, 0.0)
 
     def send_result(self, frame: Frame, batch: Batch, upto: int, began: float, *, final: bool) -> None:
         header = {

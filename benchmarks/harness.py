@@ -1,0 +1,207 @@
+"""Run one measurement in a fresh child process, watch every process it starts, clean up after it.
+
+Why a child per measurement: the caller's memory, imports and leftover pools would otherwise leak
+from one peer into the next (a fork pool copies whatever the previous peer left in the caller).
+Why the watcher: a peer that hangs, or forgets a worker, must not outlive the run or skew the next
+measurement; the parent remembers every descendant it saw and kills any that outlive the child.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from statistics import median
+from typing import Any
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT_ENV = "NBP_BENCH_OUT"  # where a child writes its JSON (stdout is left to the peers' chatter)
+WATCH_INTERVAL = 0.5  # seconds between scans for new descendants; cheap beside the work measured
+GRACE = 3.0  # seconds a descendant may take to exit after its parent child process ended
+
+
+@dataclass
+class Options:
+    """What run.py's flags decided; every scenario's ``plan`` reads it."""
+
+    quick: bool
+    workers: int
+    repeats: int
+    peers: list[str]
+    s1_items: int
+    s1_dask_items: int
+    s2_sizes_gib: list[float]
+    s3_mib: int
+    s4_seconds: float
+    s4_tasks: int
+    s5_timeout: float
+    timeout: float  # seconds allowed to one child of S1-S4
+
+
+@dataclass
+class Case:
+    """One child run: which scenario and peer, with what parameters and arguments."""
+
+    scenario: str
+    peer: str
+    params: dict[str, Any]
+    timeout: float
+    args: list[str] = field(default_factory=list)  # default: python -m benchmarks.child ...
+
+    def child_args(self) -> list[str]:
+        return self.args or ["-m", "benchmarks.child", self.scenario, self.peer, json.dumps(self.params)]
+
+
+@dataclass
+class Outcome:
+    """What one child run produced."""
+
+    status: str  # "ok", "error" (it reported an exception), "timeout" or "crashed"
+    data: dict[str, Any] = field(default_factory=dict)
+    wall_s: float = 0.0
+    leaked: list[str] = field(default_factory=list)  # processes killed after the child ended
+    stderr_tail: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def child_env() -> dict[str, str]:
+    """The environment for children: the repo root importable by every worker, whatever starts it."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    return env
+
+
+def run_child(args: list[str], timeout: float) -> Outcome:
+    """Run ``python ARGS`` in its own session; return its JSON, or how it failed."""
+    with tempfile.TemporaryDirectory(prefix="nbp-bench-") as tmp:
+        out_path = Path(tmp) / "out.json"
+        err_path = Path(tmp) / "stderr.txt"
+        env = child_env()
+        env[OUT_ENV] = str(out_path)
+        started = time.perf_counter()
+        with open(err_path, "wb") as err:
+            proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+            seen: dict[int, psutil.Process] = {}
+            timed_out = False
+            while True:
+                _remember(proc.pid, seen)
+                try:
+                    proc.wait(timeout=WATCH_INTERVAL)
+                    break
+                except subprocess.TimeoutExpired:
+                    if time.perf_counter() - started > timeout:
+                        timed_out = True
+                        _remember(proc.pid, seen)
+                        proc.kill()
+                        proc.wait()
+                        break
+        wall = time.perf_counter() - started
+        leaked = _reap(seen.values(), grace=0.0 if timed_out else GRACE)
+        tail = err_path.read_text(errors="replace")[-2000:]
+        if timed_out:
+            return Outcome("timeout", wall_s=wall, leaked=leaked, stderr_tail=tail)
+        if not out_path.exists():
+            return Outcome("crashed", {"returncode": proc.returncode}, wall, leaked, tail)
+        data = json.loads(out_path.read_text())
+        return Outcome("error" if "error" in data else "ok", data, wall, leaked, tail)
+
+
+def _remember(pid: int, seen: dict[int, psutil.Process]) -> None:
+    try:
+        for child in psutil.Process(pid).children(recursive=True):
+            seen.setdefault(child.pid, child)
+    except psutil.Error:
+        pass
+
+
+def _reap(processes: Any, grace: float) -> list[str]:
+    """Wait ``grace`` seconds for the processes to exit; kill and name the ones that don't."""
+    alive = [p for p in processes if _alive(p)]
+    if alive and grace:
+        _, alive = psutil.wait_procs(alive, timeout=grace)
+    leaked = []
+    for proc in alive:
+        try:
+            leaked.append(f"{proc.pid} {' '.join(proc.cmdline())[:120]}")
+            proc.kill()
+        except psutil.Error:
+            continue
+    psutil.wait_procs(alive, timeout=2)
+    return leaked
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE  # is_running checks the PID wasn't reused
+    except psutil.Error:
+        return False
+
+
+def emit(data: dict[str, Any]) -> None:
+    """Child side: hand the result to the parent."""
+    Path(os.environ[OUT_ENV]).write_text(json.dumps(data))
+
+
+def med(values: list[float]) -> float | None:
+    return median(values) if values else None
+
+
+def memory(pid: int) -> dict[str, int]:
+    """USS, PSS and RSS of one process, in bytes (empty if it is gone)."""
+    try:
+        info = psutil.Process(pid).memory_full_info()
+    except psutil.Error:
+        return {}
+    return {"uss": info.uss, "pss": getattr(info, "pss", 0), "rss": info.rss}
+
+
+def machine_info() -> dict[str, Any]:
+    """Where and with what the run happened, for RESULTS.md."""
+    versions: dict[str, str] = {}
+    for module in ("nbparallel", "numpy", "cloudpickle", "psutil", "joblib", "mpire", "dask", "distributed"):
+        try:
+            versions[module] = __import__(module).__version__
+        except Exception:  # not installed: the peer's rows will say so
+            versions[module] = "missing"
+    try:
+        from joblib.externals import loky
+
+        versions["loky"] = loky.__version__
+    except Exception:
+        pass
+    try:
+        from nbparallel.config import usable_cpus
+
+        usable = usable_cpus()
+    except Exception:
+        usable = os.cpu_count() or 1
+    cpu_model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "cpus": os.cpu_count(),
+        "usable_cpus": usable,
+        "cpu_model": cpu_model,
+        "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": versions,
+        "load_avg": list(os.getloadavg()),
+    }

@@ -1,0 +1,395 @@
+"""The IPython extension: ``%%parallel``, ``%nbparallel`` and ``load_ipython_extension``.
+
+The only module that imports IPython. A thin layer over the public API: a ``--map`` cell is one
+``api.map`` call, a ``--bg`` cell one ``submit``. Turning the cell into something a worker runs is
+``cellcode``'s job; what a ``--map`` cell stores is a ``results.Results``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import sys
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future
+from types import SimpleNamespace
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class, no_var_expand
+from IPython.core.magic_arguments import argument, magic_arguments
+
+from . import api, cellcode, config
+from . import serialization as ser
+from .cellargs import combine, evaluate_maps, split_line
+from .errors import Interrupted, NbParallelError
+from .futures import submit
+from .output import _current_parent, _kernel_shell
+from .results import MISSING, Result, Results
+
+__all__ = ["DEFAULT_OUT", "MISSING", "ParallelMagics", "load_ipython_extension", "unload_ipython_extension"]
+
+#: Where a ``--map`` cell stores its ``Results`` when ``--out`` is not given.
+DEFAULT_OUT = "_parallel"
+
+
+class CellOutput:
+    """Publishes into the cell that was running when this was made, from any thread later.
+
+    In a kernel it sends iopub messages with that cell's parent header (the way ``output.py``
+    routes worker prints); elsewhere (terminal IPython, a script) it prints.
+    """
+
+    def __init__(self) -> None:
+        shell = _kernel_shell()
+        self.kernel = shell.kernel if shell is not None else None
+        self.parent = _current_parent(shell) if shell is not None else None
+        self.display_id = uuid.uuid4().hex
+
+    def _send(self, msg_type: str, content: dict[str, Any]) -> bool:
+        if self.kernel is None or self.parent is None:
+            return False
+        self.kernel.session.send(self.kernel.iopub_socket, msg_type, content, parent=self.parent,
+                                 ident=msg_type.encode())
+        return True
+
+    def status(self, text: str, *, update: bool = False) -> None:
+        """Show (or replace) this cell's one-line status."""
+        content = {"data": {"text/plain": text}, "metadata": {}, "transient": {"display_id": self.display_id}}
+        if not self._send("update_display_data" if update else "display_data", content):
+            print(text, flush=True)
+
+    def stream(self, name: str, text: str) -> None:
+        if not self._send("stream", {"name": name, "text": text}):
+            print(text, end="", file=sys.stderr if name == "stderr" else sys.stdout, flush=True)
+
+    def error(self, error: BaseException) -> None:
+        """The error as the cell's error output: the remote traceback for a task error."""
+        render = getattr(error, "_render_traceback_", None)
+        lines = render() if render is not None else traceback.format_exception_only(type(error), error)
+        original = getattr(error, "exception", error)  # a TaskError names the type the cell raised
+        content = {"ename": type(original).__name__, "evalue": str(original), "traceback": lines}
+        if not self._send("error", content):
+            print("\n".join(line.rstrip("\n") for line in lines), file=sys.stderr, flush=True)
+
+
+class BackgroundJob:
+    """One ``%%parallel --bg`` cell: its future, and where its names and output go."""
+
+    def __init__(self, number: int, cell: str, namespace: dict[str, Any], out: str | None) -> None:
+        self.number = number
+        self.first_line = next((line.strip() for line in cell.splitlines() if line.strip()), "")
+        self.namespace = namespace
+        self.out = out
+        self.cell = CellOutput()
+        self.started = time.monotonic()
+        self.ended: float | None = None
+        self.state = "running"  # then "done", "failed" or "cancelled"
+        self.assigned: list[str] = []
+        self.error: BaseException | None = None
+        self.finished = threading.Event()  # set after the names are in place, unlike the future
+        self.future: Future[Any] | None = None
+
+    def describe(self) -> str:
+        seconds = (self.ended or time.monotonic()) - self.started
+        text = f"nbparallel job {self.number}: {self.state} ({seconds:.1f} s)"
+        if self.state == "done":
+            where = f" into {self.out}" if self.out else ""
+            text += f"; assigned{where}: {', '.join(self.assigned) or 'nothing'}"
+        elif self.state == "failed" and self.error is not None:
+            text += f": {type(self.error).__name__}"
+        return text
+
+    def finish(self, future: Future[Any]) -> None:
+        """Done callback (the client's reader thread, or the caller of cancel)."""
+        try:
+            if future.cancelled():
+                self.state = "cancelled"
+            elif (error := future.exception()) is not None:
+                self.state, self.error = "failed", error
+                self.cell.error(error)
+            else:
+                blob, skipped = future.result()
+                names: dict[str, Any] = ser.loads(blob)
+                if self.out:
+                    self.namespace[self.out] = SimpleNamespace(**names)
+                else:
+                    self.namespace.update(names)
+                self.assigned = list(names)
+                for name, why in skipped.items():
+                    self.cell.stream("stderr", f"nbparallel: {name} was not copied back: {why}\n")
+                self.state = "done"
+        except BaseException as exc:  # an exception here would only reach a logger
+            self.state, self.error = "failed", exc
+            self.cell.error(exc)
+        finally:
+            self.ended = time.monotonic()
+            self.cell.status(self.describe(), update=True)
+            self.finished.set()
+
+
+_jobs: dict[int, BackgroundJob] = {}
+_job_numbers = itertools.count(1)
+
+
+def _running_jobs() -> list[BackgroundJob]:
+    return [job for job in _jobs.values() if not job.finished.is_set()]
+
+
+def _cancel_running() -> None:
+    for job in _running_jobs():
+        if job.future is not None:
+            job.future.cancel()
+
+
+def _map_accepts_progress() -> bool:
+    # Another change adds ``progress=`` to map; pass it only once it exists.
+    return "progress" in inspect.signature(api.map).parameters
+
+
+# The %%parallel options, for IPython's magic_arguments (which makes the usage text of ``%%parallel?``).
+OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
+    (("--map",), dict(action="append", default=[], metavar="NAME=EXPR",
+                      help="run the cell once per value of EXPR, with NAME set to it; several --map make a grid")),
+    (("--zip",), dict(action="store_true", help="pair the --map values instead of taking every combination")),
+    (("--out",), dict(metavar="VAR", help=f"store the results in VAR (default: {DEFAULT_OUT}, and shown)")),
+    (("-n", "--workers"), dict(type=int, metavar="N", help="run at most N at once (default: the whole pool)")),
+    (("--errors",), dict(choices=("raise", "return"), default="raise",
+                         help="raise: stop at the first failure; return: keep the exception as that run's value")),
+    (("--no-progress",), dict(action="store_true", help="show no progress display")),
+    (("--bg",), dict(action="store_true",
+                     help="run the cell once, in the background; its variables come back when it finishes")),
+]
+
+
+def _add_options(magic: Callable[..., Any]) -> Any:
+    """Apply magic_arguments' decorators by hand: they are untyped, and each one only records
+    itself on the function, so the function object is changed in place."""
+    add_argument: Any = argument
+    make_parser: Any = magic_arguments
+    setattr(magic, "argcmd_name", "%parallel")  # the usage line then reads "%%parallel"
+    for names, options in reversed(OPTIONS):
+        add_argument(*names, **options)(magic)
+    make_parser()(magic)
+    return getattr(magic, "parser")
+
+
+@magics_class
+class ParallelMagics(Magics):
+    """``%%parallel`` and ``%nbparallel``."""
+
+    @property
+    def namespace(self) -> dict[str, Any]:
+        """The notebook's variables."""
+        assert self.shell is not None  # IPython sets it when it registers the magics
+        return self.shell.user_ns  # type: ignore[no-any-return]
+
+    @no_var_expand  # "{...}" in an EXPR is Python, not a template
+    @cell_magic
+    def parallel(self, line: str, cell: str) -> Results | None:
+        """Run the cell in nbparallel's workers: once per parameter value, or once in the background.
+
+        ``--map NAME=EXPR``: EXPR is evaluated in the notebook and the cell runs once per value, in
+        parallel, with NAME set to it. Several ``--map`` make a grid (every combination, the last
+        one varying fastest); ``--zip`` pairs them instead. EXPR may contain spaces inside brackets.
+
+        The notebook variables the cell reads are found by analysing the cell and sent once per
+        call (modules by name: the worker imports them). Reading a name that exists nowhere is an
+        error before anything runs. Assignments inside the cell stay in the worker.
+
+        The value of the cell's last expression in each run is collected, in input order, into a
+        ``Results`` (a list of ``Result(params, value)``; ``.values``, ``.records()``,
+        ``.to_dataframe()``) stored in VAR, or in ``_parallel`` and shown when ``--out`` is missing.
+        If the stop button or a failure ends the call early, the results so far are stored and
+        runs that never finished hold ``nbparallel.results.MISSING``.
+
+        ``--bg``: the cell runs once, in a worker, and this cell returns at once. When it ends, the
+        names it assigned are copied into the notebook (or into VAR as a SimpleNamespace); its
+        output and any traceback appear under this cell. See ``%nbparallel jobs | cancel | wait``.
+        """
+        args = self._parse(line)
+        assert self.shell is not None
+        source = self.shell.input_transformer_manager.transform_cell(cell)
+        try:
+            code = cellcode.analyse(source)
+            if args.bg:
+                self._background(args, code, cell)
+                return None
+            return self._map(args, code)
+        except cellcode.CellError as exc:
+            raise UsageError(f"%%parallel: {exc}") from None
+
+    def _parse(self, line: str) -> Any:
+        try:
+            tokens = split_line(line)
+        except cellcode.CellError as exc:
+            raise UsageError(f"%%parallel: {exc}") from None
+        try:
+            args = _PARSER.parse_args(tokens)
+        except UsageError as exc:  # argparse's message, e.g. "unrecognized arguments: --bogus"
+            raise UsageError(f"%%parallel: {exc}") from None
+        if args.out is not None and not args.out.isidentifier():
+            raise UsageError(f"%%parallel: --out needs a variable name, got {args.out!r}")
+        if args.bg and (args.map or args.zip or args.workers is not None):
+            raise UsageError("%%parallel: --bg runs the cell once; --map, --zip and -n do not apply to it")
+        if not args.bg and not args.map:
+            raise UsageError("%%parallel: say what to run: --map NAME=EXPR (once per value) or --bg")
+        if args.workers is not None:
+            try:
+                config.resolve_workers(args.workers)
+            except ValueError as exc:
+                raise UsageError(f"%%parallel: -n {args.workers}: {exc}") from None
+        return args
+
+    def _map(self, args: Any, code: cellcode.CellCode) -> Results | None:
+        namespace = self.namespace
+        params = evaluate_maps(args.map, namespace)
+        names, items = combine(params, zipped=args.zip)
+        runner = cellcode.CellRunner(code.source, code.filename, names, cellcode.capture(code, namespace, names))
+        packed = cellcode.pack(runner)
+        options: dict[str, Any] = {"workers": args.workers, "errors": args.errors}
+        if args.no_progress and _map_accepts_progress():
+            options["progress"] = False
+        out = args.out or DEFAULT_OUT
+
+        def results(values: Callable[[int], Any]) -> Results:
+            return Results((Result(dict(zip(names, item)), values(i)) for i, item in enumerate(items)), names)
+
+        try:
+            values = api.map(packed, items, **options)
+        except (Interrupted, NbParallelError) as error:
+            completed = error.completed
+            namespace[out] = results(lambda i: completed.get(i, MISSING))
+            print(f"nbparallel: stopped; {len(completed)} of {len(items)} results kept in {out} "
+                  "(the others are MISSING)", file=sys.stderr, flush=True)
+            raise
+        namespace[out] = stored = results(values.__getitem__)
+        return None if args.out else stored
+
+    def _background(self, args: Any, code: cellcode.CellCode, cell: str) -> None:
+        captured = cellcode.capture(code, self.namespace)
+        runner = cellcode.CellRunner(code.source, code.filename, (), captured, mode="names", assigns=code.assigns)
+        packed = cellcode.pack(runner)
+        job = BackgroundJob(next(_job_numbers), cell, self.namespace, args.out)
+        job.cell.status(job.describe())
+        job.future = submit(packed)
+        _jobs[job.number] = job
+        job.future.add_done_callback(job.finish)
+
+    @line_magic
+    def nbparallel(self, line: str) -> None:
+        """Manage nbparallel's pool and background jobs.
+
+        %nbparallel status       the sidecar's PID and memory; each worker's state and memory
+        %nbparallel workers N    resize the pool to N workers (-1: all CPUs)
+        %nbparallel restart      stop the pool and start a fresh one
+        %nbparallel stop         stop the pool (the next call starts it again)
+        %nbparallel jobs         list the %%parallel --bg jobs
+        %nbparallel cancel ID    stop background job ID
+        %nbparallel wait [ID]    wait for background job ID (default: all), and raise if it failed
+        """
+        words = line.split()
+        command, rest = (words[0], words[1:]) if words else ("", [])
+        handler = getattr(self, f"_cmd_{command}", None)
+        if handler is None:
+            raise UsageError(f"%nbparallel: unknown command {command!r}; one of: status, workers N, restart, "
+                             "stop, jobs, cancel ID, wait [ID]")
+        handler(rest)
+
+    def _cmd_status(self, rest: list[str]) -> None:
+        print(format_status(api.status()))
+
+    def _cmd_workers(self, rest: list[str]) -> None:
+        try:
+            count = int(rest[0]) if len(rest) == 1 else None
+            if count is None:
+                raise ValueError("give one number")
+            api.configure(workers=count)
+        except (ValueError, TypeError) as exc:
+            raise UsageError(f"%nbparallel workers N: {exc}") from None
+        print(f"nbparallel: the pool has {config.resolve_workers(count)} workers")
+
+    def _cmd_restart(self, rest: list[str]) -> None:
+        _cancel_running()
+        api.shutdown()
+        print(f"nbparallel: restarted (sidecar pid {api.start()})")
+
+    def _cmd_stop(self, rest: list[str]) -> None:
+        _cancel_running()
+        api.shutdown()
+        print("nbparallel: stopped; the next parallel call starts the pool again")
+
+    def _cmd_jobs(self, rest: list[str]) -> None:
+        if not _jobs:
+            print("nbparallel: no background jobs")
+        for job in _jobs.values():
+            print(f"{job.describe()}  | {job.first_line[:50]}")
+
+    def _job(self, word: str) -> BackgroundJob:
+        job = _jobs.get(int(word)) if word.isdigit() else None
+        if job is None:
+            raise UsageError(f"%nbparallel: no background job {word!r} (see %nbparallel jobs)")
+        return job
+
+    def _cmd_cancel(self, rest: list[str]) -> None:
+        if len(rest) != 1:
+            raise UsageError("%nbparallel cancel ID: give one job number (see %nbparallel jobs)")
+        job = self._job(rest[0])
+        if job.future is not None and job.future.cancel():
+            print(f"nbparallel: job {job.number} cancelled")
+        else:
+            print(f"nbparallel: job {job.number} had already ended ({job.state})")
+
+    def _cmd_wait(self, rest: list[str]) -> None:
+        jobs = [self._job(word) for word in rest] if rest else list(_jobs.values())
+        for job in jobs:
+            while not job.finished.wait(0.1):  # short waits keep the stop button working
+                pass
+            print(job.describe())
+        for job in jobs:
+            if job.state == "failed" and job.error is not None:
+                raise job.error
+
+
+_PARSER = _add_options(ParallelMagics.parallel)
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """``api.status()`` as a few lines of text."""
+
+    def mib(value: Any) -> str:
+        return f"{value / 2**20:.1f} MiB" if isinstance(value, (int, float)) and value else "-"
+
+    workers = status.get("workers", [])
+    lines = [f"nbparallel sidecar pid {status.get('pid')}, {mib(status.get('rss'))}; {len(workers)} workers; "
+             f"{status.get('queued', 0)} items queued; {status.get('jobs', 0)} jobs"]
+    lines.append(f"  {'pid':>7}  {'state':<9} {'job':>4} {'item':>6} {'memory':>10} {'done':>6}")
+    for w in workers:
+        job = "-" if w.get("job") is None else w["job"]
+        item = "-" if w.get("index") is None else w["index"]
+        lines.append(f"  {w.get('pid'):>7}  {w.get('state', '?'):<9} {job:>4} {item:>6} {mib(w.get('rss')):>10} "
+                     f"{w.get('tasks_done', 0):>6}")
+    return "\n".join(lines)
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """``%load_ext nbparallel``: register the magics and start the sidecar now, before data is loaded."""
+    ipython.register_magics(ParallelMagics)
+    try:
+        api.start()
+    except NbParallelError as exc:  # the magics still work; the next call tries again
+        print(f"nbparallel: the sidecar did not start: {exc}", file=sys.stderr)
+
+
+def unload_ipython_extension(ipython: Any) -> None:
+    """``%unload_ext nbparallel``: cancel background jobs, remove the magics, stop the sidecar."""
+    _cancel_running()
+    magics = ipython.magics_manager.magics
+    magics["cell"].pop("parallel", None)
+    magics["line"].pop("nbparallel", None)
+    ipython.magics_manager.registry.pop(ParallelMagics.__name__, None)
+    api.shutdown()

@@ -1,0 +1,130 @@
+"""Every examples/*.ipynb runs clean, headless, through scripts/run_notebook.py (the demo's code path).
+
+Each notebook is executed in a fresh "python3" kernel on this interpreter; no cell may raise, and the
+lines that show the notebook computed the right thing must be among its outputs. The notebooks are
+stored without outputs, and the runner's command line exits non-zero when a cell fails.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import nbformat
+import pytest
+from nbformat.v4 import new_code_cell, new_notebook
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = sorted((ROOT / "examples").glob("*.ipynb"))
+SCRIPT = ROOT / "scripts" / "run_notebook.py"
+
+
+def load_runner() -> ModuleType:
+    """scripts/run_notebook.py, imported by path (scripts/ is not a package); shared with test_kernel."""
+    name = "nbparallel_scripts_run_notebook"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, SCRIPT)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up here
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+# What each notebook must print (a notebook not listed here only has to run without an error).
+EXPECTED: dict[str, list[str]] = {
+    "quickstart.ipynb": [
+        "[item 0] worker ",  # a worker's print, tagged, in the cell that ran the map
+        "matches serial: True",
+        "all there: True",
+        "powers of two: [1, 2, 4, 8, 16, 32]",
+        "0.0 -> failed: log of non-positive number 0.0",
+        "caught a TaskError; also a ValueError: True",
+        "item 3: WorkerCrashed (exit code 3)",
+        "item 5: WorkerCrashed (signal SIGSEGV)",
+        "item 7: 70",  # the items after the crashes still ran
+        "next call works: True",
+        "== [sidecar]: True",
+    ],
+}
+# Lines that must appear a given number of times (each serial check separately).
+COUNTS: dict[str, dict[str, int]] = {"quickstart.ipynb": {"matches serial: True": 2}}
+
+
+def test_there_are_examples() -> None:
+    assert any(path.name == "quickstart.ipynb" for path in EXAMPLES)
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[path.name for path in EXAMPLES])
+def test_notebook_is_stored_clean(path: Path) -> None:
+    """Outputs cleared (the tests produce them) and the standard kernel named."""
+    notebook = nbformat.read(path, as_version=4)  # type: ignore[no-untyped-call]
+    nbformat.validate(notebook)
+    assert notebook.metadata["kernelspec"]["name"] == "python3"
+    for index, cell in enumerate(notebook.cells):
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, f"cell {index} has stored output"
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("path", EXAMPLES, ids=[path.name for path in EXAMPLES])
+def test_notebook_runs_and_prints_what_it_should(path: Path) -> None:
+    runner = load_runner()
+    run = runner.execute_notebook(path)
+    shown = "\n".join(
+        runner.describe_cell(index, cell) for index, cell in enumerate(run.notebook.cells) if cell.cell_type == "code"
+    )
+    assert run.failure is None, f"{type(run.failure).__name__}: {run.failure}\n{shown}"
+    assert runner.error_cells(run.notebook) == [], shown
+    text = "\n".join(runner.cell_text(cell) for cell in run.notebook.cells if cell.cell_type == "code")
+    for line in EXPECTED.get(path.name, []):
+        assert line in text, f"{line!r} missing from the output:\n{shown}"
+    for line, count in COUNTS.get(path.name, {}).items():
+        assert text.count(line) == count, f"{line!r} should appear {count} times:\n{shown}"
+    assert "False" not in "\n".join(line for line in text.splitlines() if "matches serial" in line)
+    # A loose guard against an example growing slow; it runs in a few seconds on two free cores.
+    assert run.seconds < 120, f"{path.name} took {run.seconds:.0f} s"
+
+
+def _write_notebook(path: Path, *sources: str) -> None:
+    notebook = new_notebook(  # type: ignore[no-untyped-call]
+        cells=[new_code_cell(source) for source in sources],  # type: ignore[no-untyped-call]
+        metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+    )
+    nbformat.write(notebook, path)  # type: ignore[no-untyped-call]
+
+
+def _run_script(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), str(path)], capture_output=True, text=True, timeout=240, cwd=ROOT
+    )
+
+
+@pytest.mark.timeout(300)
+def test_script_prints_each_cell_and_uses_this_python_in_the_notebook_folder(tmp_path: Path) -> None:
+    notebook = tmp_path / "tiny.ipynb"
+    _write_notebook(
+        notebook,
+        "import os, sys\nprint('executable:', sys.executable)\nprint('cwd:', os.getcwd())",
+        "import nbparallel\nnbparallel.map(lambda x: x * 3, range(4))",
+    )
+    done = _run_script(notebook)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"executable: {sys.executable}\n" in done.stdout  # not some system-wide "python3" kernel
+    assert f"cwd: {tmp_path.resolve()}\n" in done.stdout
+    assert "[0, 3, 6, 9]" in done.stdout  # an execute_result's text/plain
+    assert "OK: 2 code cells" in done.stdout
+
+
+@pytest.mark.timeout(300)
+def test_script_exits_non_zero_and_names_the_error_when_a_cell_fails(tmp_path: Path) -> None:
+    notebook = tmp_path / "broken.ipynb"
+    _write_notebook(notebook, "print('before')", "raise ValueError('boom')", "print('never runs')")
+    done = _run_script(notebook)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "before" in done.stdout
+    assert "ValueError: boom" in done.stdout
+    assert "never runs" not in done.stdout
+    assert "FAILED" in done.stderr and "cell 1 (ValueError: boom)" in done.stderr
