@@ -48,7 +48,7 @@ def split_line(line: str) -> list[str]:
         raise CellError(f"unbalanced {'quote' if quote else 'bracket'} in {line.strip()!r}")
     if word:
         words.append("".join(word))
-    return [w[1:-1] if len(w) >= 2 and w[0] == w[-1] and w[0] in "'\"" and "=" in w else w for w in words]
+    return [w[1:-1] if len(w) >= 2 and w[0] == w[-1] in "'\"" and w[0] not in w[1:-1] else w for w in words]
 
 
 def evaluate_maps(specs: list[str], namespace: Mapping[str, Any]) -> list[tuple[str, list[Any]]]:

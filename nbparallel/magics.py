@@ -92,6 +92,7 @@ class BackgroundJob:
         self.assigned: list[str] = []
         self.error: BaseException | None = None
         self.finished = threading.Event()  # set after the names are in place, unlike the future
+        self.waited = False  # reported by %nbparallel wait
         self.future: Future[Any] | None = None
 
     def describe(self) -> str:
@@ -290,7 +291,7 @@ class ParallelMagics(Magics):
         %nbparallel stop         stop the pool (the next call starts it again)
         %nbparallel jobs         list the %%parallel --bg jobs
         %nbparallel cancel ID    stop background job ID
-        %nbparallel wait [ID]    wait for background job ID (default: all), and raise if it failed
+        %nbparallel wait [ID]    wait for job ID (default: every job not waited for yet); raise if it failed
         """
         words = line.split()
         command, rest = (words[0], words[1:]) if words else ("", [])
@@ -345,10 +346,15 @@ class ParallelMagics(Magics):
             print(f"nbparallel: job {job.number} had already ended ({job.state})")
 
     def _cmd_wait(self, rest: list[str]) -> None:
-        jobs = [self._job(word) for word in rest] if rest else list(_jobs.values())
+        # By default every job no earlier wait has reported: one that ended before this cell ran
+        # still counts, so a notebook run top to bottom never misses a failure.
+        jobs = [self._job(word) for word in rest] if rest else [j for j in _jobs.values() if not j.waited]
+        if not jobs:
+            print("nbparallel: no background job to wait for")
         for job in jobs:
             while not job.finished.wait(0.1):  # short waits keep the stop button working
                 pass
+            job.waited = True
             print(job.describe())
         for job in jobs:
             if job.state == "failed" and job.error is not None:

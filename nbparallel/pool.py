@@ -40,9 +40,9 @@ class Chunk:
 class WorkerProcess:
     """One worker: its process, its socket, its slot, and the chunks sent to it."""
 
-    def __init__(self, preload: list[str], env: dict[str, str]) -> None:
+    def __init__(self, preload: list[str], env: dict[str, str], tmpdir: str) -> None:
         parent, child = socket.socketpair()
-        with tempfile.TemporaryFile() as slot_file:  # unlinked at once: nothing left on disk
+        with tempfile.TemporaryFile(dir=tmpdir) as slot_file:  # unlinked at once: nothing left on disk
             slot_file.truncate(SLOT.size)
             self.slot = mmap.mmap(slot_file.fileno(), SLOT.size)
             SLOT.pack_into(self.slot, 0, -1, -1, 0.0)

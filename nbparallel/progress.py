@@ -50,12 +50,12 @@ class Renderer(Protocol):
     def finish(self, snap: Snapshot) -> None: ...
 
 
-def poll_workers(client: Client | None) -> list[dict[str, Any]] | None:
+def poll_workers(client: Client | None, timeout: float = 2.0) -> list[dict[str, Any]] | None:
     """The sidecar's worker list, or None if it cannot answer now."""
-    if client is None or client.dead is not None:
-        return None
+    if client is None or client.dead is not None or threading.current_thread() is client.reader:
+        return None  # (the reader thread would wait for the very reply it has to read)
     try:
-        workers = client.request({"op": "status"}, timeout=2.0).get("workers")
+        workers = client.request({"op": "status"}, timeout=timeout).get("workers")
     except Exception:  # a dying sidecar, a timeout: the lanes just stay as they were
         return None
     return list(workers) if isinstance(workers, list) else None
@@ -219,8 +219,9 @@ class RunProgress:
         if batch.errors:
             self.model.add_errors(batch.errors, lambda index: f"item {index:,}")
             for index, error in batch.errors.items():
-                if isinstance(getattr(error, "pid", None), int):  # its worker died (crash, memory)
-                    self.lanes.note_crash(error.pid, f"item {index:,}")
+                pid = getattr(error, "pid", None)
+                if isinstance(pid, int):  # its worker died (a crash, the memory limit)
+                    self.lanes.note_crash(pid, f"item {index:,}")
         self.model.set_counts(run.done, run.failed, run.next_index if run.exhausted else run.total)
         if self.cancel_pending:  # Cancel was clicked while another thread was consuming the imap
             self.cancel_pending = False
@@ -231,6 +232,8 @@ class RunProgress:
 
     def finished(self, run: MapRun, state: str) -> None:
         self.model.set_counts(run.done, run.failed, run.next_index if run.exhausted else run.total)
+        if self.driver is not None and self.driver.shown and self.driver.poll is not None:
+            self._poll(timeout=0.5)  # final task counts per worker; quick, the sidecar is idle now
         self.model.finish(state)
         if self.driver is not None:
             elapsed = time.monotonic() - self.model.started
@@ -250,9 +253,9 @@ class RunProgress:
                 pass
         self.cancel_pending = True
 
-    def _poll(self) -> None:
+    def _poll(self, timeout: float = 2.0) -> None:
         run = self.run
-        workers = poll_workers(run.client if run is not None else None)
+        workers = poll_workers(run.client if run is not None else None, timeout)
         if workers is None or run is None:
             return
         job = run.job
@@ -289,12 +292,12 @@ def attach(observer: RunProgress | None, iterator: Iterator[Any]) -> Iterator[An
     return iterator
 
 
-def track_future(future: Any, description: str | None = None, *, progress: bool | None = None) -> Any:
+def track_future(future: Any, description: str | None = None, *, progress: bool | None = None) -> None:
     """Show a call running in the background (``submit``, ``%%parallel --bg``) with a Cancel button.
 
     Futures tracked from one cell share one widget. Outside a kernel this does nothing: a text bar
-    would be drawn under the user's prompt. Returns the group's tracker, or None.
+    would be drawn under the user's prompt. Tracking a future twice is harmless.
     """
     from .tracking import track
 
-    return track(future, description, progress=progress)
+    track(future, description, progress=progress)

@@ -219,17 +219,21 @@ class ProgressModel:
         finished = self.done + self.failed
         clock = format_duration(elapsed)
         workers = f"{self.workers} worker{'' if self.workers == 1 else 's'}" if self.workers else ""
-        extra = [f"{format_count(self.failed)} failed"] if self.failed else []
-        if self.cancelled:
-            extra.append(f"{format_count(self.cancelled)} cancelled")
-        of = f" of {format_count(self.total)}" if self.total is not None else ""
-        if self.state == "running":
-            parts = [f"running · {format_count(finished)}{of} {self.unit} · {clock}", *extra]
-        elif self.state == "done":
-            parts = [f"{format_count(finished)} {self.unit} in {clock}", workers, *extra]
+        failed = f"{format_count(self.failed)} failed" if self.failed else ""
+        if self.total is None:
+            count = f"{format_count(finished)} {self._unit(finished)}"
         else:
-            parts = [f"{self.state} after {format_count(finished)}{of} {self.unit} · {clock}", workers, *extra]
+            count = f"{format_count(finished)} of {format_count(self.total)} {self._unit(self.total)}"
+        if self.state == "running":
+            parts = [f"running · {count} · {clock}", failed]
+        elif self.state == "done":
+            parts = [f"{format_count(finished)} {self._unit(finished)} in {clock}", workers, failed]
+        else:  # "failed after 32 of 60 items in 1.6 s", "cancelled after ..."
+            parts = [f"{self.state} after {count} in {clock}", workers, failed]
         return " · ".join(part for part in parts if part)
+
+    def _unit(self, n: int | None) -> str:
+        return self.unit if n != 1 else self.unit.removesuffix("s")
 
 
 class LaneBook:

@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import os
 import selectors
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -91,6 +93,8 @@ class Sidecar:
         self.preload: list[str] = []
         self.env = dict(os.environ)
         self.running = True
+        # Our own files live here (mode 0700), and the directory goes when the sidecar does.
+        self.tmpdir = tempfile.mkdtemp(prefix="nbparallel-")
         self.last_sample = 0.0
         self.rss_peak = 0
 
@@ -246,6 +250,7 @@ class Sidecar:
                 "workers": [w.describe() for w in self.workers.values() if not w.retiring],
                 "queued": sum(len(job.queue) for job in self.jobs.values()),
                 "jobs": len(self.jobs),
+                "tmpdir": self.tmpdir,
             }
         )
 
@@ -275,7 +280,7 @@ class Sidecar:
                 extra -= 1
 
     def spawn(self) -> None:
-        worker = WorkerProcess(self.preload, self.env)
+        worker = WorkerProcess(self.preload, self.env, self.tmpdir)
         self.workers[worker.pid] = worker
         self.selector.register(worker.channel.sock, selectors.EVENT_READ, worker)
 
@@ -436,6 +441,7 @@ class Sidecar:
             except Exception:
                 pass
         self.kernel.close()
+        shutil.rmtree(self.tmpdir, ignore_errors=True)
 
 
 def main(argv: list[str]) -> None:

@@ -86,6 +86,8 @@ class FutureGroup:
                 if group is self:
                     del _groups[key]
         model = self.model
+        if self.driver.shown:
+            self._poll()  # final task counts (skipped on the reader thread, which cannot wait for it)
         if model.cancelled or self.cancel_clicked:
             state = "cancelled"
         elif model.failed and not model.done:

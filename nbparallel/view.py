@@ -26,15 +26,17 @@ class Publisher:
     """Puts a display in the cell that was running when this object was made.
 
     A call shows its widget from a helper thread a second after it starts. Sending the display with
-    the cell's parent header saved at the start keeps it in that cell, whatever ran since.
+    the cell's parent header saved at the start keeps it in that cell, whatever ran since. The final
+    update goes out with the parent of the cell running *now* (it finds the display by its id), as
+    nbclient records only messages about the cell it is executing.
     """
 
     def __init__(self) -> None:
         from .output import _current_parent, _kernel_shell
 
-        shell = _kernel_shell()
-        self.kernel = getattr(shell, "kernel", None)
-        self.parent = _current_parent(shell) if shell is not None else None
+        self.shell = _kernel_shell()
+        self.kernel = getattr(self.shell, "kernel", None)
+        self.parent = _current_parent(self.shell) if self.shell is not None else None
         self.display_id = uuid.uuid4().hex
 
     def publish(self, widget: ProgressWidget, update: bool) -> None:
@@ -47,13 +49,18 @@ class Publisher:
             else:
                 display(widget, display_id=self.display_id)  # type: ignore[no-untyped-call]
             return
+        parent = self.parent
+        if update:
+            from .output import _current_parent
+
+            parent = _current_parent(self.shell) or parent
         bundle = widget._repr_mimebundle_()
         data, metadata = bundle if isinstance(bundle, tuple) else (bundle, {})
         kernel.session.send(
             kernel.iopub_socket,
             "update_display_data" if update else "display_data",
             {"data": data, "metadata": metadata or {}, "transient": {"display_id": self.display_id}},
-            parent=self.parent,
+            parent=parent,
         )
 
 

@@ -133,3 +133,12 @@ def test_worker_print_and_logging_reach_the_caller_tagged(script_env: dict[str, 
         assert f"[item {x}] careful with {x}" in done.stderr
         assert f"[item {x}] to stderr {x}" in done.stderr
     assert "RESULT [0, 1, 2]" in done.stdout
+
+
+@pytest.mark.timeout(60)
+def test_shutdown_removes_the_private_directory(script_env: dict[str, str]) -> None:
+    code = "import nbparallel, os\nd = nbparallel.status()['tmpdir']\nprint(os.path.isdir(d))\nnbparallel.shutdown()\nprint(d)\n"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=script_env, timeout=60)
+    existed, path = done.stdout.split()
+    assert existed == "True"
+    assert not os.path.exists(path)

@@ -7,6 +7,7 @@ which run a tiny cell for real to check what lands in the namespace.
 from __future__ import annotations
 
 import pickle
+import re
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -256,3 +257,32 @@ def test_out_stores_quietly_and_failures_keep_finished_values(ip: Any) -> None:
     with pytest.raises(ZeroDivisionError):
         ip.run_cell_magic("parallel", "--map a=[1, 0] --out partial -n 1", "6 // a")
     assert ip.user_ns["partial"].values == [6, MISSING]
+
+
+def test_pool_commands(ip: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    ip.run_line_magic("nbparallel", "workers 1")
+    assert "the pool has 1 workers" in capsys.readouterr().out
+    first = nbparallel.api.start()
+    ip.run_line_magic("nbparallel", "restart")
+    assert f"sidecar pid {nbparallel.api.start()}" in capsys.readouterr().out and nbparallel.api.start() != first
+    ip.run_line_magic("nbparallel", "status")
+    status = capsys.readouterr().out
+    assert "1 workers" in status and len(re.findall(r"(starting|idle)", status)) == 1
+    nbparallel.configure(workers=None)
+    ip.run_line_magic("nbparallel", "stop")
+    assert client.current_client() is None
+    for line, message in [("bogus", "unknown command 'bogus'"), ("workers two", "workers N"),
+                          ("cancel 99", "no background job '99'"), ("wait x", "no background job 'x'")]:
+        with pytest.raises(UsageError, match=message):
+            ip.run_line_magic("nbparallel", line)
+
+
+def test_load_and_unload_the_extension(ip: Any) -> None:
+    try:
+        ip.run_line_magic("load_ext", "nbparallel")
+        assert client.current_client() is not None  # started at once
+        ip.run_line_magic("unload_ext", "nbparallel")
+        assert ip.find_cell_magic("parallel") is None and ip.find_line_magic("nbparallel") is None
+        assert client.current_client() is None
+    finally:
+        ip.register_magics(ParallelMagics)
