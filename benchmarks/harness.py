@@ -67,7 +67,8 @@ class Outcome:
     status: str  # "ok", "error" (it reported an exception), "timeout" or "crashed"
     data: dict[str, Any] = field(default_factory=dict)
     wall_s: float = 0.0
-    leaked: list[str] = field(default_factory=list)  # processes killed after the child ended
+    leaked: list[str] = field(default_factory=list)  # still alive GRACE s after the child ended: killed
+    killed: list[str] = field(default_factory=list)  # the child and its processes, killed on timeout
     stderr_tail: str = ""
 
     def to_json(self) -> dict[str, Any]:
@@ -110,11 +111,11 @@ def run_child(args: list[str], timeout: float) -> Outcome:
         leaked = _reap(seen.values(), grace=0.0 if timed_out else GRACE)
         tail = err_path.read_text(errors="replace")[-2000:]
         if timed_out:
-            return Outcome("timeout", wall_s=wall, leaked=leaked, stderr_tail=tail)
+            return Outcome("timeout", wall_s=wall, killed=leaked, stderr_tail=tail)
         if not out_path.exists():
-            return Outcome("crashed", {"returncode": proc.returncode}, wall, leaked, tail)
+            return Outcome("crashed", {"returncode": proc.returncode}, wall_s=wall, leaked=leaked, stderr_tail=tail)
         data = json.loads(out_path.read_text())
-        return Outcome("error" if "error" in data else "ok", data, wall, leaked, tail)
+        return Outcome("error" if "error" in data else "ok", data, wall_s=wall, leaked=leaked, stderr_tail=tail)
 
 
 def _remember(pid: int, seen: dict[int, psutil.Process]) -> None:
@@ -166,6 +167,45 @@ def memory(pid: int) -> dict[str, int]:
     return {"uss": info.uss, "pss": getattr(info, "pss", 0), "rss": info.rss}
 
 
+def cpu_seconds() -> dict[str, float]:
+    """CPU time (user + system) used so far by this process ("self") and each live descendant."""
+    me = psutil.Process()
+    out: dict[str, float] = {}
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            times = proc.cpu_times()
+        except psutil.Error:
+            continue
+        out["self" if proc.pid == me.pid else str(proc.pid)] = times.user + times.system
+    return out
+
+
+def cpu_used(before: dict[str, float], after: dict[str, float]) -> tuple[float, float]:
+    """(this process, its descendants) CPU seconds between two ``cpu_seconds`` snapshots."""
+    caller = after.get("self", 0.0) - before.get("self", 0.0)
+    helpers = sum(t - before.get(pid, 0.0) for pid, t in after.items() if pid != "self")
+    return caller, helpers
+
+
+def source_info() -> dict[str, str]:
+    """Which nbparallel was measured: its path and, from git, the commit and whether it had edits."""
+    import nbparallel
+
+    info = {"path": str(Path(nbparallel.__file__).parent)}
+    if os.environ.get("NBP_BENCH_SOURCE"):
+        info["source"] = os.environ["NBP_BENCH_SOURCE"]
+    try:
+        git = ["git", "-C", str(ROOT)]
+        info["commit"] = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                        text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run([*git, "status", "--porcelain", "--", "nbparallel"], capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+        info["engine_edits"] = "uncommitted edits in nbparallel/" if dirty else "none"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+
 def machine_info() -> dict[str, Any]:
     """Where and with what the run happened, for RESULTS.md."""
     versions: dict[str, str] = {}
@@ -204,4 +244,5 @@ def machine_info() -> dict[str, Any]:
         "platform": platform.platform(),
         "versions": versions,
         "load_avg": list(os.getloadavg()),
+        "nbparallel_source": source_info(),
     }

@@ -43,6 +43,14 @@ class Peer:
 class NbParallel(Peer):
     name = "nbparallel"
 
+    def __init__(self) -> None:
+        import inspect
+
+        import nbparallel
+
+        accepts = "progress" in inspect.signature(nbparallel.map).parameters  # older engines lack it
+        self.quiet: dict[str, Any] = {"progress": False} if accepts else {}
+
     def start(self, workers: int) -> None:
         import nbparallel
         import nbparallel.api
@@ -54,7 +62,8 @@ class NbParallel(Peer):
         import nbparallel
         import nbparallel.api
 
-        return nbparallel.map(fn, items, chunksize=chunksize or "auto")
+        # No progress display: none of the peers shows one by default either.
+        return nbparallel.map(fn, items, chunksize=chunksize or "auto", **self.quiet)
 
     def close(self) -> None:
         import nbparallel
@@ -165,7 +174,7 @@ class Mpire(Peer):
         return f"mpire-{DEFAULT_START_METHOD}"
 
     def start(self, workers: int) -> None:
-        from mpire import WorkerPool
+        from mpire import WorkerPool  # type: ignore[attr-defined]
 
         kwargs: dict[str, Any] = {"n_jobs": workers, "keep_alive": True}  # keep_alive: warm calls reuse workers
         if self.method is not None:
@@ -197,9 +206,9 @@ class Dask(Peer):
     def start(self, workers: int) -> None:
         from distributed import Client, LocalCluster
 
-        self.cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+        self.cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,  # type: ignore[no-untyped-call]
                                     dashboard_address=None)
-        self.client = Client(self.cluster)
+        self.client = Client(self.cluster)  # type: ignore[no-untyped-call]
         self.workers = workers
 
     def map(self, fn: Callable[[Any], Any], items: Sequence[Any], chunksize: int | None = None) -> list[Any]:
@@ -212,7 +221,8 @@ class Dask(Peer):
 
         # Four partitions per worker, as Pool.map chunks; from_sequence's own default (about 30
         # items per partition at 100,000 items) is four times slower still.
-        return list(db.from_sequence(items, npartitions=4 * self.workers).map(fn).compute())
+        bag = db.from_sequence(items, npartitions=4 * self.workers)  # type: ignore[no-untyped-call]
+        return list(bag.map(fn).compute())
 
     def map_arrays(self, fn: Callable[[Any], Any], arrays: Sequence[Any]) -> list[Any]:
         # Scatter first: passing big arrays straight to client.map embeds them in the task graph.

@@ -74,6 +74,8 @@ def run_scenario(module: ModuleType, opts: Options) -> list[tuple[Case, Outcome]
         outcome = run_child(case.child_args(), case.timeout)
         note = outcome.status if outcome.status != "error" else f"error: {outcome.data.get('error')}"
         leaked = f", killed {len(outcome.leaked)} leftover process(es)" if outcome.leaked else ""
+        if outcome.killed:
+            leaked = f", killed its {len(outcome.killed)} process(es)"
         print(f" {note} ({outcome.wall_s:.1f} s{leaked})", file=sys.stderr, flush=True)
         results.append((case, outcome))
     return results
@@ -87,8 +89,11 @@ def _brief(params: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> None:
     opts, chosen, out = parse(sys.argv[1:] if argv is None else argv)
     meta = machine_info()
+    source = meta["nbparallel_source"]
     print(f"nbparallel benchmarks, {meta['date']}: {meta['usable_cpus']} usable CPUs, {meta['ram_gib']} GiB, "
-          f"Python {meta['python']}, load average {meta['load_avg'][0]:.2f}", file=sys.stderr)
+          f"Python {meta['python']}, load average {meta['load_avg'][0]:.2f}; nbparallel from {source['path']} "
+          f"({source.get('commit', source.get('source', '?'))}, edits: {source.get('engine_edits', '?')})",
+          file=sys.stderr)
     record: dict[str, Any] = {"meta": meta, "options": vars(opts), "scenarios": {}}
     tables = []
     for name in chosen:

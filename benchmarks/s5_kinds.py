@@ -1,5 +1,5 @@
 """S5: which peers run functions defined in a notebook: plain functions, lambdas, closures, and
-instances of notebook-defined classes, when workers are spawned or come from a fork server.
+instances of notebook-defined classes (and, as a control, a function from an importable module), when workers are spawned or come from a fork server.
 
 A notebook's ``__main__`` has no file, so a spawned worker cannot import it to find ``double``.
 We reproduce exactly that with ``python -c CELL``: ``__main__`` has no ``__file__`` there either, so
@@ -16,7 +16,8 @@ from .harness import Case, Options, Outcome
 
 NAME = "s5_kinds"
 TITLE = "S5  notebook-defined callables under spawn / forkserver"
-KINDS = ("function", "lambda", "closure", "class")
+# "module" is the control: a function from an importable module, which every peer should run.
+KINDS = ("module", "function", "lambda", "closure", "class")
 PEERS = ("nbparallel", "pool-spawn", "pool-forkserver", "ppe-spawn", "ppe-forkserver", "joblib-loky",
          "mpire-spawn", "mpire-forkserver", "dask", "pool-fork")
 
@@ -26,6 +27,7 @@ CELL = '''
 import sys
 from benchmarks.harness import emit
 from benchmarks.peers import make_peer
+from benchmarks.tasks import tiny
 
 def double(x):
     return x * 2
@@ -39,7 +41,7 @@ class Doubler:
     def __call__(self, x):
         return x * 2
 
-CALLABLES = {"function": double, "lambda": lambda x: x * 2, "closure": make_scaler(2), "class": Doubler()}
+CALLABLES = {"module": tiny, "function": double, "lambda": lambda x: x * 2, "closure": make_scaler(2), "class": Doubler()}
 peer_name, kind = sys.argv[1], sys.argv[2]
 peer = make_peer(peer_name)
 try:
@@ -54,7 +56,10 @@ finally:
 
 
 def plan(opts: Options) -> list[Case]:
-    return [Case(NAME, peer, {"kind": kind}, opts.s5_timeout, args=["-c", CELL, peer, kind])
+    # Dask's LocalCluster alone takes 2-5 s to start on a busy machine: give it that on top,
+    # so slowness is not mistaken for a hang.
+    return [Case(NAME, peer, {"kind": kind}, opts.s5_timeout + (15 if peer == "dask" else 0),
+                 args=["-c", CELL, peer, kind])
             for peer in PEERS for kind in KINDS]
 
 
@@ -81,7 +86,7 @@ def render(results: list[tuple[Case, Outcome]], opts: Options) -> str:
     lines = []
     messages: dict[str, str] = {}
     for peer, cells in by_peer.items():
-        leaked = sum(len(o.leaked) for o in cells.values())
+        leaked = sum(len(o.leaked) for o in cells.values())  # after a clean end; hangs are killed by design
         note = f"{leaked} process(es) left behind, killed" if leaked else None
         lines.append([peer, *(verdict(cells[k]) if k in cells else None for k in KINDS), note])
         for kind, outcome in cells.items():

@@ -108,10 +108,10 @@ export function laneLabel(lane) {
  * How many lane columns fit in `width` pixels, and whether to draw compact chips instead of rows
  * (a 64-core machine should not push the bar off screen).
  */
-export function layoutLanes(count, width, minLaneWidth = 230) {
+export function layoutLanes(count, width, minLaneWidth = 262) {
   if (!count || count < 1) return { columns: 0, rows: 0, compact: false };
   const compact = count > 16;
-  const laneWidth = compact ? 88 : minLaneWidth;
+  const laneWidth = compact ? 100 : minLaneWidth;
   const fit = Math.max(1, Math.floor((width || laneWidth) / laneWidth));
   const columns = Math.min(count, fit);
   return { columns, rows: Math.ceil(count / columns), compact };

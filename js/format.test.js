@@ -100,12 +100,12 @@ test("laneLabel names what a worker is doing", () => {
 test("layoutLanes fits columns to the width and goes compact for many workers", () => {
   assert.deepEqual(layoutLanes(0, 800), { columns: 0, rows: 0, compact: false });
   assert.deepEqual(layoutLanes(2, 800), { columns: 2, rows: 1, compact: false });
-  assert.deepEqual(layoutLanes(8, 700), { columns: 3, rows: 3, compact: false });
+  assert.deepEqual(layoutLanes(8, 700), { columns: 2, rows: 4, compact: false });
   assert.deepEqual(layoutLanes(1, 100), { columns: 1, rows: 1, compact: false });
   const many = layoutLanes(64, 880);
   assert.equal(many.compact, true);
-  assert.equal(many.columns, 10);
-  assert.equal(many.rows, 7);
+  assert.equal(many.columns, 8);
+  assert.equal(many.rows, 8);
 });
 
 test("countsText counts failures as finished items", () => {

@@ -111,7 +111,9 @@ function drawLanes(parts, lanes, running, view) {
   }
   const layout = layoutLanes(lanes.length, parts.root.clientWidth || 640);
   parts.lanes.classList.toggle("nbp-compact", layout.compact);
-  parts.lanes.style.gridTemplateColumns = `repeat(${Math.max(1, layout.columns)}, minmax(0, 1fr))`;
+  // Lanes pack to the left at a readable width rather than stretching across a wide cell.
+  const laneWidth = layout.compact ? "92px" : "250px";
+  parts.lanes.style.gridTemplateColumns = `repeat(${Math.max(1, layout.columns)}, minmax(0, ${laneWidth}))`;
   const rows = lanes.map((lane, position) => {
     const row = h("div", "nbp-lane");
     row.dataset.state = lane.state;

@@ -9,8 +9,8 @@ notebook's namespace as a mapping. What happens, in order:
    classes and comprehensions count unless the cell itself assigns them.
 2. ``capture`` takes those names from the notebook namespace (modules by name only) and refuses a
    name that exists nowhere, before anything runs.
-3. ``pack`` pickles a ``CellRunner`` once (naming the captured variable that cannot be pickled) and
-   wraps the bytes, so the engine ships them as they are, once per call, instead of pickling again.
+3. A ``CellRunner`` holds the cell and the captured values; it is the function given to the engine,
+   which pickles it once per call. If that fails, ``unpicklable_capture`` names the variable.
 
 In the worker the runner executes the cell like a notebook cell (module-level semantics) in a fresh
 namespace per run: the captured names, then the parameters. Nothing it assigns leaks anywhere.
@@ -210,8 +210,9 @@ class ModuleRef:
 def capture(code: CellCode, namespace: Mapping[str, Any], provided: Collection[str] = ()) -> dict[str, Any]:
     """The values of the names ``code`` reads, from ``namespace``; ``provided`` are set per run.
 
-    Builtins are not shipped (the worker has them) unless the notebook shadows them. A name found
-    nowhere raises ``CellError``, naming every such name.
+    Python's builtins are not shipped (the worker has them) unless the notebook shadows them; those
+    the host added (IPython's ``display``) are. A name found nowhere raises ``CellError``, naming
+    every such name.
     """
     if "get_ipython" in code.reads and "get_ipython" not in provided:
         raise CellError(
@@ -227,11 +228,16 @@ def capture(code: CellCode, namespace: Mapping[str, Any], provided: Collection[s
             captured[name] = _travelling(namespace[name])
         elif not hasattr(builtins, name):
             missing.append(name)
+        elif getattr(getattr(builtins, name), "__module__", "builtins") not in _STANDARD_BUILTINS:
+            captured[name] = getattr(builtins, name)  # added by the host, e.g. IPython's display()
     if missing and not code.star_import:
         listed = ", ".join(repr(n) for n in missing)
         raise CellError(f"the cell reads {listed}, which {'is' if len(missing) == 1 else 'are'} not defined "
                         "in the notebook (nor assigned earlier in the cell)")
     return captured
+
+
+_STANDARD_BUILTINS = ("builtins", "_sitebuiltins")  # what every worker's builtins come from
 
 
 def _travelling(value: Any) -> Any:
@@ -255,6 +261,7 @@ class CellRunner:
 
     def __post_init__(self) -> None:
         self._compiled: tuple[types.CodeType, types.CodeType | None] | None = None
+        self.__qualname__ = "%%parallel"  # how progress displays name the call
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -284,7 +291,6 @@ class CellRunner:
         return namespace
 
     def __call__(self, item: tuple[Any, ...] = ()) -> Any:
-        __tracebackhide__ = True  # noqa: F841  # the convention IPython and pytest use for plumbing frames
         body, last = self.compiled()
         namespace = self.namespace(item)
         exec(body, namespace)
@@ -312,35 +318,16 @@ def pack_names(names: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
     return ser.dumps(kept), skipped
 
 
-class Packed:
-    """A runner pickled once; pickling this again just embeds the bytes."""
+def unpicklable_capture(runner: CellRunner) -> str | None:
+    """Which captured variable keeps ``runner`` from being pickled, as a message (None: none does).
 
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_unpack, (self.data,))
-
-    def __call__(self, *args: Any) -> Any:
-        return _unpack(self.data)(*args)
-
-
-def _unpack(data: bytes) -> Any:
-    return ser.loads(data)
-
-
-def pack(runner: CellRunner) -> Packed:
-    """Pickle ``runner`` now; if it fails, name the captured variable that cannot be sent."""
-    try:
-        return Packed(ser.dumps(runner))
-    except Exception as exc:
-        for name, value in runner.captured.items():
-            try:
-                ser.dumps(value)
-            except Exception as inner:
-                kind = f"{type(value).__module__}.{type(value).__qualname__}"
-                raise CellError(
-                    f"the notebook variable {name!r} ({kind}) cannot be sent to the workers: "
-                    f"{type(inner).__name__}: {inner}. Create it inside the cell instead."
-                ) from None
-        raise CellError(f"the cell cannot be sent to the workers: {type(exc).__name__}: {exc}") from None
+    Only called after pickling failed, so the usual path pickles the captured values once.
+    """
+    for name, value in runner.captured.items():
+        try:
+            ser.dumps(value)
+        except Exception as exc:
+            kind = f"{type(value).__module__}.{type(value).__qualname__}"
+            return (f"the notebook variable {name!r} ({kind}) cannot be sent to the workers: "
+                    f"{type(exc).__name__}: {exc}. Create it inside the cell instead.")
+    return None

@@ -79,14 +79,25 @@ class Client:
 
     # -- sending ------------------------------------------------------------------------------
 
-    def send(self, header: dict[str, Any], buffers: Sequence[Buffer] = ()) -> None:
+    def send(self, header: dict[str, Any], buffers: Sequence[Buffer] = (), fds: Sequence[int] = ()) -> None:
+        """Send a frame; ``fds`` are duplicated into the sidecar (the caller still closes its own)."""
         if self.dead is not None:
             raise self.dead
         try:
             with self.send_lock:
-                send_frame(self.sock, header, buffers)
+                send_frame(self.sock, header, buffers, fds)
         except OSError as exc:
             raise self._mark_dead() from exc
+
+    def send_packed(self, header: dict[str, Any], packed: Any) -> None:
+        """Send a value made by ``serialization.pack``; its own shared-memory segments are then
+        the sidecar's to keep (our descriptors are closed)."""
+        try:
+            if packed.specs:
+                header = {**header, "oob": packed.specs}
+            self.send(header, [packed.data], packed.fds)
+        finally:
+            packed.close()
 
     def configure(self, settings: config.Settings) -> None:
         size = config.resolve_workers(settings.workers)
@@ -143,6 +154,9 @@ class Client:
                     handle = self.jobs.get(job)
                 if handle is not None:
                     handle.on_frame(frame)
+                elif frame.fds:
+                    for fd in frame.fds:
+                        os.close(fd)
             elif frame.get("req") is not None:
                 waiting = self.replies.get(frame["req"])
                 if waiting is not None:

@@ -7,7 +7,6 @@ that is already running stops it: the sidecar kills the worker running it and st
 from __future__ import annotations
 
 import concurrent.futures as cf
-import hashlib
 import itertools
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -16,7 +15,8 @@ from typing import Any
 from . import config
 from . import serialization as ser
 from .client import Client, get_client
-from .errors import NbParallelError, SidecarDied, WorkerCrashed, make_task_error
+from .errors import NbParallelError, SerializationError, SidecarDied, make_task_error
+from .mapping import caller_context, crash_error, function_key
 from .output import capture_sink, flush_std
 from .protocol import Frame
 
@@ -43,10 +43,11 @@ class _Task:
 
     def __init__(self, client: Client, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
                  limit: int, group: int | None) -> None:
-        function_bytes = ser.dumps_function(fn)
+        function = ser.dumps_function(fn)
         try:
-            payload = ser.dumps([(args, kwargs)])
+            payload = ser.pack([(args, kwargs)])
         except Exception:
+            function.close()
             for position, arg in enumerate(args):
                 _check_argument(arg, f"argument {position + 1}")
             for name, arg in kwargs.items():
@@ -65,22 +66,29 @@ class _Task:
         header: dict[str, Any] = {
             "op": "job",
             "job": self.job,
-            "key": hashlib.blake2b(function_bytes, digest_size=16).hexdigest(),
+            "key": function_key(function),
             "call": "kwargs",
             "limit": limit,
+            **caller_context(),
         }
         if group is not None:
             header["group"] = group
-        client.send(header, [function_bytes])
-        client.send({"op": "chunk", "job": self.job, "chunk": client.new_chunk_id(), "start": 0, "count": 1},
-                    [payload])
+        client.send_packed(header, function)
+        client.send_packed({"op": "chunk", "job": self.job, "chunk": client.new_chunk_id(), "start": 0, "count": 1},
+                           payload)
 
     def on_frame(self, frame: Frame) -> None:
         if frame.op == "output":
             self.sink(frame.get("stream", "stdout"), frame.get("text", ""))
             return
         if frame.op == "result":
-            offsets, values, problems = ser.loads(frame.payload)
+            try:
+                offsets, values, problems = ser.unpack(frame, private=True)
+            except Exception as exc:
+                unreadable = SerializationError(f"the result of {self.item} could not be unpickled here: "
+                                                f"{type(exc).__name__}: {exc}")
+                self._settle(lambda f: f.set_exception(unreadable))
+                return
             if values:
                 self._settle(lambda f: f.set_result(values[0]))
             elif problems:
@@ -92,9 +100,10 @@ class _Task:
                     error = value
                 self._settle(lambda f: f.set_exception(error))
         elif frame.op == "crashed":
-            crash = WorkerCrashed(item=self.item, pid=frame.get("pid"), exitcode=frame.get("exitcode"),
-                                  memory=frame.get("memory"))
+            crash = crash_error(frame, None, self.item)
             self._settle(lambda f: f.set_exception(crash))
+        else:
+            ser.close_fds(frame)
 
     def on_died(self, error: SidecarDied) -> None:
         self._settle(lambda f: f.set_exception(SidecarDied(str(error))), send_end=False)

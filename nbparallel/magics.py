@@ -7,149 +7,25 @@ The only module that imports IPython. A thin layer over the public API: a ``--ma
 
 from __future__ import annotations
 
-import inspect
-import itertools
 import sys
-import threading
-import time
-import traceback
-import uuid
 from collections.abc import Callable
-from concurrent.futures import Future
-from types import SimpleNamespace
 from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class, no_var_expand
 from IPython.core.magic_arguments import argument, magic_arguments
 
-from . import api, cellcode, config
-from . import serialization as ser
+from . import api, background, cellcode, config
 from .cellargs import combine, evaluate_maps, split_line
-from .errors import Interrupted, NbParallelError
+from .errors import Interrupted, NbParallelError, SerializationError
 from .futures import submit
-from .output import _current_parent, _kernel_shell
+from .progress import track_future
 from .results import MISSING, Result, Results
 
 __all__ = ["DEFAULT_OUT", "MISSING", "ParallelMagics", "load_ipython_extension", "unload_ipython_extension"]
 
 #: Where a ``--map`` cell stores its ``Results`` when ``--out`` is not given.
 DEFAULT_OUT = "_parallel"
-
-
-class CellOutput:
-    """Publishes into the cell that was running when this was made, from any thread later.
-
-    In a kernel it sends iopub messages with that cell's parent header (the way ``output.py``
-    routes worker prints); elsewhere (terminal IPython, a script) it prints.
-    """
-
-    def __init__(self) -> None:
-        shell = _kernel_shell()
-        self.kernel = shell.kernel if shell is not None else None
-        self.parent = _current_parent(shell) if shell is not None else None
-        self.display_id = uuid.uuid4().hex
-
-    def _send(self, msg_type: str, content: dict[str, Any]) -> bool:
-        if self.kernel is None or self.parent is None:
-            return False
-        self.kernel.session.send(self.kernel.iopub_socket, msg_type, content, parent=self.parent,
-                                 ident=msg_type.encode())
-        return True
-
-    def status(self, text: str, *, update: bool = False) -> None:
-        """Show (or replace) this cell's one-line status."""
-        content = {"data": {"text/plain": text}, "metadata": {}, "transient": {"display_id": self.display_id}}
-        if not self._send("update_display_data" if update else "display_data", content):
-            print(text, flush=True)
-
-    def stream(self, name: str, text: str) -> None:
-        if not self._send("stream", {"name": name, "text": text}):
-            print(text, end="", file=sys.stderr if name == "stderr" else sys.stdout, flush=True)
-
-    def error(self, error: BaseException) -> None:
-        """The error as the cell's error output: the remote traceback for a task error."""
-        render = getattr(error, "_render_traceback_", None)
-        lines = render() if render is not None else traceback.format_exception_only(type(error), error)
-        original = getattr(error, "exception", error)  # a TaskError names the type the cell raised
-        content = {"ename": type(original).__name__, "evalue": str(original), "traceback": lines}
-        if not self._send("error", content):
-            print("\n".join(line.rstrip("\n") for line in lines), file=sys.stderr, flush=True)
-
-
-class BackgroundJob:
-    """One ``%%parallel --bg`` cell: its future, and where its names and output go."""
-
-    def __init__(self, number: int, cell: str, namespace: dict[str, Any], out: str | None) -> None:
-        self.number = number
-        self.first_line = next((line.strip() for line in cell.splitlines() if line.strip()), "")
-        self.namespace = namespace
-        self.out = out
-        self.cell = CellOutput()
-        self.started = time.monotonic()
-        self.ended: float | None = None
-        self.state = "running"  # then "done", "failed" or "cancelled"
-        self.assigned: list[str] = []
-        self.error: BaseException | None = None
-        self.finished = threading.Event()  # set after the names are in place, unlike the future
-        self.waited = False  # reported by %nbparallel wait
-        self.future: Future[Any] | None = None
-
-    def describe(self) -> str:
-        seconds = (self.ended or time.monotonic()) - self.started
-        text = f"nbparallel job {self.number}: {self.state} ({seconds:.1f} s)"
-        if self.state == "done":
-            where = f" into {self.out}" if self.out else ""
-            text += f"; assigned{where}: {', '.join(self.assigned) or 'nothing'}"
-        elif self.state == "failed" and self.error is not None:
-            text += f": {type(self.error).__name__}"
-        return text
-
-    def finish(self, future: Future[Any]) -> None:
-        """Done callback (the client's reader thread, or the caller of cancel)."""
-        try:
-            if future.cancelled():
-                self.state = "cancelled"
-            elif (error := future.exception()) is not None:
-                self.state, self.error = "failed", error
-                self.cell.error(error)
-            else:
-                blob, skipped = future.result()
-                names: dict[str, Any] = ser.loads(blob)
-                if self.out:
-                    self.namespace[self.out] = SimpleNamespace(**names)
-                else:
-                    self.namespace.update(names)
-                self.assigned = list(names)
-                for name, why in skipped.items():
-                    self.cell.stream("stderr", f"nbparallel: {name} was not copied back: {why}\n")
-                self.state = "done"
-        except BaseException as exc:  # an exception here would only reach a logger
-            self.state, self.error = "failed", exc
-            self.cell.error(exc)
-        finally:
-            self.ended = time.monotonic()
-            self.cell.status(self.describe(), update=True)
-            self.finished.set()
-
-
-_jobs: dict[int, BackgroundJob] = {}
-_job_numbers = itertools.count(1)
-
-
-def _running_jobs() -> list[BackgroundJob]:
-    return [job for job in _jobs.values() if not job.finished.is_set()]
-
-
-def _cancel_running() -> None:
-    for job in _running_jobs():
-        if job.future is not None:
-            job.future.cancel()
-
-
-def _map_accepts_progress() -> bool:
-    # Another change adds ``progress=`` to map; pass it only once it exists.
-    return "progress" in inspect.signature(api.map).parameters
 
 
 # The %%parallel options, for IPython's magic_arguments (which makes the usage text of ``%%parallel?``).
@@ -205,8 +81,9 @@ class ParallelMagics(Magics):
         The value of the cell's last expression in each run is collected, in input order, into a
         ``Results`` (a list of ``Result(params, value)``; ``.values``, ``.records()``,
         ``.to_dataframe()``) stored in VAR, or in ``_parallel`` and shown when ``--out`` is missing.
-        If the stop button or a failure ends the call early, the results so far are stored and
-        runs that never finished hold ``nbparallel.results.MISSING``.
+        If the stop button or a failure ends the call early, the results so far are stored (then
+        the exception is raised): the run that failed holds its exception, and runs that never
+        finished hold ``nbparallel.results.MISSING``.
 
         ``--bg``: the cell runs once, in a worker, and this cell returns at once. When it ends, the
         names it assigned are copied into the notebook (or into VAR as a SimpleNamespace); its
@@ -251,22 +128,24 @@ class ParallelMagics(Magics):
         params = evaluate_maps(args.map, namespace)
         names, items = combine(params, zipped=args.zip)
         runner = cellcode.CellRunner(code.source, code.filename, names, cellcode.capture(code, namespace, names))
-        packed = cellcode.pack(runner)
-        options: dict[str, Any] = {"workers": args.workers, "errors": args.errors}
-        if args.no_progress and _map_accepts_progress():
-            options["progress"] = False
+        progress = False if args.no_progress else None
         out = args.out or DEFAULT_OUT
 
         def results(values: Callable[[int], Any]) -> Results:
             return Results((Result(dict(zip(names, item)), values(i)) for i, item in enumerate(items)), names)
 
         try:
-            values = api.map(packed, items, **options)
+            # The engine pickles the runner first, before it starts anything.
+            values = api.map(runner, items, workers=args.workers, errors=args.errors, progress=progress)
         except (Interrupted, NbParallelError) as error:
-            completed = error.completed
-            namespace[out] = results(lambda i: completed.get(i, MISSING))
-            print(f"nbparallel: stopped; {len(completed)} of {len(items)} results kept in {out} "
-                  "(the others are MISSING)", file=sys.stderr, flush=True)
+            _explain_unpicklable(error, runner)
+            kept = dict(error.completed)
+            failed = getattr(error, "index", None)
+            if failed is not None:  # the run that stopped the call holds its exception
+                kept[failed] = error
+            namespace[out] = results(lambda i: kept.get(i, MISSING))
+            print(f"nbparallel: stopped; {len(error.completed)} of {len(items)} results kept in {out} "
+                  "(runs that did not finish are MISSING)", file=sys.stderr, flush=True)
             raise
         namespace[out] = stored = results(values.__getitem__)
         return None if args.out else stored
@@ -274,12 +153,13 @@ class ParallelMagics(Magics):
     def _background(self, args: Any, code: cellcode.CellCode, cell: str) -> None:
         captured = cellcode.capture(code, self.namespace)
         runner = cellcode.CellRunner(code.source, code.filename, (), captured, mode="names", assigns=code.assigns)
-        packed = cellcode.pack(runner)
-        job = BackgroundJob(next(_job_numbers), cell, self.namespace, args.out)
-        job.cell.status(job.describe())
-        job.future = submit(packed)
-        _jobs[job.number] = job
-        job.future.add_done_callback(job.finish)
+        try:
+            future = submit(runner)
+        except SerializationError as error:
+            _explain_unpicklable(error, runner)
+            raise
+        job = background.start(future, cell, self.namespace, args.out)
+        track_future(job.future, f"%%parallel --bg: {job.first_line}", progress=False if args.no_progress else None)
 
     @line_magic
     def nbparallel(self, line: str) -> None:
@@ -295,10 +175,11 @@ class ParallelMagics(Magics):
         """
         words = line.split()
         command, rest = (words[0], words[1:]) if words else ("", [])
-        handler = getattr(self, f"_cmd_{command}", None)
+        handler = getattr(self, f"_cmd_{command}", None) if command else None
         if handler is None:
-            raise UsageError(f"%nbparallel: unknown command {command!r}; one of: status, workers N, restart, "
-                             "stop, jobs, cancel ID, wait [ID]")
+            what = f"unknown command {command!r}" if command else "give a command"
+            raise UsageError(f"%nbparallel: {what}; one of: status, workers N, restart, stop, jobs, cancel ID, "
+                             "wait [ID]")
         handler(rest)
 
     def _cmd_status(self, rest: list[str]) -> None:
@@ -315,23 +196,23 @@ class ParallelMagics(Magics):
         print(f"nbparallel: the pool has {config.resolve_workers(count)} workers")
 
     def _cmd_restart(self, rest: list[str]) -> None:
-        _cancel_running()
+        background.cancel_running()
         api.shutdown()
         print(f"nbparallel: restarted (sidecar pid {api.start()})")
 
     def _cmd_stop(self, rest: list[str]) -> None:
-        _cancel_running()
+        background.cancel_running()
         api.shutdown()
         print("nbparallel: stopped; the next parallel call starts the pool again")
 
     def _cmd_jobs(self, rest: list[str]) -> None:
-        if not _jobs:
+        if not background.jobs:
             print("nbparallel: no background jobs")
-        for job in _jobs.values():
+        for job in background.jobs.values():
             print(f"{job.describe()}  | {job.first_line[:50]}")
 
-    def _job(self, word: str) -> BackgroundJob:
-        job = _jobs.get(int(word)) if word.isdigit() else None
+    def _job(self, word: str) -> background.BackgroundJob:
+        job = background.jobs.get(int(word)) if word.isdigit() else None
         if job is None:
             raise UsageError(f"%nbparallel: no background job {word!r} (see %nbparallel jobs)")
         return job
@@ -340,7 +221,7 @@ class ParallelMagics(Magics):
         if len(rest) != 1:
             raise UsageError("%nbparallel cancel ID: give one job number (see %nbparallel jobs)")
         job = self._job(rest[0])
-        if job.future is not None and job.future.cancel():
+        if job.future.cancel():
             print(f"nbparallel: job {job.number} cancelled")
         else:
             print(f"nbparallel: job {job.number} had already ended ({job.state})")
@@ -348,20 +229,21 @@ class ParallelMagics(Magics):
     def _cmd_wait(self, rest: list[str]) -> None:
         # By default every job no earlier wait has reported: one that ended before this cell ran
         # still counts, so a notebook run top to bottom never misses a failure.
-        jobs = [self._job(word) for word in rest] if rest else [j for j in _jobs.values() if not j.waited]
-        if not jobs:
+        chosen = [self._job(word) for word in rest] if rest else [j for j in background.jobs.values() if not j.waited]
+        if not chosen:
             print("nbparallel: no background job to wait for")
-        for job in jobs:
-            while not job.finished.wait(0.1):  # short waits keep the stop button working
-                pass
-            job.waited = True
-            print(job.describe())
-        for job in jobs:
-            if job.state == "failed" and job.error is not None:
-                raise job.error
+        background.wait(chosen)
 
 
 _PARSER = _add_options(ParallelMagics.parallel)
+
+
+def _explain_unpicklable(error: BaseException, runner: cellcode.CellRunner) -> None:
+    """If ``error`` is the engine failing to pickle the cell, raise a usage error naming the variable."""
+    if isinstance(error, SerializationError) and error.index is None:
+        problem = cellcode.unpicklable_capture(runner)
+        if problem is not None:
+            raise UsageError(f"%%parallel: {problem}") from None
 
 
 def format_status(status: dict[str, Any]) -> str:
@@ -393,7 +275,7 @@ def load_ipython_extension(ipython: Any) -> None:
 
 def unload_ipython_extension(ipython: Any) -> None:
     """``%unload_ext nbparallel``: cancel background jobs, remove the magics, stop the sidecar."""
-    _cancel_running()
+    background.cancel_running()
     magics = ipython.magics_manager.magics
     magics["cell"].pop("parallel", None)
     magics["line"].pop("nbparallel", None)

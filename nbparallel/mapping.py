@@ -11,6 +11,7 @@ import hashlib
 import itertools
 import math
 import operator
+import os
 import queue
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator
@@ -151,7 +152,7 @@ class MapRun:
         self.limits = limits or Limits()
         if self.limits.retry_on:
             fn = RetryOn(fn, self.limits.retries, self.limits.retry_on)
-        self.function_bytes = ser.dumps_function(fn)  # before anything runs: fail fast, name the culprit
+        self.function = ser.dumps_function(fn)  # before anything runs: fail fast, name the culprit
         self.total = _known_length(iterables)
         self.items = _iterate(iterables)
         self.star = len(iterables) > 1
@@ -219,19 +220,18 @@ class MapRun:
         flush_std()
         self.client.register(self.job, self)
         try:
-            self.client.send(
+            self.client.send_packed(
                 {
                     "op": "job",
                     "job": self.job,
-                    "key": hashlib.blake2b(self.function_bytes, digest_size=16).hexdigest(),
+                    "key": function_key(self.function),
                     "stop_on_error": self.stop_on_error,
                     "call": "star" if self.star else "one",
                     "limit": self.limit,
-                    "cwd": _cwd(),
-                    "path": _sys_path(),
+                    **caller_context(),
                     **self.limits.header(),
                 },
-                [self.function_bytes],
+                self.function,
             )
             if self.observer is not None:
                 self.observer.started(self)
@@ -265,11 +265,11 @@ class MapRun:
                 self.exhausted = True
                 return
             payload = ser.dumps_items(items, self.next_index)
-            self.sizer.observe_bytes(len(items), len(payload))
+            self.sizer.observe_bytes(len(items), len(payload.data) + sum(s["size"] for s in payload.specs))
             chunk = self.client.new_chunk_id()
-            self.client.send(
+            self.client.send_packed(
                 {"op": "chunk", "job": self.job, "chunk": chunk, "start": self.next_index, "count": len(items)},
-                [payload],
+                payload,
             )
             self.in_flight[chunk] = _InFlight(self.next_index, items, len(items))
             self.next_index += len(items)
@@ -294,6 +294,7 @@ class MapRun:
         if isinstance(event, SidecarDied):
             raise _with_completed(SidecarDied(str(event)), {})
         if event.get("chunk") not in self.in_flight:
+            ser.close_fds(event)
             return None  # a late word about a chunk that was already settled
         if event.op == "result":
             return self._result(event)
@@ -304,7 +305,7 @@ class MapRun:
     def _result(self, frame: Frame) -> Batch:
         flight = self.in_flight[frame["chunk"]]
         try:
-            offsets, values, problems = ser.loads(frame.payload)
+            offsets, values, problems = ser.unpack(frame, private=True)
         except Exception as exc:  # e.g. a result of a class the kernel cannot import
             return self._unreadable(frame["chunk"], exc)
         if frame["final"] and frame.get("n"):
@@ -403,6 +404,15 @@ class MapRun:
             pass
 
 
+def function_key(packed: Any) -> str:
+    """Workers cache functions by this key. A function whose closure holds arrays in shared
+    memory is keyed per call: the same pickle stream may then stand for other array contents."""
+    digest = hashlib.blake2b(packed.data, digest_size=16)
+    if packed.specs:
+        digest.update(os.urandom(16))
+    return digest.hexdigest()
+
+
 def crash_error(frame: Frame, index: int | None, item: str) -> NbParallelError:
     """The error for an item whose worker died (a ``crashed`` frame), by the reason it died."""
     reason, attempts, pid = frame.get("reason"), frame.get("attempts", 1), frame.get("pid")
@@ -456,9 +466,12 @@ def _iterate(iterables: tuple[Iterable[Any], ...]) -> Iterator[Any]:
     return zip(*iterators)
 
 
-def _cwd() -> str | None:
-    import os
+def caller_context() -> dict[str, Any]:
+    """Where the caller runs: workers chdir there and import from the same sys.path."""
+    return {"cwd": _cwd(), "path": _sys_path()}
 
+
+def _cwd() -> str | None:
     try:
         return os.getcwd()
     except OSError:
@@ -466,7 +479,6 @@ def _cwd() -> str | None:
 
 
 def _sys_path() -> list[str]:
-    import os
     import sys
 
     return [os.path.abspath(p) if p else _cwd() or "" for p in sys.path]

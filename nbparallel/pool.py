@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,9 +28,19 @@ class Chunk:
     start: int  # index of the first item in the job's input
     count: int
     payload: Any  # the pickled items; never unpickled here
+    fds: list[int] = field(default_factory=list)  # their shared-memory segments, held until done
+    oob: Any = None  # where the out-of-band buffers sit in ``fds`` (see shm.py)
     resume: int = 0  # offsets below this were delivered (or failed) already
     skip: list[int] = field(default_factory=list)  # offsets that failed and must not run again
     attempts: dict[int, int] = field(default_factory=dict)  # offset -> times its worker died on it
+
+    def close(self) -> None:
+        for fd in self.fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.fds = []
 
     def remaining(self) -> list[int]:
         skip = set(self.skip)
@@ -63,7 +73,7 @@ class WorkerProcess:
         self.retiring = False  # asked to exit, or killed on purpose: its exit is not a crash
         self.kill_reason: dict[str, Any] | None = None  # set when killed for a timeout or memory limit
         self.assigned: deque[Chunk] = deque()
-        self.keys: set[str] = set()  # functions this worker holds
+        self.keys: OrderedDict[str, None] = OrderedDict()  # functions it holds, oldest first
         self.jobs: set[int] = set()  # jobs whose settings it has
         self.tasks_done = 0
         self.head_since = 0.0  # when the chunk now at the head of ``assigned`` started running

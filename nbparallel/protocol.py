@@ -3,8 +3,11 @@
 A frame is a fixed prefix, a JSON header and raw payload bytes::
 
     !IQ  header length (bytes), payload length (bytes)
-    header  UTF-8 JSON object; "op" names the message; "sizes" splits the payload into buffers
+    header  UTF-8 JSON object; "op" names the message; "sizes" splits the payload into buffers;
+            "fds" counts the file descriptors (shared-memory segments) passed with the frame
     payload the buffers, back to back; never base64
+
+File descriptors travel as SCM_RIGHTS ancillary data attached to the frame's first byte.
 
 Payloads are opaque here: the sidecar routes them without unpickling. Only the standard library is
 used, so the sidecar can import this module and stay small.
@@ -12,9 +15,12 @@ used, so the sidecar can import this module and stay small.
 
 from __future__ import annotations
 
+import array
 import json
+import os
 import socket
 import struct
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +35,12 @@ PREFIX = struct.Struct("!IQ")
 SLOT = struct.Struct("qqd")
 SLOT_OFFSET = struct.Struct("q")  # at byte 8
 SLOT_STARTED = struct.Struct("d")  # at byte 16
+# Functions a worker keeps, most recently used last. The sidecar mirrors the list and tells the
+# worker which to forget, so both always agree on what the worker has.
+FUNCTION_CACHE = 16
 MAX_HEADER = 16 * 2**20  # a header is metadata; anything this big is a corrupt stream
+MAX_FDS = 250  # the kernel passes at most 253 descriptors in one message
+_ANCILLARY = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 
 Buffer = bytes | bytearray | memoryview
 
@@ -40,6 +51,7 @@ class Frame:
 
     header: dict[str, Any]
     buffers: list[Buffer] = field(default_factory=list)
+    fds: list[int] = field(default_factory=list)  # owned by whoever holds the frame: close them
 
     @property
     def op(self) -> str:
@@ -61,10 +73,14 @@ class Frame:
         return self.header.get(key, default)
 
 
-def encode(header: dict[str, Any], buffers: Sequence[Buffer] = ()) -> list[Buffer]:
+def encode(header: dict[str, Any], buffers: Sequence[Buffer] = (), nfds: int = 0) -> list[Buffer]:
     """The pieces of one frame, ready for ``sendmsg``/``writev`` without joining them."""
     if len(buffers) > 1:
         header = {**header, "sizes": [memoryview(b).nbytes for b in buffers]}
+    if nfds:
+        if nfds > MAX_FDS:
+            raise ProtocolError(f"{nfds} descriptors in one frame; at most {MAX_FDS}")
+        header = {**header, "fds": nfds}
     head = json.dumps(header, separators=(",", ":")).encode()
     total = sum(memoryview(b).nbytes for b in buffers)
     return [PREFIX.pack(len(head), total) + head, *buffers]
@@ -99,6 +115,7 @@ class FrameParser:
 
     def __init__(self) -> None:
         self._buf = bytearray()
+        self.fds: deque[int] = deque()  # received descriptors not yet claimed by a frame
 
     def feed(self, data: Buffer) -> Iterator[Frame]:
         self._buf += data
@@ -114,9 +131,14 @@ class FrameParser:
             start = at + PREFIX.size
             header = _decode_header(buf[start : start + head_len])
             # Copy the payload out: the buffer is compacted below and may be reused.
-            payload = memoryview(bytes(buf[start + head_len : end]))
+            with memoryview(buf) as view:
+                payload = memoryview(bytes(view[start + head_len : end]))
             at = end
-            yield Frame(header, _split(header, payload))
+            wanted = int(header.pop("fds", 0))
+            if wanted > len(self.fds):
+                raise ProtocolError(f"a frame announces {wanted} descriptors but {len(self.fds)} arrived")
+            fds = [self.fds.popleft() for _ in range(wanted)]
+            yield Frame(header, _split(header, payload), fds)
         if at:
             del buf[:at]
 
@@ -125,11 +147,25 @@ class FrameParser:
         return len(self._buf)
 
 
-def _recv_exact(sock: socket.socket, size: int) -> memoryview:
+def fds_from(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+    """The descriptors in ``recvmsg`` ancillary data."""
+    fds = array.array("i")
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - (len(data) % fds.itemsize)])
+    return list(fds)
+
+
+def ancillary_for(fds: Sequence[int]) -> list[tuple[int, int, bytes]]:
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+
+
+def _recv_exact(sock: socket.socket, size: int, fds: list[int]) -> memoryview:
     out = memoryview(bytearray(size))
     got = 0
     while got < size:
-        n = sock.recv_into(out[got:], size - got)
+        n, ancillary, flags, _ = sock.recvmsg_into([out[got:]], _ANCILLARY)
+        fds.extend(fds_from(ancillary))
         if n == 0:
             raise EOFError("the other end closed the connection")
         got += n
@@ -137,20 +173,38 @@ def _recv_exact(sock: socket.socket, size: int) -> memoryview:
 
 
 def read_frame(sock: socket.socket) -> Frame:
-    """Read one frame from a blocking socket. Raises EOFError when the peer has gone."""
-    head_len, payload_len = PREFIX.unpack(_recv_exact(sock, PREFIX.size))
-    if head_len > MAX_HEADER:
-        raise ProtocolError(f"frame header of {head_len} bytes: the stream is corrupt")
-    header = _decode_header(_recv_exact(sock, head_len))
-    payload = _recv_exact(sock, payload_len) if payload_len else memoryview(b"")
-    return Frame(header, _split(header, payload))
+    """Read one frame from a blocking socket. Raises EOFError when the peer has gone.
+
+    Senders attach a frame's descriptors to its first byte (``send_frame`` and ``Channel`` do), so
+    the descriptors that arrive while this frame is read are this frame's.
+    """
+    fds: list[int] = []
+    try:
+        head_len, payload_len = PREFIX.unpack(_recv_exact(sock, PREFIX.size, fds))
+        if head_len > MAX_HEADER:
+            raise ProtocolError(f"frame header of {head_len} bytes: the stream is corrupt")
+        header = _decode_header(_recv_exact(sock, head_len, fds))
+        payload = _recv_exact(sock, payload_len, fds) if payload_len else memoryview(b"")
+        if int(header.pop("fds", 0)) != len(fds):
+            raise ProtocolError(f"a frame announced {header.get('fds')} descriptors, {len(fds)} arrived")
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return Frame(header, _split(header, payload), fds)
 
 
-def send_frame(sock: socket.socket, header: dict[str, Any], buffers: Sequence[Buffer] = ()) -> None:
-    """Write one frame to a blocking socket (the caller serialises concurrent writers)."""
-    pieces = [memoryview(p).cast("B") for p in encode(header, buffers)]
+def send_frame(sock: socket.socket, header: dict[str, Any], buffers: Sequence[Buffer] = (),
+               fds: Sequence[int] = ()) -> None:
+    """Write one frame to a blocking socket (the caller serialises concurrent writers).
+
+    ``fds`` are passed to the peer (duplicated into it); the caller still owns its own copies.
+    """
+    pieces = [memoryview(p).cast("B") for p in encode(header, buffers, len(fds))]
+    ancillary = ancillary_for(fds)
     while pieces:
-        sent = sock.sendmsg(pieces[:512])
+        sent = sock.sendmsg(pieces[:512], ancillary)
+        ancillary = []  # sent with the first bytes, once
         while sent and pieces:
             size = pieces[0].nbytes
             if sent >= size:

@@ -15,7 +15,9 @@ from typing import Any
 
 import cloudpickle
 
+from . import shm
 from .errors import SerializationError
+from .protocol import Frame
 
 PROTOCOL = 5
 
@@ -48,12 +50,35 @@ def loads(data: bytes | bytearray | memoryview) -> Any:
     return pickle.loads(data)
 
 
-def dumps_function(fn: Callable[..., Any]) -> bytes:
+def pack(value: Any) -> shm.Packed:
+    """Pickle a value for the wire, its large buffers in shared memory."""
+    return shm.dumps(value)
+
+
+def unpack(frame: Frame, *, private: bool = False) -> Any:
+    """The value a frame carries (see ``pack``); takes ownership of the frame's descriptors."""
+    fds, frame.fds = frame.fds, []
+    return shm.loads(frame.payload, fds, frame.get("oob") or [], private=private)
+
+
+def close_fds(frame: Frame) -> None:
+    """Release the descriptors of a frame nobody will unpack."""
+    import os
+
+    for fd in frame.fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    frame.fds = []
+
+
+def dumps_function(fn: Callable[..., Any]) -> shm.Packed:
     """Pickle the mapped function, or say which object inside it cannot travel."""
     if not callable(fn):
         raise TypeError(f"nbparallel needs a callable to run, got {describe(fn)} ({type(fn).__name__})")
     try:
-        return dumps(fn)
+        return pack(fn)
     except Exception as exc:
         culprit = find_unpicklable(fn)
         where = f": {culprit}" if culprit else ""
@@ -64,10 +89,10 @@ def dumps_function(fn: Callable[..., Any]) -> bytes:
         ) from exc
 
 
-def dumps_items(items: list[Any], first_index: int) -> bytes:
+def dumps_items(items: list[Any], first_index: int) -> shm.Packed:
     """Pickle a chunk of input items, naming the item that cannot be pickled."""
     try:
-        return dumps(items)
+        return pack(items)
     except Exception as exc:
         for offset, item in enumerate(items):
             try:

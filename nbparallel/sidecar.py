@@ -35,7 +35,7 @@ from typing import Any
 
 from .channel import Channel
 from .pool import Chunk, WorkerProcess
-from .protocol import PROTOCOL_VERSION, Frame
+from .protocol import FUNCTION_CACHE, PROTOCOL_VERSION, Frame
 
 PREFETCH = 2  # chunks queued per worker: one running, one waiting so the worker never idles
 # A second chunk waits behind the first, so prefetching helps only when chunks are short (the round
@@ -49,8 +49,9 @@ WATCH_TICK = 0.05
 
 @dataclass
 class Job:
-    header: dict[str, Any]  # key, stop_on_error, star, cwd, path, limit
+    header: dict[str, Any]  # key, stop_on_error, call, cwd, path, limit, oob...
     function: Any  # pickled function bytes
+    fds: list[int] = field(default_factory=list)  # shared-memory segments of the function
     queue: deque[Chunk] = field(default_factory=deque)
     chunk_seconds: float | None = None  # recent time a chunk takes, from the workers' reports
 
@@ -209,27 +210,41 @@ class Sidecar:
         self.resize()
 
     def on_job(self, frame: Frame) -> None:
-        self.jobs[frame["job"]] = Job(frame.header, frame.payload)
+        self.jobs[frame["job"]] = Job(frame.header, frame.payload, frame.fds)
 
     def on_chunk(self, frame: Frame) -> None:
         job = self.jobs.get(frame["job"])
+        chunk = Chunk(frame["job"], frame["chunk"], frame["start"], frame["count"],
+                      frame.payload, frame.fds, frame.get("oob"))
+        if job is None:
+            chunk.close()
+        else:
+            job.queue.append(chunk)
+
+    def drop_job(self, job_id: int) -> Job | None:
+        """Forget a job and release the shared memory it held (workers keep their own mappings)."""
+        job = self.jobs.pop(job_id, None)
         if job is not None:
-            job.queue.append(Chunk(job.id, frame["chunk"], frame["start"], frame["count"], frame.payload))
+            for chunk in job.queue:
+                chunk.close()
+            job.queue.clear()
+            _close_all(job.fds)
+            job.fds = []
+        return job
 
     def on_cancel(self, frame: Frame) -> None:
         job_id = frame["job"]
-        job = self.jobs.pop(job_id, None)
-        if job is not None:
-            job.queue.clear()
+        if job_id in self.jobs:
             for worker in list(self.workers.values()):
                 if job_id in worker.jobs_running():
                     self.requeue_others(worker, job_id)
                     worker.kill()
+        self.drop_job(job_id)
         self.kernel.send({"op": "cancelled", "job": job_id})
 
     def on_end(self, frame: Frame) -> None:
         job_id = frame["job"]
-        self.jobs.pop(job_id, None)
+        self.drop_job(job_id)
         for worker in self.workers.values():
             if job_id in worker.jobs:
                 worker.jobs.discard(job_id)
@@ -299,6 +314,8 @@ class Sidecar:
             job = self.jobs.get(chunk.job)
             if job is not None and chunk.job != except_job:
                 job.queue.appendleft(chunk)
+            else:
+                chunk.close()
         worker.assigned.clear()
 
     def read_worker(self, worker: WorkerProcess) -> None:
@@ -320,11 +337,13 @@ class Sidecar:
     def on_worker_result(self, worker: WorkerProcess, frame: Frame) -> None:
         chunk = worker.assigned[0] if worker.assigned else None
         if chunk is None or chunk.id != frame["chunk"]:
+            _close_all(frame.fds)
             return  # a job cancelled meanwhile
         chunk.resume = frame["upto"]
         job = self.jobs.get(chunk.job)
         if frame["final"]:
             worker.assigned.popleft()
+            chunk.close()
             worker.tasks_done += chunk.count
             worker.head_since = time.monotonic()
             if job is not None:
@@ -332,7 +351,9 @@ class Sidecar:
                 job.chunk_seconds = new if old is None else 0.7 * old + 0.3 * new
         if job is not None:
             header = {**frame.header, "start": chunk.start, "pid": worker.pid}
-            self.kernel.send(header, frame.buffers)
+            self.kernel.send(header, frame.buffers, frame.fds, close_fds=True)
+        else:
+            _close_all(frame.fds)
 
     def on_worker_exit(self, worker: WorkerProcess) -> None:
         self.selector.unregister(worker.channel.sock)
@@ -342,6 +363,8 @@ class Sidecar:
         running = worker.assigned.popleft() if worker.assigned else None
         self.requeue_others(worker, None)
         if running is None or running.job not in self.jobs:
+            if running is not None:
+                running.close()
             return
         job = self.jobs[running.job]
         if chunk_id == running.id and running.resume <= offset < running.count:
@@ -371,6 +394,8 @@ class Sidecar:
             )
         if running.remaining():  # the items after it (and those done but unsent) run again elsewhere
             self.jobs[running.job].queue.appendleft(running)
+        else:
+            running.close()
 
     def schedule(self) -> None:
         if not any(job.queue for job in self.jobs.values()):
@@ -412,9 +437,13 @@ class Sidecar:
         job = self.jobs[chunk.job]
         if chunk.job not in worker.jobs:
             key = job.header["key"]
-            buffers = [] if key in worker.keys else [job.function]
-            worker.channel.send({**job.header, "op": "job"}, buffers)
-            worker.keys.add(key)
+            if key in worker.keys:
+                worker.keys.move_to_end(key)
+                worker.channel.send({**job.header, "op": "job"})
+            else:
+                worker.channel.send({**job.header, "op": "job"}, [job.function], job.fds)
+                worker.keys[key] = None
+                self.trim_functions(worker)
             worker.jobs.add(chunk.job)
         header: dict[str, Any] = {
             "op": "chunk",
@@ -427,12 +456,26 @@ class Sidecar:
             header["resume"] = chunk.resume
         if chunk.skip:
             header["skip"] = chunk.skip
-        worker.channel.send(header, [chunk.payload])
+        if chunk.oob:
+            header["oob"] = chunk.oob
+        worker.channel.send(header, [chunk.payload], chunk.fds)
         if not worker.assigned:
             worker.head_since = time.monotonic()
         worker.assigned.append(chunk)
 
+    def trim_functions(self, worker: WorkerProcess) -> None:
+        """Tell the worker to forget its oldest functions, never one a live job of its still needs."""
+        in_use = {self.jobs[j].header["key"] for j in worker.jobs if j in self.jobs}
+        for key in list(worker.keys):
+            if len(worker.keys) <= FUNCTION_CACHE:
+                break
+            if key not in in_use:
+                del worker.keys[key]
+                worker.channel.send({"op": "forget", "key": key})
+
     def stop_all(self) -> None:
+        for job_id in list(self.jobs):
+            self.drop_job(job_id)
         for worker in self.workers.values():
             worker.kill()
         for worker in self.workers.values():
@@ -442,6 +485,14 @@ class Sidecar:
                 pass
         self.kernel.close()
         shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def main(argv: list[str]) -> None:

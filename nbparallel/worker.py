@@ -20,16 +20,15 @@ import struct
 import sys
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 from . import serialization as ser
+from . import shm
 from .errors import SerializationError
 from .protocol import PROTOCOL_VERSION, SLOT, SLOT_OFFSET, SLOT_STARTED, Frame, read_frame, send_frame
 
 FLUSH_INTERVAL = 0.25  # seconds: a long chunk streams the results it has at this pace
-FUNCTION_CACHE = 16  # unpickled functions kept, most recently used first
 WATCH_INTERVAL = 0.5  # seconds between checks that the sidecar is still alive
 
 
@@ -40,9 +39,9 @@ class Connection:
         self.sock = sock
         self.lock = threading.Lock()
 
-    def send(self, header: dict[str, Any], buffers: list[bytes] | None = None) -> None:
+    def send(self, header: dict[str, Any], buffers: list[bytes] | None = None, fds: list[int] | None = None) -> None:
         with self.lock:
-            send_frame(self.sock, header, buffers or [])
+            send_frame(self.sock, header, buffers or [], fds or [])
 
 
 class TaggedOutput(io.TextIOBase):
@@ -103,8 +102,8 @@ class Worker:
         self.conn = conn
         self.slot = slot
         self.state = WorkerState()
-        self.function_bytes: dict[str, bytes] = {}
-        self.functions: OrderedDict[str, Callable[..., Any]] = OrderedDict()
+        self.function_frames: dict[str, Frame] = {}  # received, not yet unpickled
+        self.functions: dict[str, Callable[..., Any]] = {}  # the sidecar says when to forget one
         self.jobs: dict[int, dict[str, Any]] = {}
 
     def serve(self) -> None:
@@ -119,21 +118,22 @@ class Worker:
             elif op == "job":
                 self.jobs[frame["job"]] = frame.header
                 if frame.buffers:
-                    self.function_bytes[frame["key"]] = bytes(frame.payload)
+                    self.function_frames[frame["key"]] = frame
             elif op == "end":
                 self.jobs.pop(frame["job"], None)
+            elif op == "forget":
+                self.functions.pop(frame["key"], None)
+                stale = self.function_frames.pop(frame["key"], None)
+                if stale is not None:
+                    ser.close_fds(stale)
             elif op == "exit":
                 return
 
     def function(self, key: str) -> Callable[..., Any]:
         fn = self.functions.get(key)
         if fn is None:
-            fn = ser.loads(self.function_bytes[key])
+            fn = ser.unpack(self.function_frames.pop(key))
             self.functions[key] = fn
-            if len(self.functions) > FUNCTION_CACHE:
-                old, _ = self.functions.popitem(last=False)
-                self.function_bytes.pop(old, None)
-        self.functions.move_to_end(key)
         return fn
 
     def enter_job(self, job: dict[str, Any]) -> None:
@@ -161,7 +161,7 @@ class Worker:
             self.enter_job(job)
             fn = self.function(job["key"])
             stage = "items"
-            items = ser.loads(frame.payload)
+            items = ser.unpack(frame)
         except BaseException as exc:  # the function or the items could not be rebuilt here
             error = SerializationError(
                 f"the worker could not unpickle the {stage}: {type(exc).__name__}: {exc}. "
@@ -225,7 +225,13 @@ class Worker:
             "elapsed": time.perf_counter() - began,
             "final": final,
         }
-        self.conn.send(header, [batch.pickle()])
+        packed = batch.pickle()
+        try:
+            if packed.specs:
+                header["oob"] = packed.specs
+            self.conn.send(header, [packed.data], packed.fds)
+        finally:
+            packed.close()
 
 
 class Batch:
@@ -245,12 +251,12 @@ class Batch:
     def add_problem(self, offset: int, status: int, value: Any) -> None:
         self.problems[offset] = (status, value)
 
-    def pickle(self) -> bytes:
+    def pickle(self) -> shm.Packed:
         offsets: range | list[int] = self.offsets
         if self.offsets and self.offsets[-1] - self.offsets[0] + 1 == len(self.offsets):
             offsets = range(self.offsets[0], self.offsets[-1] + 1)
         try:
-            return ser.dumps((offsets, self.values, self.problems))
+            return ser.pack((offsets, self.values, self.problems))
         except Exception:
             pass
         # One value spoils the batch: pickle each alone and fail only those that cannot travel.
@@ -278,7 +284,7 @@ class Batch:
                 kept_values.append(value)
             else:
                 problems[offset] = (status, value)
-        return ser.dumps((kept_offsets, kept_values, problems))
+        return ser.pack((kept_offsets, kept_values, problems))
 
 
 def _flush_std() -> None:

@@ -105,10 +105,12 @@ def test_shutdown_cancel_futures() -> None:
 
 
 def test_max_workers_caps_the_executor() -> None:
-    def who(_: int) -> int:
+    def span(_: int) -> tuple[float, float]:
+        began = time.monotonic()  # CLOCK_MONOTONIC: comparable across processes on one machine
         time.sleep(0.1)
-        return os.getpid()
+        return began, time.monotonic()
 
     with nbparallel.Executor(max_workers=1) as pool:
-        pids = {f.result() for f in [pool.submit(who, i) for i in range(4)]}
-    assert len(pids) == 1
+        spans = sorted(f.result() for f in [pool.submit(span, i) for i in range(4)])
+    for (_, end), (start, _) in zip(spans, spans[1:]):
+        assert start >= end - 0.005, f"two tasks overlapped: {spans}"
