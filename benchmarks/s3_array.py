@@ -6,7 +6,8 @@ into a temporary folder; nbparallel today pickles them through the sidecar), Das
 first. The pool is started and warmed before timing: this is the cost of moving data, not of
 starting workers. Two reference rows bound it: "serial" sums the slices in the caller, and
 "limit: shared read" is forked workers summing an array they already share (nothing moves), the
-floor any zero-copy scheme can reach. ``peak RSS`` is the caller's high-water mark (ru_maxrss)
+floor any zero-copy scheme can reach. Where the engine has ``shared_array``, a row
+"nbparallel (shared_array)" allocates the array in shared memory from the start. ``peak RSS`` is the caller's high-water mark (ru_maxrss)
 beyond the array itself: what the copies cost the caller.
 """
 
@@ -24,17 +25,44 @@ NAME = "s3_array"
 TITLE = "S3  large array reduced in 64 slices"
 SLICES = 64
 REFERENCES = ("serial", "shared-read")
+# nbparallel with the array allocated in shared memory from the start (nbparallel.shared_array),
+# where the engine has it: the issue's "under 0.1 s for a shared array" target.
+SHARED_NBP = "nbparallel-shared"
 
 
 def plan(opts: Options) -> list[Case]:
     params = {"mib": opts.s3_mib, "workers": opts.workers, "repeats": opts.repeats}
-    return [Case(NAME, peer, params, opts.timeout) for peer in [*opts.peers, *REFERENCES]]
+    extra = [SHARED_NBP] if "nbparallel" in opts.peers else []
+    return [Case(NAME, peer, params, opts.timeout) for peer in [*opts.peers, *extra, *REFERENCES]]
+
+
+def _shared_array_factory() -> Any:
+    import nbparallel
+
+    for where in (nbparallel, getattr(nbparallel, "shm", None)):
+        try:
+            return getattr(where, "shared_array")
+        except AttributeError:
+            continue
+    try:
+        from nbparallel.shm import shared_array  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        return None
+    return shared_array
 
 
 def measure(peer_name: str, params: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
 
-    array = np.arange(params["mib"] * 2**20 // 8, dtype=np.float64)  # written, so resident
+    count = params["mib"] * 2**20 // 8
+    if peer_name == SHARED_NBP:
+        factory = _shared_array_factory()
+        if factory is None:
+            raise RuntimeError("this nbparallel has no shared_array")
+        array = factory(count, np.float64)
+        array[:] = np.arange(count, dtype=np.float64)
+    else:
+        array = np.arange(count, dtype=np.float64)  # written, so resident
     edges = np.linspace(0, len(array), SLICES + 1).astype(int)
     bounds = [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
     slices = [array[a:b] for a, b in bounds]  # views: no copy in the caller
@@ -53,8 +81,8 @@ def measure(peer_name: str, params: dict[str, Any]) -> dict[str, Any]:
             peer = make_peer("pool-fork")
             label = "limit: shared read (fork)"
         else:
-            peer = make_peer(peer_name)
-            label = peer.label()
+            peer = make_peer("nbparallel" if peer_name == SHARED_NBP else peer_name)
+            label = "nbparallel (shared_array)" if peer_name == SHARED_NBP else peer.label()
         peer.start(params["workers"])
         try:
             peer.map(tasks.small, list(range(2 * params["workers"])))  # workers up before the clock starts

@@ -259,8 +259,9 @@ def _stop(run: MapRun, batch: Batch, spans: list[tuple[int, list[Any]]], singles
 
 
 def _interrupt_message(run: MapRun) -> str:
-    return (f"nbparallel: cancelled after {run.done} of {run.next_index if run.exhausted else 'unknown'} items "
-            f"finished; the finished results are in err.completed")
+    total = run.next_index if run.exhausted else run.total
+    return (f"nbparallel: cancelled after {run.done} of {total if total is not None else 'an unknown number of'} "
+            "items finished; the finished results are in err.completed")
 
 
 def _interrupted(run: MapRun, spans: list[tuple[int, list[Any]]], singles: dict[int, Any]) -> Interrupted:

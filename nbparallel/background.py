@@ -19,6 +19,7 @@ from typing import Any
 from . import serialization as ser
 from .output import _current_parent, _kernel_shell, capture_sink
 
+
 class CellOutput:
     """Publishes into the cell that was running when this was made, from any thread later.
 

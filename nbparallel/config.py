@@ -39,6 +39,8 @@ MAX_CHUNK_BYTES = 8 * 2**20
 # Items in flight (sent, not yet handed to the caller), in chunks per worker: enough to keep every
 # worker busy while results travel, few enough that a 10-million-item generator never sits in memory.
 CHUNKS_IN_FLIGHT_PER_WORKER = 4
+# ...and a bound in bytes, so big items don't pile up in the sidecar either.
+MAX_BYTES_IN_FLIGHT = 256 * 2**20
 # How long to wait for the sidecar to confirm a cancellation before raising anyway.
 CANCEL_WAIT = 0.8
 # How long the sidecar may take to start and answer its first message.

@@ -182,7 +182,7 @@ class WorkerCrashed(NbParallelError):
         tries = f" (tried {attempts} times)" if attempts > 1 else ""
         super().__init__(
             f"the worker (pid {pid}) running {_which(index, item)} died{tries}: {cause}{mem}. "
-            f"The worker was replaced and the other items went on.{hint}",
+            f"The worker was replaced.{hint}",
             index=index,
             item=item,
         )
@@ -216,8 +216,8 @@ class TaskTimeout(NbParallelError):
                  limit: float | None = None, attempts: int = 1):
         super().__init__(message or (
             f"{_which(index, item)} ran past its time limit of {limit:g} s"
-            f"{f' (tried {attempts} times)' if attempts > 1 else ''}; its worker was killed and replaced "
-            "and the other items went on. Raise timeout= if it needs longer."
+            f"{f' (tried {attempts} times)' if attempts > 1 else ''}; its worker was killed and replaced. "
+            "Raise timeout= if it needs longer."
         ), index=index, item=item)
         self.limit = limit
         self.attempts = attempts

@@ -1,8 +1,9 @@
 """The IPython extension: ``%%parallel``, ``%nbparallel`` and ``load_ipython_extension``.
 
 The only module that imports IPython. A thin layer over the public API: a ``--map`` cell is one
-``api.map`` call, a ``--bg`` cell one ``submit``. Turning the cell into something a worker runs is
-``cellcode``'s job; what a ``--map`` cell stores is a ``results.Results``.
+``api.map`` call, a ``--bg`` cell one ``submit``. The rest lives in IPython-free modules: the line
+in ``cellargs``, the cell turned into something a worker runs in ``cellcode``, what a ``--map``
+cell stores in ``results``, and ``--bg`` jobs in ``background``.
 """
 
 from __future__ import annotations

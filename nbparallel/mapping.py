@@ -126,6 +126,7 @@ class _InFlight:
     start: int
     items: list[Any]
     left: int
+    size: int  # bytes of the pickled items
     settled: list[range | list[int]] = field(default_factory=list)  # indices with an outcome
 
     def is_settled(self, index: int) -> bool:
@@ -163,12 +164,13 @@ class MapRun:
         self.sizer = ChunkSizer(chunksize, self.workers)
         self.stop_on_error = stop_on_error
         self.events: queue.SimpleQueue[Frame | SidecarDied] = queue.SimpleQueue()
-        self.sink = capture_sink()
+        self.sink = capture_sink()  # captured again when the run starts (an imap may start later)
         self.job = self.client.new_job_id()
         self.next_index = 0
         self.exhausted = False
         self.in_flight: dict[int, _InFlight] = {}
         self.unresolved = 0
+        self.bytes_in_flight = 0
         self.done = 0
         self.failed = 0
         self.finished = False
@@ -218,6 +220,7 @@ class MapRun:
     def batches(self) -> Generator[Batch, None, None]:
         """Outcomes as they arrive, until every item has one."""
         flush_std()
+        self.sink = capture_sink()  # output goes to the cell that consumes the results
         self.client.register(self.job, self)
         try:
             self.client.send_packed(
@@ -257,7 +260,8 @@ class MapRun:
     def pump(self) -> None:
         max_chunks = config.CHUNKS_IN_FLIGHT_PER_WORKER * self.workers
         while not self.exhausted and len(self.in_flight) < max_chunks:
-            if self.in_flight and self.unresolved + self.backlog() >= max_chunks * config.MAX_CHUNK_ITEMS:
+            if self.in_flight and (self.unresolved + self.backlog() >= max_chunks * config.MAX_CHUNK_ITEMS
+                                   or self.bytes_in_flight >= config.MAX_BYTES_IN_FLIGHT):
                 return
             remaining = None if self.total is None else self.total - self.next_index
             items = list(itertools.islice(self.items, self.sizer.next_size(remaining)))
@@ -265,13 +269,15 @@ class MapRun:
                 self.exhausted = True
                 return
             payload = ser.dumps_items(items, self.next_index)
-            self.sizer.observe_bytes(len(items), len(payload.data) + sum(s["size"] for s in payload.specs))
+            size = len(payload.data) + sum(s["size"] for s in payload.specs)
+            self.sizer.observe_bytes(len(items), size)
             chunk = self.client.new_chunk_id()
             self.client.send_packed(
                 {"op": "chunk", "job": self.job, "chunk": chunk, "start": self.next_index, "count": len(items)},
                 payload,
             )
-            self.in_flight[chunk] = _InFlight(self.next_index, items, len(items))
+            self.in_flight[chunk] = _InFlight(self.next_index, items, len(items), size)
+            self.bytes_in_flight += size
             self.next_index += len(items)
             self.unresolved += len(items)
 
@@ -353,6 +359,7 @@ class MapRun:
                     f"{type(exc).__name__}: {exc}. Is everything the function returns importable in the "
                     "kernel?", index=flight.start + offset, item=ser.describe(item))
         self.unresolved -= flight.left
+        self.bytes_in_flight -= flight.size
         del self.in_flight[chunk]
         self.failed += len(errors)
         return Batch([], [], errors)
@@ -362,6 +369,7 @@ class MapRun:
         flight.left -= count
         self.unresolved -= count
         if flight.left <= 0:
+            self.bytes_in_flight -= flight.size
             del self.in_flight[chunk]
 
     def cancel(self, reason: str = "cancelled") -> None:

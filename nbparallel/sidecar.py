@@ -45,6 +45,7 @@ TICK = 0.25  # seconds between housekeeping passes (kernel alive? memory samples
 SAMPLE_INTERVAL = 0.5  # seconds between memory samples of the workers
 # While a job has a time or memory limit, look more often: a limit is only as sharp as this.
 WATCH_TICK = 0.05
+TRIM_AFTER = 16 * 2**20  # bytes routed between two returns of free memory to the system
 
 
 @dataclass
@@ -91,6 +92,7 @@ class Sidecar:
         self.jobs: dict[int, Job] = {}
         self.size = 1
         self.max_tasks = 0  # replace a worker after this many items (0: never)
+        self.routed_since_trim = 0
         self.preload: list[str] = []
         self.env = dict(os.environ)
         self.running = True
@@ -143,6 +145,10 @@ class Sidecar:
             self.sample_memory()
         self.enforce_limits(now)
         self.resize()
+        if self.routed_since_trim > TRIM_AFTER and not any(job.queue for job in self.jobs.values()):
+            # glibc keeps freed payload memory around; hand it back so the sidecar stays small.
+            self.routed_since_trim = 0
+            _malloc_trim()
 
     def enforce_limits(self, now: float) -> None:
         """Kill a worker whose item ran past the job's timeout or whose memory passed its limit."""
@@ -213,6 +219,7 @@ class Sidecar:
         self.jobs[frame["job"]] = Job(frame.header, frame.payload, frame.fds)
 
     def on_chunk(self, frame: Frame) -> None:
+        self.routed_since_trim += len(frame.payload)
         job = self.jobs.get(frame["job"])
         chunk = Chunk(frame["job"], frame["chunk"], frame["start"], frame["count"],
                       frame.payload, frame.fds, frame.get("oob"))
@@ -349,6 +356,7 @@ class Sidecar:
             if job is not None:
                 old, new = job.chunk_seconds, float(frame["elapsed"])
                 job.chunk_seconds = new if old is None else 0.7 * old + 0.3 * new
+        self.routed_since_trim += len(frame.payload)
         if job is not None:
             header = {**frame.header, "start": chunk.start, "pid": worker.pid}
             self.kernel.send(header, frame.buffers, frame.fds, close_fds=True)
@@ -485,6 +493,16 @@ class Sidecar:
                 pass
         self.kernel.close()
         shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+
+def _malloc_trim() -> None:
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
 
 
 def _close_all(fds: list[int]) -> None:

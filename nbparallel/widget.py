@@ -15,9 +15,10 @@ import anywidget
 import traitlets
 
 
-def js_dir() -> Path:
-    """The folder holding progress.js: ``nbparallel/js`` in a wheel, the repository's ``js/`` otherwise."""
-    here = Path(__file__).resolve().parent
+def js_dir(package: Path | None = None) -> Path:
+    """The folder holding progress.js: ``nbparallel/js`` in a wheel (pyproject.toml force-includes it
+    there), the repository's ``js/`` in a source checkout or an editable install."""
+    here = package if package is not None else Path(__file__).resolve().parent
     for candidate in (here / "js", here.parent / "js"):
         if (candidate / "progress.js").is_file():
             return candidate

@@ -56,7 +56,7 @@ def no_leaked_processes() -> Iterator[None]:
             proc.kill()
         except psutil.NoSuchProcess:
             pass
-    assert not leaked, f"the test left processes running: {[(p.pid, p.cmdline()[:4]) for p in leaked]}"
+    assert not leaked, f"the test left processes running: {[_describe(p) for p in leaked]}"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -71,7 +71,14 @@ def nothing_left_at_the_end() -> Iterator[None]:
         if not left:
             return
         time.sleep(0.1)
-    pytest.fail(f"processes left after the session: {[(p.pid, p.cmdline()[:4]) for p in left]}")
+    pytest.fail(f"processes left after the session: {[_describe(p) for p in left]}")
+
+
+def _describe(proc: psutil.Process) -> str:
+    try:
+        return f"{proc.pid} {' '.join(proc.cmdline()[:4])}"
+    except psutil.Error:  # it died (or turned zombie) while we looked
+        return f"{proc.pid} (gone)"
 
 
 @pytest.fixture

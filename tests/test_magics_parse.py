@@ -17,7 +17,7 @@ from IPython.core.error import UsageError
 from IPython.testing.globalipapp import get_ipython
 
 import nbparallel
-from nbparallel import client, magics
+from nbparallel import background, client
 from nbparallel import serialization as ser
 from nbparallel.cellargs import combine, evaluate_maps, split_line
 from nbparallel.cellcode import CellError, CellRunner, ModuleRef, analyse, capture, unpicklable_capture
@@ -230,10 +230,10 @@ def test_bad_arguments_are_usage_errors_and_start_nothing(fresh: Any, line: str,
 
 
 def test_an_unpicklable_capture_starts_no_background_job(fresh: Any) -> None:
-    jobs_before = dict(magics._jobs)
+    jobs_before = dict(background.jobs)
     with pytest.raises(UsageError, match="'lock' \\(_thread.lock\\) cannot be sent"):
         fresh.run_cell_magic("parallel", "--bg", "x = lock")
-    assert magics._jobs == jobs_before
+    assert background.jobs == jobs_before
     # submit() starts the sidecar before it pickles the function (see the report), so only the job
     # is checked here: the sidecar holds none.
     assert nbparallel.status()["jobs"] == 0
