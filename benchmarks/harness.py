@@ -196,11 +196,12 @@ def source_info() -> dict[str, str]:
         info["source"] = os.environ["NBP_BENCH_SOURCE"]
     try:
         git = ["git", "-C", str(ROOT)]
-        info["commit"] = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True,
-                                        text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run([*git, "status", "--porcelain", "--", "nbparallel"], capture_output=True,
-                               text=True, timeout=10).stdout.strip()
-        info["engine_edits"] = "uncommitted edits in nbparallel/" if dirty else "none"
+        head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
+        if head.returncode == 0:  # not a checkout (e.g. a copy made with git archive): say nothing
+            info["commit"] = head.stdout.strip()
+            dirty = subprocess.run([*git, "status", "--porcelain", "--", "nbparallel"], capture_output=True,
+                                   text=True, timeout=10).stdout.strip()
+            info["engine_edits"] = "uncommitted edits in nbparallel/" if dirty else "none"
     except (OSError, subprocess.SubprocessError):
         pass
     return info

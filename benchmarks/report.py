@@ -1,9 +1,9 @@
-"""Plain-text tables and the "÷ best peer" ratios every scenario prints.
+"""Plain-text tables and the "÷best" ratios every scenario prints.
 
-Ratio convention (the same in every table): the row's cost divided by the best *other* peer's cost,
-where cost is time, memory, or time per item. 1.00 means as good as the best peer, 2.00 twice as
-slow (or twice the memory), 0.50 twice as fast. Reference rows (serial, shared-memory limit) are
-shown but never count as "the best peer".
+Ratio convention (the same in every table): the row's cost divided by the best peer's cost, where
+cost is time, memory, or time per item, and "the best peer" is the lowest cost among the peers,
+nbparallel's own rows and reference rows (serial, shared-memory limit) left out. 1.00x is the best
+peer itself, 2.00x twice as slow (or twice the memory), 0.50x twice as good as the best peer.
 """
 
 from __future__ import annotations
@@ -46,12 +46,12 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def ratios(costs: dict[str, float | None], reference: Collection[str] = ()) -> dict[str, float | None]:
-    """Each name's cost divided by the lowest cost among the *other* non-reference names."""
-    out: dict[str, float | None] = {}
-    for name, cost in costs.items():
-        others = [c for n, c in costs.items() if n != name and n not in reference and c is not None and c > 0]
-        out[name] = None if cost is None or not others else cost / min(others)
-    return out
+    """Each name's cost divided by the best peer's: the lowest cost among names that are neither
+    nbparallel rows (names starting with "nbparallel") nor in ``reference``."""
+    peers = [c for n, c in costs.items()
+             if not n.startswith("nbparallel") and n not in reference and c is not None and c > 0]
+    best = min(peers) if peers else None
+    return {name: None if cost is None or best is None else cost / best for name, cost in costs.items()}
 
 
 def seconds(value: float | None) -> str | None:

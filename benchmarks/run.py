@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     source = meta["nbparallel_source"]
     print(f"nbparallel benchmarks, {meta['date']}: {meta['usable_cpus']} usable CPUs, {meta['ram_gib']} GiB, "
           f"Python {meta['python']}, load average {meta['load_avg'][0]:.2f}; nbparallel from {source['path']} "
-          f"({source.get('commit', source.get('source', '?'))}, edits: {source.get('engine_edits', '?')})",
+          f"({source.get('source') or source.get('commit', '?')}, edits: {source.get('engine_edits', 'n/a')})",
           file=sys.stderr)
     record: dict[str, Any] = {"meta": meta, "options": vars(opts), "scenarios": {}}
     tables = []

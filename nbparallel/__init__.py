@@ -20,9 +20,12 @@ __all__ = [
     "configure",
     "status",
     "shutdown",
+    "share",
+    "shared_array",
     "NbParallelError",
     "TaskError",
     "WorkerCrashed",
+    "MemoryLimitExceeded",
     "TaskTimeout",
     "SidecarDied",
     "SerializationError",
@@ -39,18 +42,21 @@ _WHERE = {
     "shutdown": "api",
     "submit": "futures",
     "Executor": "futures",
+    "share": "shm",
+    "shared_array": "shm",
     # IPython is imported only when IPython itself asks for these (``%load_ext nbparallel``).
     "load_ipython_extension": "magics",
     "unload_ipython_extension": "magics",
-    **{name: "errors" for name in ("NbParallelError", "TaskError", "WorkerCrashed", "TaskTimeout",
+    **{name: "errors" for name in ("NbParallelError", "TaskError", "WorkerCrashed", "MemoryLimitExceeded", "TaskTimeout",
                                    "SidecarDied", "SerializationError", "Interrupted")},
 }
 
 if TYPE_CHECKING:
     from .api import configure, imap, map, shutdown, status
-    from .errors import (Interrupted, NbParallelError, SerializationError, SidecarDied, TaskError,
-                         TaskTimeout, WorkerCrashed)
+    from .errors import (Interrupted, MemoryLimitExceeded, NbParallelError, SerializationError, SidecarDied,
+                         TaskError, TaskTimeout, WorkerCrashed)
     from .futures import Executor, submit
+    from .shm import share, shared_array
     from .magics import load_ipython_extension, unload_ipython_extension
 
 

@@ -20,6 +20,7 @@ import mmap
 import os
 import pickle
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,8 +51,8 @@ class Packed:
         self.owned = []
 
 
-# Segments made by shared_array, by the address range of their mapping.
-_segments: dict[int, tuple[int, int, int, mmap.mmap]] = {}  # start -> (end, fd, size, mapping)
+# Segments made by shared_array and share, by the address range of their mapping.
+_segments: dict[int, tuple[int, int, bool, mmap.mmap]] = {}  # start -> (end, fd, writable, mapping)
 _segments_lock = threading.Lock()
 
 
@@ -71,9 +72,9 @@ def _find_segment(view: memoryview) -> tuple[int, int, bool] | None:
         return None
     start = _address(view)
     with _segments_lock:
-        for seg_start, (seg_end, fd, _, _) in _segments.items():
+        for seg_start, (seg_end, fd, writable, _) in _segments.items():
             if seg_start <= start and start + view.nbytes <= seg_end:
-                return fd, start - seg_start, True
+                return fd, start - seg_start, writable
     return None
 
 
@@ -170,14 +171,114 @@ def shared_array(shape: int | tuple[int, ...], dtype: Any = float) -> Any:
         return numpy.zeros(shape, dtype)
     fd, mapping = _new_segment(size, "nbparallel-shared-array")
     array = numpy.frombuffer(mapping, dtype=dtype, count=count).reshape(shape)
-    start = _address(memoryview(mapping))
-    with _segments_lock:
-        _segments[start] = (start + max(size, 1), fd, size, mapping)
+    start = _register(fd, mapping, writable=True)
     # When the array and its views are gone, forget the segment and close our descriptor.
-    import weakref
-
     weakref.finalize(array.base if array.base is not None else array, _forget, start)
     return array
+
+
+def _register(fd: int, mapping: mmap.mmap, *, writable: bool) -> int:
+    start = _address(memoryview(mapping))
+    with _segments_lock:
+        _segments[start] = (start + len(mapping), fd, writable, mapping)
+    return start
+
+
+_ALIGN = 64  # buffers start on cache-line boundaries, as numpy likes
+
+
+class Shared:
+    """A value placed in shared memory once, for use by any number of calls (``nbparallel.share``).
+
+    Passing the handle (as an argument, or captured by the mapped function) sends only a reference
+    to the segment; each worker unpickles the value once and keeps it, its arrays mapped read-only.
+    Use ``handle.value`` wherever the value is needed, in the kernel and in the task alike. In the
+    kernel it is backed by the same memory: drop the original to keep a single copy. The memory is
+    freed when the handle and every worker's copy are gone.
+    """
+
+    def __init__(self, value: Any) -> None:
+        buffers: list[pickle.PickleBuffer] = []
+
+        def collect(buffer: pickle.PickleBuffer) -> bool:
+            try:
+                buffer.raw()
+            except BufferError:
+                return True  # not contiguous: inline
+            buffers.append(buffer)
+            return False
+
+        stream = cloudpickle.dumps(value, protocol=5, buffer_callback=collect)
+        raws = [b.raw().cast("B") for b in buffers]
+        layout: list[tuple[int, int]] = []
+        at = _aligned(len(stream))
+        for raw in raws:
+            layout.append((at, raw.nbytes))
+            at = _aligned(at + raw.nbytes)
+        self.token = os.urandom(8).hex()
+        self.nbytes = at
+        if not AVAILABLE:  # no shared memory here: the handle pickles as the value itself
+            self.value = value
+            self._layout: tuple[int, list[tuple[int, int]]] | None = None
+            return
+        fd, mapping = _new_segment(at, "nbparallel-shared")
+        mapping[: len(stream)] = stream
+        for (offset, size), raw in zip(layout, raws):
+            mapping[offset : offset + size] = raw
+        self._start = _register(fd, mapping, writable=False)
+        self._view = memoryview(mapping)
+        self._layout = (len(stream), layout)
+        self.value = _rebuild_from(self._view, self._layout)
+        weakref.finalize(self, _forget, self._start)
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        if self._layout is None or not isinstance(protocol, int) or protocol < 5:
+            return (_identity, (self.value,))
+        return (_attach, (self.token, self._layout, pickle.PickleBuffer(self._view)))
+
+    def __repr__(self) -> str:
+        return f"<nbparallel.Shared {type(self.value).__name__}, {self.nbytes / 2**20:.1f} MiB in shared memory>"
+
+
+def _aligned(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def _rebuild_from(view: memoryview, layout: tuple[int, list[tuple[int, int]]]) -> Any:
+    stream_size, buffers = layout
+    return pickle.loads(view[:stream_size], buffers=[view[o : o + n] for o, n in buffers])
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+_attached: dict[str, Shared] = {}  # in a worker: token -> handle, most recent last
+_ATTACHED_KEPT = 16
+
+
+def _attach(token: str, layout: tuple[int, list[tuple[int, int]]], buffer: Any) -> Shared:
+    """In a worker: the handle, its value unpickled on first use and kept for later calls."""
+    handle = _attached.pop(token, None)
+    if handle is None:
+        handle = Shared.__new__(Shared)
+        handle.token, handle._layout = token, None
+        handle.value = _rebuild_from(memoryview(buffer), layout)
+        handle.nbytes = len(buffer.raw()) if isinstance(buffer, pickle.PickleBuffer) else memoryview(buffer).nbytes
+    _attached[token] = handle
+    while len(_attached) > _ATTACHED_KEPT:
+        _attached.pop(next(iter(_attached)))
+    return handle
+
+
+def share(value: Any) -> Shared:
+    """Place ``value`` in shared memory once and return a handle to pass to any number of calls.
+
+    ``m = nbparallel.share(model)``, then ``nbparallel.map(lambda x: m.value.predict(x), batches)``:
+    every call sends a reference, each worker unpickles the model once, and its arrays are the
+    shared memory itself.
+    """
+    return Shared(value)
 
 
 def _forget(start: int) -> None:

@@ -1,0 +1,454 @@
+"""The progress display: its model, the throttled driver, the widget from Python, the text fallback
+(in subprocesses, stderr captured, and under a pseudo-terminal) and a headless notebook run.
+
+The real-browser checks are in test_browser.py; the JavaScript helpers in test_js.py.
+"""
+
+from __future__ import annotations
+
+import os
+import pty
+import select
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import nbparallel
+from nbparallel import progress
+from nbparallel.progress_model import MAX_ERRORS, MAX_OUTPUT_LINES, LaneBook, ProgressModel, Snapshot
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- the model --------------------------------------------------------------------------------------
+
+class Clock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    fake = Clock()
+    monkeypatch.setattr("nbparallel.progress_model.time.monotonic", fake)
+    return fake
+
+
+def test_counts_rate_eta_and_summary(clock: Clock) -> None:
+    model = ProgressModel("map(f)", total=100, workers=2)
+    clock.now += 2
+    model.set_counts(18, 2)
+    snap = model.snapshot()
+    assert (snap.done, snap.failed, snap.total, snap.state) == (18, 2, 100, "running")
+    assert snap.elapsed == pytest.approx(2.0)
+    assert snap.rate == pytest.approx(10.0)  # 20 outcomes in 2 s
+    assert snap.eta == pytest.approx(8.0)  # 80 left at 10/s
+    assert snap.summary == "running · 20 of 100 items · 2.0 s · 2 failed"
+    # The rate follows recent work, not the average since the start.
+    clock.now += 1
+    model.set_counts(68, 2)
+    assert model.snapshot().rate == pytest.approx(50.0)
+    clock.now += 1.5
+    model.set_counts(97, 3)
+    model.finish("done")
+    snap = model.snapshot()
+    assert snap.state == "done" and snap.eta is None
+    assert snap.rate == pytest.approx(100 / 4.5)  # a finished call reports its overall rate
+    assert snap.summary == "100 items in 4.5 s · 2 workers · 3 failed"
+    clock.now += 60
+    assert model.snapshot().elapsed == pytest.approx(4.5)  # the clock stops at the end
+
+
+@pytest.mark.parametrize(("state", "unit", "total", "done", "expected"), [
+    ("failed", "items", 60, 31, "failed after 32 of 60 items in 1.0 s · 2 workers · 1 failed"),
+    ("cancelled", "items", None, 9, "cancelled after 10 items in 1.0 s · 2 workers · 1 failed"),
+    ("cancelled", "tasks", 1, -1, "cancelled after 0 of 1 task in 1.0 s · 2 workers"),
+    ("done", "tasks", 1, 0, "1 task in 1.0 s · 2 workers · 1 failed"),
+])
+def test_summary_names_the_end(clock: Clock, state: str, unit: str, total: int | None, done: int,
+                               expected: str) -> None:
+    model = ProgressModel("x", total=total, workers=2, unit=unit)
+    clock.now += 1
+    model.set_counts(max(done, 0), 0 if done < 0 else 1)
+    model.finish(state)
+    assert model.snapshot().summary == expected
+
+
+def test_unknown_total_has_no_eta(clock: Clock) -> None:
+    model = ProgressModel("imap(f)")
+    clock.now += 2
+    model.set_counts(10, 0)
+    snap = model.snapshot()
+    assert snap.total is None and snap.eta is None and snap.rate == pytest.approx(5.0)
+    assert snap.summary == "running · 10 items · 2.0 s"
+
+
+def test_failures_and_output_are_bounded_and_lines_are_joined() -> None:
+    model = ProgressModel("map(f)")
+    errors = {i: nbparallel.WorkerCrashed(index=i, item=str(i), pid=100 + i, exitcode=-9) for i in range(150)}
+    model.add_errors(errors, lambda i: f"item {i}")
+    snap = model.snapshot()
+    assert snap.error_count == 150 and len(snap.errors) == MAX_ERRORS
+    first = snap.errors[0]
+    assert first["where"] == "item 0" and first["kind"] == "WorkerCrashed"
+    assert first["message"].startswith("WorkerCrashed: the worker (pid 100) running item 0")
+    # A worker's line may arrive in pieces; it is one line in the panel.
+    model.add_output("stdout", "hel", 3)
+    model.add_output("stdout", "lo\nworld\npart", 3)
+    model.add_output("stderr", "oops\n", 4)
+    snap = model.snapshot()
+    assert [(o["index"], o["stream"], o["text"]) for o in snap.output] == [
+        (3, "stdout", "hello"), (3, "stdout", "world"), (4, "stderr", "oops")]
+    for n in range(MAX_OUTPUT_LINES + 50):
+        model.add_output("stdout", f"line {n}\n", None)
+    model.finish("done")  # flushes the unended "part"
+    snap = model.snapshot()
+    assert len(snap.output) == MAX_OUTPUT_LINES and snap.output_count == MAX_OUTPUT_LINES + 54
+    assert snap.output[-1]["text"] == "part" and snap.output[-2]["text"] == f"line {MAX_OUTPUT_LINES + 49}"
+
+
+def test_task_error_keeps_the_remote_traceback() -> None:
+    def boom(x: int) -> int:
+        raise ValueError(f"bad {x}")
+
+    results = nbparallel.map(boom, [5], errors="return", progress=False)
+    model = ProgressModel("map(boom)")
+    model.add_errors({0: results[0]}, lambda i: f"item {i}")
+    entry = model.snapshot().errors[0]
+    assert entry["kind"] == "ValueError" and entry["message"] == "ValueError: bad 5"
+    assert "Traceback" in entry["traceback"] and "in boom" in entry["traceback"]
+
+
+def test_model_is_thread_safe() -> None:
+    model = ProgressModel("map(f)")
+
+    def hammer(n: int) -> None:
+        for i in range(2000):
+            model.add(done=1)
+            model.add_output("stdout", f"{n}:{i}\n", i)
+            model.snapshot()
+
+    threads = [threading.Thread(target=hammer, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    snap = model.snapshot()
+    assert snap.done == 8000 and snap.output_count == 8000
+
+
+def test_lanes_keep_their_place_when_a_worker_is_replaced() -> None:
+    book = LaneBook()
+
+    def classify(worker: dict[str, Any]) -> tuple[str, int | None]:
+        return (str(worker["state"]), worker.get("index"))
+
+    first = book.update([{"pid": 1, "state": "busy", "index": 4, "rss": 10, "tasks_done": 50},
+                         {"pid": 2, "state": "idle", "index": None, "rss": 20, "tasks_done": 7}], classify)
+    assert [(lane["pid"], lane["state"], lane["index"], lane["tasks"]) for lane in first] == [
+        (1, "busy", 4, 0), (2, "idle", None, 0)]  # tasks before this call are not counted
+    book.update([{"pid": 1, "state": "busy", "index": 9, "rss": 10, "tasks_done": 55},
+                 {"pid": 2, "state": "busy", "index": 8, "rss": 20, "tasks_done": 10}], classify)
+    book.note_crash(1, "item 9")
+    gone = book.update([{"pid": 2, "state": "busy", "index": 11, "rss": 20, "tasks_done": 12}], classify)
+    assert gone[0]["state"] == "crashed" and "crashed on item 9" in gone[0]["note"]
+    lanes = book.update([{"pid": 2, "state": "idle", "index": None, "rss": 20, "tasks_done": 13},
+                         {"pid": 3, "state": "starting", "index": None, "rss": 0, "tasks_done": 0}], classify)
+    assert [lane["pid"] for lane in lanes] == [3, 2]  # the new worker took the crashed one's lane
+    assert lanes[0]["restarts"] == 1 and lanes[0]["tasks"] == 5
+    assert lanes[0]["note"] == "pid 1 crashed on item 9; pid 3 took its place"
+
+
+# -- the driver: throttling, delay, and what each setting of `progress` does ---------------------------
+
+class Recorder:
+    """A renderer that remembers what it was asked to draw."""
+
+    wants_lanes = True
+    made: list[Recorder] = []
+
+    def __init__(self, on_cancel: Any = None) -> None:
+        self.on_cancel = on_cancel
+        self.calls: list[tuple[str, float, Snapshot]] = []
+        Recorder.made.append(self)
+
+    def show(self, snap: Snapshot) -> None:
+        self.calls.append(("show", time.monotonic(), snap))
+
+    def update(self, snap: Snapshot) -> None:
+        self.calls.append(("update", time.monotonic(), snap))
+
+    def finish(self, snap: Snapshot) -> None:
+        self.calls.append(("finish", time.monotonic(), snap))
+
+    def kinds(self) -> list[str]:
+        return [kind for kind, _, _ in self.calls]
+
+
+@pytest.fixture
+def recorder(monkeypatch: pytest.MonkeyPatch) -> type[Recorder]:
+    """Every display a call makes is a Recorder, as if the code ran in a kernel with widgets."""
+    Recorder.made = []
+    monkeypatch.setattr(progress, "choose_display", lambda force: "widget")
+    monkeypatch.setattr(progress, "make_renderer", lambda kind, on_cancel=None: Recorder(on_cancel))
+    return Recorder
+
+
+def test_many_fast_items_are_coalesced(recorder: type[Recorder]) -> None:
+    started = time.monotonic()
+    results = nbparallel.map(abs, range(-20_000, 0), workers=2, progress=True)
+    took = time.monotonic() - started
+    assert results[:3] == [20_000, 19_999, 19_998]
+    shown = recorder.made[0]
+    kinds = shown.kinds()
+    assert kinds[0] == "show" and kinds[-1] == "finish" and kinds.count("finish") == 1
+    # At most ~10 redraws a second, however many batches arrived.
+    assert kinds.count("update") <= took * 10 + 2, (kinds.count("update"), took)
+    final = shown.calls[-1][2]
+    assert (final.state, final.done, final.total) == ("done", 20_000, 20_000)
+    assert len(final.lanes) == 2 and sum(lane["tasks"] for lane in final.lanes) == 20_000
+
+
+def test_auto_shows_nothing_for_a_quick_call(recorder: type[Recorder]) -> None:
+    assert nbparallel.map(abs, [-1, -2, -3]) == [1, 2, 3]
+    assert recorder.made and recorder.made[0].calls == []
+
+
+def test_auto_shows_a_slow_call_after_progress_after(recorder: type[Recorder],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(nbparallel.client.settings, "progress_after", 0.3)
+    started = time.monotonic()
+    nbparallel.map(time.sleep, [0.1] * 12, workers=2)
+    kinds = recorder.made[0].kinds()
+    assert kinds[0] == "show" and kinds[-1] == "finish"
+    assert recorder.made[0].calls[0][1] - started >= 0.3
+    busy = [lane for kind, _, snap in recorder.made[0].calls for lane in snap.lanes if lane["state"] == "busy"]
+    assert busy and all(isinstance(lane["index"], int) for lane in busy if lane["index"] is not None)
+
+
+def test_progress_false_costs_nothing_and_bad_values_are_refused(recorder: type[Recorder]) -> None:
+    assert progress.for_call(False, abs, "map") is None
+    nbparallel.map(abs, [1, 2], progress=False)
+    assert recorder.made == []
+    with pytest.raises(TypeError, match="progress must be True, False or None"):
+        nbparallel.map(abs, [1], progress="yes")  # type: ignore[arg-type]
+
+
+def test_plain_python_draws_only_into_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(progress, "_shell", lambda: None)
+    monkeypatch.setattr("nbparallel.textbar._isatty", lambda stream: False)
+    assert progress.choose_display(force=False) is None
+    assert progress.choose_display(force=True) == "text"
+    monkeypatch.setattr("nbparallel.textbar._isatty", lambda stream: True)
+    assert progress.choose_display(force=False) == "text"
+
+
+def test_failed_call_ends_red(recorder: type[Recorder]) -> None:
+    def fail_at_three(x: int) -> int:
+        if x == 3:
+            raise KeyError(x)
+        return x
+
+    with pytest.raises(KeyError):
+        nbparallel.map(fail_at_three, range(8), workers=2, progress=True)
+    final = recorder.made[0].calls[-1][2]
+    assert final.state == "failed" and final.error_count >= 1
+    assert any(error["message"] == "KeyError: 3" for error in final.errors)
+
+
+def test_cancel_closes_an_imap_between_cells(recorder: type[Recorder]) -> None:
+    iterator = nbparallel.imap(time.sleep, [0.05] * 400, workers=2, progress=True)
+    assert [next(iterator) for _ in range(3)] == [None, None, None]
+    shown = recorder.made[0]
+    assert shown.on_cancel is not None  # imap in a kernel gets a Cancel button
+    shown.on_cancel()  # what clicking it does, while nothing is consuming the iterator
+    with pytest.raises(StopIteration):
+        next(iterator)
+    final = shown.calls[-1][2]
+    assert shown.kinds()[-1] == "finish" and final.state == "cancelled" and final.done < 400
+    deadline = time.monotonic() + 5
+    while any(w["state"] == "busy" for w in nbparallel.status()["workers"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(w["state"] == "busy" for w in nbparallel.status()["workers"])
+
+
+# -- the widget, from Python -------------------------------------------------------------------------
+
+def test_widget_traits_repr_and_module() -> None:
+    from nbparallel.view import widget_state
+    from nbparallel.widget import ProgressWidget, esm_source, js_dir
+
+    model = ProgressModel("map(f)", total=10, workers=2)
+    model.set_counts(7, 3)
+    model.finish("done")
+    widget = ProgressWidget(**widget_state(model.snapshot()))
+    assert (widget.done, widget.failed, widget.total, widget.state) == (7, 3, 10, "done")
+    assert repr(widget).startswith("map(f): 10 items in ") and repr(widget).endswith("· 2 workers · 3 failed")
+    data, _ = widget._repr_mimebundle_()
+    assert data["text/plain"] == repr(widget)
+    assert data["application/vnd.jupyter.widget-view+json"]["model_id"] == widget.model_id
+    source = esm_source()
+    assert 'from "./format.js"' not in source and "export default { render }" in source
+    assert "export function formatRate" in source
+    assert js_dir() == ROOT / "js"  # a source checkout (editable install)
+    widget.close()
+
+
+def test_js_folder_is_found_in_a_wheel_layout(tmp_path: Path) -> None:
+    from nbparallel.widget import js_dir
+
+    package = tmp_path / "site-packages" / "nbparallel"
+    (package / "js").mkdir(parents=True)
+    (package / "js" / "progress.js").write_text("")
+    assert js_dir(package) == package / "js"
+    with pytest.raises(FileNotFoundError, match="reinstall nbparallel"):
+        js_dir(tmp_path / "elsewhere" / "nbparallel")
+
+
+def test_widget_view_sends_lists_only_when_they_change(monkeypatch: pytest.MonkeyPatch) -> None:
+    from nbparallel.view import Publisher, WidgetView
+
+    published: list[bool] = []
+    monkeypatch.setattr(Publisher, "publish", lambda self, widget, update: published.append(update))
+    cancelled: list[bool] = []
+    view = WidgetView(on_cancel=lambda: cancelled.append(True))
+    model = ProgressModel("imap(f)", total=5, cancellable=True)
+    view.show(model.snapshot())
+    widget = view.widget
+    assert widget is not None and published == [False] and widget.cancellable
+    sent: list[list[str]] = []
+    monkeypatch.setattr(widget, "send_state", lambda key=None: sent.append(sorted(key or [])))
+    model.set_counts(2, 0)
+    view.update(model.snapshot())
+    assert sent and not {"lanes", "errors", "output"} & set(sent[-1])
+    model.add_output("stdout", "hi\n", 1)
+    view.update(model.snapshot())
+    assert "output" in sent[-1] and widget.output == [{"index": 1, "stream": "stdout", "text": "hi"}]
+    widget.cancel_requested = True  # the browser's Cancel button sets this
+    assert cancelled == [True]
+    model.finish("cancelled")
+    view.finish(model.snapshot())
+    assert published == [False, True] and widget.state == "cancelled"
+    widget.close()
+
+
+# -- the text fallback, in real processes -------------------------------------------------------------
+
+SCRIPT = """
+import time, nbparallel
+
+def slow(x):
+    time.sleep(0.06)
+    if x % 10 == 3:
+        raise ValueError(x)
+    return x
+
+out = nbparallel.map(slow, range(40), workers=2, errors="return", progress={progress})
+print("results", len(out), sum(isinstance(r, Exception) for r in out))
+"""
+
+
+def _check_text_bar(stderr: str) -> None:
+    assert "\r" in stderr and "Traceback" not in stderr
+    assert "object at 0x" not in stderr and "<nbparallel" not in stderr
+    frames = [frame.strip() for frame in stderr.split("\r") if frame.strip()]
+    assert any("% |" in frame and "/40" in frame for frame in frames), frames
+    assert frames[-1].startswith("map(slow): 40 items in ") and frames[-1].endswith("· 2 workers · 4 failed")
+    assert stderr.endswith("\n") and stderr.count("\n") == 1  # one line, redrawn in place
+
+
+@pytest.mark.timeout(60)
+def test_text_bar_in_plain_python(script_env: dict[str, str]) -> None:
+    done = subprocess.run([sys.executable, "-c", SCRIPT.format(progress=True)], env=script_env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "results 40 4"
+    _check_text_bar(done.stderr)
+
+
+@pytest.mark.timeout(60)
+def test_plain_python_into_a_file_stays_quiet(script_env: dict[str, str]) -> None:
+    done = subprocess.run([sys.executable, "-c", SCRIPT.format(progress=None)], env=script_env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "results 40 4"
+    assert done.stderr == ""
+
+
+@pytest.mark.timeout(60)
+def test_text_bar_in_a_terminal(script_env: dict[str, str]) -> None:
+    """Under a pseudo-terminal the default (None) draws the bar: that is what a user at a shell sees."""
+    controller, terminal = pty.openpty()
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", SCRIPT.format(progress=None)], env=script_env,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=terminal)
+    finally:
+        os.close(terminal)
+    seen = b""
+    deadline = time.monotonic() + 50
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([controller], [], [], 0.5)
+        if ready:
+            try:
+                chunk = os.read(controller, 4096)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            seen += chunk
+        elif proc.poll() is not None:
+            break
+    os.close(controller)
+    stdout, _ = proc.communicate(timeout=10)
+    assert proc.returncode == 0 and stdout.decode().strip() == "results 40 4"
+    _check_text_bar(seen.decode().replace("\r\n", "\n"))  # the terminal turns "\n" into "\r\n"
+
+
+@pytest.mark.timeout(90)
+def test_text_bar_in_terminal_ipython(script_env: dict[str, str]) -> None:
+    ipython = [sys.executable, "-m", "IPython", "--no-banner", "--quick", "--HistoryManager.hist_file=:memory:",
+               "--colors=nocolor", "-c", SCRIPT.format(progress=None)]
+    done = subprocess.run(ipython, env=script_env, capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, done.stderr
+    assert "results 40 4" in done.stdout
+    _check_text_bar(done.stderr)
+
+
+# -- a notebook executed headless keeps the final state ------------------------------------------------
+
+@pytest.mark.timeout(240)
+def test_headless_notebook_saves_the_final_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_examples import load_runner
+
+    shutil.copy(ROOT / "examples" / "progress_demo.ipynb", tmp_path)
+    monkeypatch.setenv("NBPARALLEL_DEMO_SCALE", "0.2")  # the kernel inherits it: a 2 s background job
+    run = load_runner().execute_notebook(tmp_path / "progress_demo.ipynb")
+    assert run.ok, run.failure
+    notebook = run.notebook
+    state = notebook.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
+    ours = [model["state"] for model in state.values() if model["model_name"] == "AnyModel"]
+    assert [(w["description"], w["state"], w["done"], w["failed"], w["total"]) for w in ours] == [
+        ("map(measure)", "done", 95, 5, 100),
+        ("map(fragile)", "failed", 30, 1, 60),
+        ("long_job (background)", "done", 1, 0, 1),
+    ] or ours[1]["done"] >= 29  # how many of fragile's items finish before item 30 fails can vary by one
+    assert ours[0]["error_count"] == 5 and len(ours[0]["errors"]) == 5 and ours[0]["output_count"] == 5
+    assert all(lane["state"] == "idle" for w in ours for lane in w["lanes"])
+    # The text/plain saved with each display is the end state, never "running" or "0%".
+    shown = [output["data"]["text/plain"] for cell in notebook.cells for output in cell.get("outputs", [])
+             if "application/vnd.jupyter.widget-view+json" in output.get("data", {})]
+    assert len(shown) == 3
+    assert shown[0].startswith("map(measure): 100 items in ") and shown[0].endswith("· 2 workers · 5 failed")
+    assert shown[1].startswith("map(fragile): failed after ")
+    assert shown[2].startswith("long_job (background): 1 task in ")
+    assert shown == [f"{w['description']}: {w['summary']}" for w in ours]
