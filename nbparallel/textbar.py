@@ -128,7 +128,7 @@ class TextBar:
         head = f"{snap.description}: {int(fraction * 100):3d}% |"
         after = f"| {counts} · {rest}"
         columns = shutil.get_terminal_size((80, 24)).columns
-        width = max(10, min(40, columns - len(head) - len(after) - 1))
+        width = max(10, min(25, columns - len(head) - len(after) - 1))
         filled = int(fraction * width)
         return head + "█" * filled + " " * (width - filled) + after
 

@@ -370,11 +370,12 @@ def _check_text_bar(stderr: str) -> None:
 
 @pytest.mark.timeout(60)
 def test_text_bar_in_plain_python(script_env: dict[str, str]) -> None:
+    # Bytes: text mode would turn the carriage returns into newlines.
     done = subprocess.run([sys.executable, "-c", SCRIPT.format(progress=True)], env=script_env,
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "results 40 4"
-    _check_text_bar(done.stderr)
+    assert done.stdout.decode().strip() == "results 40 4"
+    _check_text_bar(done.stderr.decode())
 
 
 @pytest.mark.timeout(60)
@@ -418,30 +419,42 @@ def test_text_bar_in_a_terminal(script_env: dict[str, str]) -> None:
 def test_text_bar_in_terminal_ipython(script_env: dict[str, str]) -> None:
     ipython = [sys.executable, "-m", "IPython", "--no-banner", "--quick", "--HistoryManager.hist_file=:memory:",
                "--colors=nocolor", "-c", SCRIPT.format(progress=None)]
-    done = subprocess.run(ipython, env=script_env, capture_output=True, text=True, timeout=90)
+    done = subprocess.run(ipython, env=script_env, capture_output=True, timeout=90)
     assert done.returncode == 0, done.stderr
-    assert "results 40 4" in done.stdout
-    _check_text_bar(done.stderr)
+    assert "results 40 4" in done.stdout.decode()
+    _check_text_bar(done.stderr.decode())
 
 
 # -- a notebook executed headless keeps the final state ------------------------------------------------
 
+def _load_notebook_runner() -> Any:
+    """scripts/run_notebook.py (the demo's runner: a "python3" kernel on this interpreter)."""
+    import importlib.util
+
+    name = "nbparallel_scripts_run_notebook"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / "run_notebook.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # its dataclasses look the module up here
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
 @pytest.mark.timeout(240)
 def test_headless_notebook_saves_the_final_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from test_examples import load_runner
-
+    runner = _load_notebook_runner()
     shutil.copy(ROOT / "examples" / "progress_demo.ipynb", tmp_path)
     monkeypatch.setenv("NBPARALLEL_DEMO_SCALE", "0.2")  # the kernel inherits it: a 2 s background job
-    run = load_runner().execute_notebook(tmp_path / "progress_demo.ipynb")
+    run = runner.execute_notebook(tmp_path / "progress_demo.ipynb")
     assert run.ok, run.failure
     notebook = run.notebook
     state = notebook.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
     ours = [model["state"] for model in state.values() if model["model_name"] == "AnyModel"]
-    assert [(w["description"], w["state"], w["done"], w["failed"], w["total"]) for w in ours] == [
-        ("map(measure)", "done", 95, 5, 100),
-        ("map(fragile)", "failed", 30, 1, 60),
-        ("long_job (background)", "done", 1, 0, 1),
-    ] or ours[1]["done"] >= 29  # how many of fragile's items finish before item 30 fails can vary by one
+    assert [(w["description"], w["state"], w["failed"], w["total"]) for w in ours] == [
+        ("map(measure)", "done", 5, 100), ("map(fragile)", "failed", 1, 60), ("long_job (background)", "done", 0, 1)]
+    # How many of fragile's items finish before item 30 fails depends on timing.
+    assert ours[0]["done"] == 95 and 29 <= ours[1]["done"] <= 59 and ours[2]["done"] == 1
     assert ours[0]["error_count"] == 5 and len(ours[0]["errors"]) == 5 and ours[0]["output_count"] == 5
     assert all(lane["state"] == "idle" for w in ours for lane in w["lanes"])
     # The text/plain saved with each display is the end state, never "running" or "0%".
