@@ -134,6 +134,7 @@ def start(future: Future[Any], cell: str, namespace: dict[str, Any], out: str | 
 
 
 def cancel_running() -> None:
+    """Cancel every job still running (before the pool is stopped, so they read "cancelled")."""
     for job in jobs.values():
         if not job.finished.is_set():
             job.future.cancel()

@@ -28,7 +28,7 @@ import sys
 import types
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from . import serialization as ser
 
@@ -256,7 +256,7 @@ class CellRunner:
     filename: str
     params: tuple[str, ...]
     captured: dict[str, Any]
-    mode: str = "value"
+    mode: Literal["value", "names"] = "value"
     assigns: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -291,6 +291,7 @@ class CellRunner:
         return namespace
 
     def __call__(self, item: tuple[Any, ...] = ()) -> Any:
+        __tracebackhide__ = True  # the user's cell is the story, not this runner
         body, last = self.compiled()
         namespace = self.namespace(item)
         exec(body, namespace)

@@ -103,7 +103,9 @@ def _task_error_class(original: type[BaseException]) -> type[TaskError]:
         try:
             if not issubclass(original, Exception) or issubclass(original, NbParallelError):
                 raise TypeError("not mixed")
-            cls = type("TaskError", (TaskError, original), {"__module__": __name__})
+            # Named after the original, so a notebook's error line reads "ValueError: ...".
+            cls = type(original.__name__, (TaskError, original), {"__module__": __name__,
+                                                                   "__qualname__": original.__qualname__})
         except TypeError:  # a final class, or an incompatible layout: plain TaskError
             cls = TaskError
         _task_error_classes[original] = cls

@@ -14,7 +14,7 @@ from typing import Any
 
 from . import config
 from . import serialization as ser
-from .client import Client, get_client
+from .client import get_client
 from .errors import NbParallelError, SerializationError, SidecarDied, make_task_error
 from .mapping import caller_context, crash_error, function_key
 from .output import capture_sink, flush_std
@@ -41,9 +41,9 @@ class TaskFuture(cf.Future):  # type: ignore[type-arg]  # Future is generic only
 class _Task:
     """One submitted call: its job in the sidecar and the Future it settles."""
 
-    def __init__(self, client: Client, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
                  limit: int, group: int | None) -> None:
-        function = ser.dumps_function(fn)
+        function = ser.dumps_function(fn)  # before the sidecar is even started: fail fast
         try:
             payload = ser.pack([(args, kwargs)])
         except Exception:
@@ -53,7 +53,7 @@ class _Task:
             for name, arg in kwargs.items():
                 _check_argument(arg, f"keyword argument {name!r}")
             raise
-        self.client = client
+        client = self.client = get_client()
         self.item = ser.describe(args[0] if len(args) == 1 and not kwargs else (args, kwargs))
         self.future = TaskFuture()
         self.future._task = self
@@ -151,7 +151,7 @@ def _check_argument(value: Any, where: str) -> None:
 
 def submit(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future[Any]:
     """Run ``fn(*args, **kwargs)`` in a worker; return a ``concurrent.futures.Future``."""
-    return _Task(get_client(), fn, args, kwargs, 0, None).future
+    return _Task(fn, args, kwargs, 0, None).future
 
 
 class Executor(cf.Executor):
@@ -172,7 +172,7 @@ class Executor(cf.Executor):
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            future = _Task(get_client(), fn, args, kwargs, self._limit, self._group).future
+            future = _Task(fn, args, kwargs, self._limit, self._group).future
             self._futures.add(future)
         future.add_done_callback(self._forget)  # outside the lock: it runs at once if already done
         return future

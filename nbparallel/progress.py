@@ -65,7 +65,7 @@ class Driver:
     """Shows one renderer after ``delay`` seconds and redraws it, throttled, until ``finish``."""
 
     def __init__(self, model: ProgressModel, renderer: Renderer, *, delay: float,
-                 poll: Callable[[], None] | None = None, reveal_after: float | None = None) -> None:
+                 poll: Callable[[float], None] | None = None, reveal_after: float | None = None) -> None:
         self.model = model
         self.renderer = renderer
         self.delay = delay
@@ -78,18 +78,22 @@ class Driver:
         self.broken = False
 
     def start(self, show_now: bool = False) -> None:
-        if show_now:  # from the caller's thread: a background call's cell ends right after this
+        if self.poll is not None:
+            # On the caller's thread, before any item is sent: this first sample is the baseline of
+            # each worker's task count, so a lane counts only this call's tasks.
+            self.poll(0.5)
+        if show_now:  # a background call's cell ends right after this: show it from here
             with self.lock:
                 self._guard(self.renderer.show, self.model.snapshot())
                 self.shown = not self.broken
         threading.Thread(target=self._loop, name="nbparallel-progress", daemon=True).start()
 
     def _loop(self) -> None:
-        if self.poll is not None:
-            self.poll()  # the first sample is the baseline of each worker's task count
         if not self.shown:
             if self.stop.wait(self.delay):
                 return
+            if self.poll is not None:
+                self.poll(2.0)  # so the first frame already has its lanes
             with self.lock:
                 if self.stopped:
                     return
@@ -99,7 +103,7 @@ class Driver:
         while not self.stop.wait(FRAME_INTERVAL) and not self.broken:
             now = time.monotonic()
             if self.poll is not None and now - last_poll >= LANES_INTERVAL:
-                self.poll()
+                self.poll(2.0)
                 last_poll = time.monotonic()
             if (self.reveal_after is not None and not self.model.shown
                     and now - self.model.started >= self.reveal_after):
@@ -210,10 +214,14 @@ class RunProgress:
         self.model.set_counts(0, 0, run.total)
         self.model.restart_clock()
         on_cancel = self.cancel if self.model.cancellable else None
-        renderer = make_renderer(self.kind, on_cancel)
-        self.driver = Driver(self.model, renderer, delay=0.0 if self.force else progress_after(),
-                             poll=self._poll)
-        self.driver.start()
+        try:
+            renderer = make_renderer(self.kind, on_cancel)
+            driver = Driver(self.model, renderer, delay=0.0 if self.force else progress_after(), poll=self._poll)
+            driver.start()
+        except Exception as exc:  # no display is better than a failed call
+            print(f"nbparallel: no progress display: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return
+        self.driver = driver
 
     def advanced(self, run: MapRun, batch: Batch) -> None:
         if batch.errors:

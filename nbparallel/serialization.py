@@ -156,6 +156,9 @@ def encode_exception(exc: BaseException) -> tuple[BaseException, str]:
     tb = exc.__traceback__
     if tb is not None and tb.tb_next is not None:
         tb = tb.tb_next  # the first frame is the worker's loop: not the user's business
+    # Frames that ask to be hidden (the convention of IPython and pytest) are our plumbing too.
+    while tb is not None and tb.tb_next is not None and tb.tb_frame.f_locals.get("__tracebackhide__"):
+        tb = tb.tb_next
     text = "".join(traceback.format_exception(type(exc), exc, tb))
     exc.__traceback__ = None  # frames cannot travel, and hold references we don't want to keep
     try:

@@ -19,7 +19,7 @@ from .progress_model import LaneBook, ProgressModel
 
 _groups: dict[str | None, FutureGroup] = {}  # by the message id of the cell that tracked them
 _groups_lock = threading.Lock()
-_TRACKED = "_nbparallel_tracked"  # set on a future once it has a widget, so tracking twice is harmless
+_TRACKED = "_nbparallel_group"  # the group a future joined, so tracking it twice is harmless
 
 
 class FutureGroup:
@@ -106,10 +106,10 @@ class FutureGroup:
         for future in futures:
             future.cancel()
 
-    def _poll(self) -> None:
+    def _poll(self, timeout: float = 2.0) -> None:
         from .client import current_client
 
-        workers = poll_workers(current_client())
+        workers = poll_workers(current_client(), timeout)
         if workers is None:
             return
         jobs = dict(self.jobs)
@@ -137,14 +137,14 @@ def track(future: cf.Future[Any], description: str | None = None, *,
           progress: bool | None = None) -> FutureGroup | None:
     """See ``progress.track_future``."""
     check_progress(progress)
-    if progress is False or getattr(future, _TRACKED, False):
+    tracked = getattr(future, _TRACKED, None)
+    if isinstance(tracked, FutureGroup):
+        # Tracked already (submit does it); a caller that knows better may still name it.
+        if description and tracked.model.total == 1:
+            tracked.model.description = description
         return None
-    if choose_display(force=progress is True) != "widget":
+    if progress is False or choose_display(force=progress is True) != "widget":
         return None
-    try:
-        setattr(future, _TRACKED, True)
-    except AttributeError:  # a future class with __slots__: it may get tracked twice, no harm
-        pass
     key = _cell_key()
     while True:
         with _groups_lock:
@@ -159,4 +159,8 @@ def track(future: cf.Future[Any], description: str | None = None, *,
         elif description and group.model.description != description:
             group.model.description = "background tasks"  # several kinds of call share this widget
         if group.add(future):
+            try:
+                setattr(future, _TRACKED, group)
+            except AttributeError:  # a future class with __slots__: tracking it twice adds it twice
+                pass
             return group

@@ -132,9 +132,10 @@ def test_interrupt_keeps_finished_values_and_the_pool_recovers(kernel: Kernel) -
     interrupted = time.monotonic()
     kernel.km.interrupt_kernel()
     execution = kernel.wait(msg_id)
-    assert execution.reply_at - interrupted < 5  # well under a second on an idle machine
-    assert execution.status == "error" and execution.ename == "Interrupted"
-    assert "2 of 6 results kept in part" in shown(execution.messages)
+    latency = execution.reply_at - interrupted
+    assert latency < 5, f"{latency:.2f} s"  # well under a second on an idle machine
+    assert execution.status == "error" and execution.ename == "Interrupted", execution.describe()
+    assert "2 of 6 results kept in part" in shown(execution.messages), execution.describe()
     assert kernel.run("print(part.values, part.missing)").stdout.strip() == (
         "[0, 10, MISSING, MISSING, MISSING, MISSING] [2, 3, 4, 5]")
     ok(kernel, "%%parallel --map i=range(4) --out again\ni")

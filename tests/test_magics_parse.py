@@ -6,6 +6,7 @@ which run a tiny cell for real to check what lands in the namespace.
 
 from __future__ import annotations
 
+import importlib.util
 import pickle
 import re
 import threading
@@ -202,6 +203,15 @@ def test_results_records_and_sentinel() -> None:
     assert results.records() == [{"a": 1, "loss": 0.5}, {"a": 2, "value": MISSING}]
     assert pickle.loads(pickle.dumps(MISSING)) is MISSING and not MISSING
     assert "2 runs over a (1 missing)" in repr(results)
+
+
+def test_to_dataframe_has_a_column_per_parameter() -> None:
+    results = Results([Result({"a": 1, "b": "x"}, 2.5)], ["a", "b"])
+    if importlib.util.find_spec("pandas") is None:
+        with pytest.raises(ImportError, match=r"needs pandas .* records\(\)"):
+            results.to_dataframe()
+    else:
+        assert results.to_dataframe().to_dict("records") == [{"a": 1, "b": "x", "value": 2.5}]
 
 
 # -- through the shell: bad arguments stop before anything starts ---------------------------------

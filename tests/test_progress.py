@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -281,6 +282,71 @@ def test_cancel_closes_an_imap_between_cells(recorder: type[Recorder]) -> None:
     while any(w["state"] == "busy" for w in nbparallel.status()["workers"]) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(w["state"] == "busy" for w in nbparallel.status()["workers"])
+
+
+# -- background futures ------------------------------------------------------------------------------
+
+@pytest.fixture
+def tracked(recorder: type[Recorder], monkeypatch: pytest.MonkeyPatch) -> Iterator[type[Recorder]]:
+    monkeypatch.setattr("nbparallel.tracking.choose_display", lambda force: "widget")
+    monkeypatch.setattr("nbparallel.tracking.make_renderer", lambda kind, on_cancel=None: Recorder(on_cancel))
+    yield recorder
+    from nbparallel import tracking
+
+    for group in list(tracking._groups.values()):  # a failed test must not leave tasks running
+        group.cancel()
+
+
+def test_track_future_outside_a_kernel_does_nothing() -> None:
+    from nbparallel.tracking import track
+
+    future = nbparallel.submit(abs, -3)
+    assert track(future, "x") is None and future.result(timeout=30) == 3
+
+
+def test_futures_of_one_cell_share_a_widget_whose_cancel_stops_them(tracked: type[Recorder]) -> None:
+    futures = [nbparallel.submit(time.sleep, 20) for _ in range(3)]
+    for future in futures:
+        progress.track_future(future, "submit(sleep)")
+    progress.track_future(futures[0], "again")  # tracked already: not counted twice
+    assert len(tracked.made) == 1
+    shown = tracked.made[0]
+    assert shown.kinds()[0] == "show" and shown.calls[0][2].shown is False  # hidden for its first second
+    def busy_and_shown() -> bool:
+        last = shown.calls[-1][2]
+        return last.shown and sum(lane["state"] == "task" for lane in last.lanes) == 2
+
+    deadline = time.monotonic() + 10
+    while not busy_and_shown() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert busy_and_shown(), shown.calls[-1][2]  # revealed after a second; both workers on our tasks
+    assert shown.calls[-1][2].total == 3
+    started = time.monotonic()
+    shown.on_cancel()  # the Cancel button
+    assert all(future.cancelled() for future in futures)
+    final = shown.calls[-1][2]
+    assert shown.kinds()[-1] == "finish" and final.state == "cancelled"
+    assert final.summary.startswith("cancelled after 0 of 3 tasks")
+    while any(w["state"] == "busy" for w in nbparallel.status()["workers"]) and time.monotonic() < started + 5:
+        time.sleep(0.05)
+    assert not any(w["state"] == "busy" for w in nbparallel.status()["workers"])
+
+
+def test_a_finished_group_reports_failures(tracked: type[Recorder]) -> None:
+    futures = [nbparallel.submit(int, text) for text in ("1", "x", "3")]
+    for future in futures:
+        progress.track_future(future, "submit(int)", progress=True)
+    for future in futures:
+        try:
+            future.result(timeout=30)
+        except ValueError:
+            pass
+    deadline = time.monotonic() + 5
+    while tracked.made[0].kinds()[-1] != "finish" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    final = tracked.made[0].calls[-1][2]
+    assert (final.state, final.done, final.failed, final.total) == ("done", 2, 1, 3)
+    assert final.errors[0]["where"] == "task 2" and final.errors[0]["kind"] == "ValueError"
 
 
 # -- the widget, from Python -------------------------------------------------------------------------
