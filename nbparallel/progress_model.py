@@ -240,6 +240,8 @@ class LaneBook:
     """Turns the sidecar's worker list into stable lanes: a replacement worker takes the lane of the
     one that died, which then shows a restart count and why."""
 
+    VACANT_POLLS = 4  # a lane whose worker is gone and not replaced this many polls: the pool shrank
+
     def __init__(self) -> None:
         self.lanes: list[dict[str, Any]] = []
         self.baseline: dict[int, int] = {}  # tasks a worker had done before this call was first seen
@@ -247,6 +249,7 @@ class LaneBook:
         self.polled = False
 
     def note_crash(self, pid: int | None, where: str) -> None:
+        # May come after the poll that saw the replacement: notes are worked out again on every poll.
         if pid is not None:
             self.crashes[pid] = where
 
@@ -262,27 +265,35 @@ class LaneBook:
             self.baseline[pid] = int(worker.get("tasks_done") or 0) if not self.polled else 0
             if vacated:
                 lane = vacated.pop(0)
-                crash = self.crashes.get(lane["pid"])
-                lane["restarts"] += 1
-                lane["note"] = f"pid {lane['pid']} " + (f"crashed on {crash}" if crash else "was stopped") + \
-                    f"; pid {pid} took its place"
-                lane["before"] = lane["tasks"]
-                lane["pid"] = pid
+                lane.update(previous=lane["pid"], pid=pid, restarts=lane["restarts"] + 1, before=lane["tasks"],
+                            vacant=0)
             else:
-                lane = {"pid": pid, "restarts": 0, "note": "", "before": 0, "tasks": 0}
-                self.lanes.append(lane)
+                self.lanes.append({"pid": pid, "previous": None, "restarts": 0, "before": 0, "tasks": 0,
+                                   "vacant": 0})
         for lane in vacated:  # gone and not (yet) replaced
-            if lane["pid"] in self.crashes:
-                lane.update(state="crashed", index=None, note=f"crashed on {self.crashes[lane['pid']]}")
+            lane["vacant"] += 1
+            crashed = lane["pid"] in self.crashes
+            if not crashed and lane["vacant"] > self.VACANT_POLLS:
+                self.lanes.remove(lane)
             else:
-                self.lanes.remove(lane)  # the pool shrank
+                lane.update(state="crashed" if crashed else "starting", index=None)
         for lane in self.lanes:
             seen = current.get(lane["pid"])
-            if seen is None:
-                continue
-            state, index = classify(seen)
-            done = max(0, int(seen.get("tasks_done") or 0) - self.baseline.get(lane["pid"], 0))
-            lane.update(state=state, index=index, rss=int(worker.get("rss") or 0), tasks=lane["before"] + done)
+            if seen is not None:
+                state, index = classify(seen)
+                done = max(0, int(seen.get("tasks_done") or 0) - self.baseline.get(lane["pid"], 0))
+                lane.update(state=state, index=index, rss=int(seen.get("rss") or 0), tasks=lane["before"] + done)
+            lane["note"] = self._note(lane)
         self.polled = True
-        return [{k: lane[k] for k in ("pid", "state", "index", "rss", "tasks", "restarts", "note")}
+        return [{k: lane.get(k) for k in ("pid", "state", "index", "rss", "tasks", "restarts", "note")}
                 for lane in self.lanes]
+
+    def _note(self, lane: dict[str, Any]) -> str:
+        if lane["pid"] in self.crashes:
+            return f"crashed on {self.crashes[lane['pid']]}"
+        previous = lane["previous"]
+        if previous is None:
+            return ""
+        crash = self.crashes.get(previous)
+        how = f"crashed on {crash}" if crash else "was stopped"
+        return f"pid {previous} {how}; pid {lane['pid']} took its place"

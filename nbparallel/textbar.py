@@ -92,6 +92,7 @@ class TextBar:
         self.tty = _isatty(self.stream)
         self.ascii = self.stream is None or not _encodes(self.stream, "█·–")
         self.drawn = 0  # length of the line on screen, to blank what a shorter line leaves
+        self.bar_width: int | None = None
         self.last = 0.0
 
     def show(self, snap: Snapshot) -> None:
@@ -128,7 +129,9 @@ class TextBar:
         head = f"{snap.description}: {int(fraction * 100):3d}% |"
         after = f"| {counts} · {rest}"
         columns = shutil.get_terminal_size((80, 24)).columns
-        width = max(10, min(25, columns - len(head) - len(after) - 1))
+        fits = max(10, min(25, columns - len(head) - len(after) - 1))
+        # The bar only ever shrinks (when the tail grows), so it does not jump back and forth.
+        width = self.bar_width = fits if self.bar_width is None else min(self.bar_width, fits)
         filled = int(fraction * width)
         return head + "█" * filled + " " * (width - filled) + after
 

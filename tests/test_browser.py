@@ -120,6 +120,7 @@ def watch_first_call(page: Any) -> tuple[list[int], list[str], dict[str, Any]]:
         if not snapped and finished >= 25 and any(str(lane["what"]).startswith("item ") for lane in first["lanes"]):
             page.locator(".nbp-progress").first.scroll_into_view_if_needed()
             page.screenshot(path=str(SHOTS / "lab-running.png"))
+            page.locator(".nbp-progress").first.screenshot(path=str(SHOTS / "widget-running.png"))
             snapped = first
         page.wait_for_timeout(100)
     return counts, busy, snapped
@@ -162,6 +163,8 @@ def test_jupyterlab_shows_live_progress_and_cancels(server: JupyterServer, brows
     assert traceback.is_visible() and "ValueError: 7 is out of range" in traceback.inner_text()
     widget.locator(".nbp-output > summary").click()
     assert widget.locator(".nbp-output-lines").is_visible()
+    widget.locator(".nbp-lanes-box > summary").click()  # closed at the end; open it for the picture
+    widget.screenshot(path=str(SHOTS / "widget-finished.png"))
 
     # The call that stops at its first error stays red.
     second = wait_state(page, 1, ("failed",))
@@ -203,8 +206,8 @@ def test_notebook7_renders_the_widget(server: JupyterServer, browser: Any, tmp_p
         "import time\nimport nbparallel\n\n\ndef slow(x):\n    time.sleep(0.1)\n    return x\n\n\n"
         "values = nbparallel.map(slow, range(40), workers=2)\nprint('sum', sum(values))"
     )
-    nbformat.write(new_notebook(cells=[new_code_cell(source)], metadata={"kernelspec": KERNELSPEC}),
-                   str(tmp_path / "nb7_check.ipynb"))
+    notebook = new_notebook(cells=[new_code_cell(source)], metadata={"kernelspec": KERNELSPEC})  # type: ignore[no-untyped-call]
+    nbformat.write(notebook, str(tmp_path / "nb7_check.ipynb"))  # type: ignore[no-untyped-call]
     page, errors = open_page(browser, server, "/notebooks/nb7_check.ipynb", height=600)
     run_all(page)
     page.wait_for_function("() => document.querySelector('.nbp-progress')?.dataset.state === 'running'",

@@ -169,6 +169,20 @@ def test_lanes_keep_their_place_when_a_worker_is_replaced() -> None:
     assert [lane["pid"] for lane in lanes] == [3, 2]  # the new worker took the crashed one's lane
     assert lanes[0]["restarts"] == 1 and lanes[0]["tasks"] == 5
     assert lanes[0]["note"] == "pid 1 crashed on item 9; pid 3 took its place"
+    assert [lane["rss"] for lane in lanes] == [0, 20]
+    # Replaced before the crash was reported: the note catches up at the next poll.
+    lanes = book.update([{"pid": 3, "state": "idle", "rss": 5, "tasks_done": 1},
+                         {"pid": 4, "state": "idle", "rss": 6, "tasks_done": 0}], classify)
+    assert lanes[1]["note"] == "pid 2 was stopped; pid 4 took its place"
+    book.note_crash(2, "item 11")
+    lanes = book.update([{"pid": 3, "state": "idle", "rss": 5, "tasks_done": 1},
+                         {"pid": 4, "state": "idle", "rss": 6, "tasks_done": 0}], classify)
+    assert lanes[1]["note"] == "pid 2 crashed on item 11; pid 4 took its place"
+    # A worker that goes and is not replaced shows as restarting, then its lane goes (the pool shrank).
+    for _ in range(LaneBook.VACANT_POLLS):
+        lanes = book.update([{"pid": 3, "state": "idle", "rss": 5, "tasks_done": 1}], classify)
+        assert [lane["state"] for lane in lanes] == ["idle", "starting"]
+    assert len(book.update([{"pid": 3, "state": "idle", "rss": 5, "tasks_done": 1}], classify)) == 1
 
 
 # -- the driver: throttling, delay, and what each setting of `progress` does ---------------------------
@@ -361,7 +375,9 @@ def test_widget_traits_repr_and_module() -> None:
     widget = ProgressWidget(**widget_state(model.snapshot()))
     assert (widget.done, widget.failed, widget.total, widget.state) == (7, 3, 10, "done")
     assert repr(widget).startswith("map(f): 10 items in ") and repr(widget).endswith("· 2 workers · 3 failed")
-    data, _ = widget._repr_mimebundle_()
+    bundle = widget._repr_mimebundle_()
+    assert bundle is not None
+    data, _ = bundle
     assert data["text/plain"] == repr(widget)
     assert data["application/vnd.jupyter.widget-view+json"]["model_id"] == widget.model_id
     source = esm_source()
