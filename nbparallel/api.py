@@ -278,6 +278,7 @@ def configure(
     tag_output: bool | None = None,
     max_tasks_per_worker: int | None | Any = _UNSET,
     max_output_bytes: int | None = None,
+    progress_after: float | None = None,
 ) -> None:
     """Change the pool: its size, modules preloaded in every worker, environment variables.
 
@@ -287,6 +288,7 @@ def configure(
     ``tag_output`` prefixes lines printed by workers with ``[item N]``.
     ``max_tasks_per_worker`` replaces a worker after that many items (None: never).
     ``max_output_bytes`` caps the printed output one call passes on.
+    ``progress_after``: seconds a call runs before its progress display appears.
     """
     settings = _client.settings
     if workers is not _UNSET:
@@ -306,6 +308,8 @@ def configure(
         settings.max_tasks_per_worker = max_tasks_per_worker
     if max_output_bytes is not None:
         settings.max_output_bytes = int(max_output_bytes)
+    if progress_after is not None:
+        settings.progress_after = float(progress_after)
     running = _client.current_client()
     if running is not None and running.dead is None:
         running.configure(settings)

@@ -18,6 +18,7 @@ from .client import get_client
 from .errors import NbParallelError, SerializationError, SidecarDied, make_task_error
 from .mapping import caller_context, crash_error, function_key
 from .output import capture_sink, flush_std
+from .progress import track_future
 from .protocol import Frame
 
 _groups = itertools.count(1)
@@ -149,9 +150,15 @@ def _check_argument(value: Any, where: str) -> None:
         ) from exc
 
 
+def _describe_call(fn: Callable[..., Any]) -> str:
+    return f"submit({getattr(fn, '__qualname__', type(fn).__name__)})"
+
+
 def submit(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future[Any]:
     """Run ``fn(*args, **kwargs)`` in a worker; return a ``concurrent.futures.Future``."""
-    return _Task(fn, args, kwargs, 0, None).future
+    future = _Task(fn, args, kwargs, 0, None).future
+    track_future(future, _describe_call(fn))
+    return future
 
 
 class Executor(cf.Executor):
@@ -174,6 +181,7 @@ class Executor(cf.Executor):
                 raise RuntimeError("cannot schedule new futures after shutdown")
             future = _Task(fn, args, kwargs, self._limit, self._group).future
             self._futures.add(future)
+        track_future(future, _describe_call(fn))
         future.add_done_callback(self._forget)  # outside the lock: it runs at once if already done
         return future
 

@@ -48,6 +48,9 @@ EXPECTED: dict[str, list[str]] = {
         "next call works: True",
         "== [sidecar]: True",
     ],
+    "parameter_sweep.ipynb": ["36 fits; best", "ok"],
+    "background_cell.ipynb": ["nbparallel job 1: done", "95% bootstrap interval"],
+    "progress_demo.ipynb": ["5 of 100 items failed", "stopped at item 30", "background: finished"],
 }
 # Lines that must appear a given number of times (each serial check separately).
 COUNTS: dict[str, dict[str, int]] = {"quickstart.ipynb": {"matches serial: True": 2}}
