@@ -12,7 +12,8 @@ from . import config
 from . import progress as _progress
 from .errors import Interrupted, NbParallelError
 from .errors import TaskTimeout
-from .mapping import Batch, Limits, MapRun
+from .jobspec import Limits
+from .mapping import Batch, MapRun
 
 _ERRORS = ("raise", "return")
 _UNSET: Any = object()

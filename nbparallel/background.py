@@ -17,7 +17,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from . import serialization as ser
-from .output import _current_parent, _kernel_shell, capture_sink
+from .output import current_parent, kernel_shell, capture_sink
 
 
 class CellOutput:
@@ -28,9 +28,9 @@ class CellOutput:
     """
 
     def __init__(self) -> None:
-        shell = _kernel_shell()
+        shell = kernel_shell()
         self.kernel = shell.kernel if shell is not None else None
-        self.parent = _current_parent(shell) if shell is not None else None
+        self.parent = current_parent(shell) if shell is not None else None
         self.display_id = uuid.uuid4().hex
         self.stream = capture_sink()  # (name, text): the same route as the workers' prints
 

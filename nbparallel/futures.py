@@ -16,7 +16,7 @@ from . import config
 from . import serialization as ser
 from .client import get_client
 from .errors import NbParallelError, SerializationError, SidecarDied, make_task_error
-from .mapping import caller_context, crash_error, function_key
+from .jobspec import caller_context, crash_error, function_key
 from .output import capture_sink, flush_std
 from .progress import track_future
 from .protocol import Frame

@@ -7,22 +7,19 @@ items is read only as fast as the workers consume it, and Ctrl-C lands in the th
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import math
-import operator
-import os
 import queue
 import time
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from . import config
 from . import serialization as ser
+from .chunking import ChunkSizer, iterate, known_length
 from .client import Client, get_client
-from .errors import (MemoryLimitExceeded, NbParallelError, SerializationError, SidecarDied, TaskTimeout,
-                     WorkerCrashed, make_task_error)
+from .errors import NbParallelError, SerializationError, SidecarDied, make_task_error
+from .jobspec import Limits, caller_context, crash_error, function_key
 from .output import capture_sink, flush_std, tag_lines
 from .protocol import Frame
 from .retrying import ATTEMPTS_ATTR, RetryOn
@@ -39,47 +36,6 @@ class Batch:
     errors: dict[int, NbParallelError]
 
 
-class ChunkSizer:
-    """Chooses how many items go in the next chunk.
-
-    ``"auto"`` starts with one item per chunk, then aims at ``CHUNK_SECONDS`` of work per chunk from
-    the per-item time the workers report, bounded by bytes, by ``MAX_CHUNK_ITEMS``, and by a fair
-    share of what is left so the last chunks don't leave workers idle.
-    """
-
-    def __init__(self, chunksize: int | str, workers: int) -> None:
-        if chunksize != "auto" and (isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1):
-            raise ValueError(f'chunksize must be "auto" or a positive int, got {chunksize!r}')
-        self.fixed = None if chunksize == "auto" else int(chunksize)
-        self.workers = workers
-        self.seconds_per_item: float | None = None
-        self.bytes_per_item: float | None = None
-
-    def next_size(self, remaining: int | None) -> int:
-        if self.fixed is not None:
-            return self.fixed
-        if self.seconds_per_item is None:
-            return 1
-        size = config.CHUNK_SECONDS / max(self.seconds_per_item, 1e-8)
-        if self.bytes_per_item:
-            size = min(size, config.MAX_CHUNK_BYTES / self.bytes_per_item)
-        if remaining is not None:
-            size = min(size, math.ceil(remaining / (2 * self.workers)))
-        return int(max(1, min(size, config.MAX_CHUNK_ITEMS)))
-
-    def observe_time(self, items: int, seconds: float) -> None:
-        if items <= 0:
-            return
-        per_item = seconds / items
-        old = self.seconds_per_item
-        self.seconds_per_item = per_item if old is None else 0.5 * old + 0.5 * per_item
-
-    def observe_bytes(self, items: int, size: int) -> None:
-        per_item = size / max(1, items)
-        old = self.bytes_per_item
-        self.bytes_per_item = per_item if old is None else 0.5 * old + 0.5 * per_item
-
-
 class Observer(Protocol):
     """Watches one run (the progress display). ``output`` is called on the reader thread, the rest
     on the caller's thread."""
@@ -92,33 +48,6 @@ class Observer(Protocol):
 
     def finished(self, run: MapRun, state: str) -> None:
         """``state``: "done", "failed" (an error stopped it) or "cancelled"."""
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Per-call limits the sidecar enforces (see ``nbparallel.map``)."""
-
-    timeout: float | None = None
-    retries: int = 0
-    retry_on: tuple[type[BaseException], ...] = ()
-    memory_limit: int | None = None
-
-    @staticmethod
-    def make(timeout: float | None, retries: int, retry_on: Any, memory_limit: int | str | None) -> Limits:
-        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
-            raise ValueError(f"timeout must be a positive number of seconds per item, got {timeout!r}")
-        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-            raise ValueError(f"retries must be an int >= 0, got {retries!r}")
-        if isinstance(retry_on, type):
-            retry_on = (retry_on,)
-        retry_on = tuple(retry_on or ())
-        if not all(isinstance(t, type) and issubclass(t, BaseException) for t in retry_on):
-            raise TypeError(f"retry_on must be exception types, got {retry_on!r}")
-        memory = None if memory_limit is None else config.parse_size(memory_limit)
-        return Limits(None if timeout is None else float(timeout), retries, retry_on, memory)
-
-    def header(self) -> dict[str, Any]:
-        return {"timeout": self.timeout, "retries": self.retries, "memory_limit": self.memory_limit}
 
 
 @dataclass
@@ -154,8 +83,8 @@ class MapRun:
         if self.limits.retry_on:
             fn = RetryOn(fn, self.limits.retries, self.limits.retry_on)
         self.function = ser.dumps_function(fn)  # before anything runs: fail fast, name the culprit
-        self.total = _known_length(iterables)
-        self.items = _iterate(iterables)
+        self.total = known_length(iterables)
+        self.items = iterate(iterables)
         self.star = len(iterables) > 1
         self.limit = config.resolve_workers(workers) if workers is not None else 0
         self.client = client or get_client()
@@ -412,81 +341,8 @@ class MapRun:
             pass
 
 
-def function_key(packed: Any) -> str:
-    """Workers cache functions by this key. A function whose closure holds arrays in shared
-    memory is keyed per call: the same pickle stream may then stand for other array contents."""
-    digest = hashlib.blake2b(packed.data, digest_size=16)
-    if packed.specs:
-        digest.update(os.urandom(16))
-    return digest.hexdigest()
-
-
-def crash_error(frame: Frame, index: int | None, item: str) -> NbParallelError:
-    """The error for an item whose worker died (a ``crashed`` frame), by the reason it died."""
-    reason, attempts, pid = frame.get("reason"), frame.get("attempts", 1), frame.get("pid")
-    if reason == "timeout":
-        return TaskTimeout(index=index, item=item, limit=frame["limit"], attempts=attempts)
-    if reason == "memory":
-        return MemoryLimitExceeded(index=index, item=item, pid=pid, limit=frame["limit"],
-                                   memory=frame["memory"], attempts=attempts)
-    return WorkerCrashed(index=index, item=item, pid=pid, exitcode=frame.get("exitcode"),
-                         memory=frame.get("memory"), attempts=attempts)
-
-
 def _with_completed(error: NbParallelError, completed: dict[int, Any]) -> NbParallelError:
     error.completed = completed
     return error
 
 
-def _known_length(iterables: tuple[Iterable[Any], ...]) -> int | None:
-    lengths = []
-    for iterable in iterables:
-        if not hasattr(iterable, "__len__"):
-            return None
-        try:
-            lengths.append(len(iterable))  # type: ignore[arg-type]
-        except TypeError:
-            return None
-    return min(lengths)
-
-
-def length_hint(iterables: tuple[Iterable[Any], ...]) -> int | None:
-    known = _known_length(iterables)
-    if known is not None:
-        return known
-    hints = [operator.length_hint(it, -1) for it in iterables]
-    return min(hints) if hints and min(hints) >= 0 else None
-
-
-def _iterate(iterables: tuple[Iterable[Any], ...]) -> Iterator[Any]:
-    iterators = []
-    for position, iterable in enumerate(iterables):
-        try:
-            iterators.append(iter(iterable))
-        except TypeError:
-            which = f"argument {position + 2}" if len(iterables) > 1 else "the second argument"
-            raise TypeError(
-                f"map() needs iterables after the function; {which} is a {type(iterable).__name__} "
-                f"({ser.describe(iterable)}), which is not iterable. Wrap a single value in a list."
-            ) from None
-    if len(iterators) == 1:
-        return iterators[0]
-    return zip(*iterators)
-
-
-def caller_context() -> dict[str, Any]:
-    """Where the caller runs: workers chdir there and import from the same sys.path."""
-    return {"cwd": _cwd(), "path": _sys_path()}
-
-
-def _cwd() -> str | None:
-    try:
-        return os.getcwd()
-    except OSError:
-        return None
-
-
-def _sys_path() -> list[str]:
-    import sys
-
-    return [os.path.abspath(p) if p else _cwd() or "" for p in sys.path]

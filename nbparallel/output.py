@@ -15,7 +15,7 @@ from typing import Any
 Sink = Callable[[str, str], None]  # (stream name, text)
 
 
-def _kernel_shell() -> Any:
+def kernel_shell() -> Any:
     ipython = sys.modules.get("IPython")
     if ipython is None or "ipykernel" not in sys.modules:
         return None
@@ -28,7 +28,7 @@ def _kernel_shell() -> Any:
     return shell
 
 
-def _current_parent(shell: Any) -> dict[str, Any] | None:
+def current_parent(shell: Any) -> dict[str, Any] | None:
     attempts: list[tuple[Any, tuple[Any, ...]]] = [
         (getattr(shell, "get_parent", None), ()),  # ipykernel 7
         (getattr(shell.kernel, "get_parent", None), ("shell",)),  # ipykernel 6
@@ -46,9 +46,9 @@ def _current_parent(shell: Any) -> dict[str, Any] | None:
 
 def capture_sink() -> Sink:
     """A sink bound to the place output belongs to now (the running cell, or std streams)."""
-    shell = _kernel_shell()
+    shell = kernel_shell()
     if shell is not None:
-        parent = _current_parent(shell)
+        parent = current_parent(shell)
         kernel = shell.kernel
         if parent is not None and hasattr(kernel, "session") and hasattr(kernel, "iopub_socket"):
 

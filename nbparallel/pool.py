@@ -11,40 +11,12 @@ import subprocess
 import sys
 import tempfile
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
 from typing import Any
 
 from .channel import Channel
 from .protocol import SLOT
+from .scheduling import Chunk
 
-
-
-@dataclass
-class Chunk:
-    """A run of consecutive items of one job, routed as opaque bytes."""
-
-    job: int
-    id: int
-    start: int  # index of the first item in the job's input
-    count: int
-    payload: Any  # the pickled items; never unpickled here
-    fds: list[int] = field(default_factory=list)  # their shared-memory segments, held until done
-    oob: Any = None  # where the out-of-band buffers sit in ``fds`` (see shm.py)
-    resume: int = 0  # offsets below this were delivered (or failed) already
-    skip: list[int] = field(default_factory=list)  # offsets that failed and must not run again
-    attempts: dict[int, int] = field(default_factory=dict)  # offset -> times its worker died on it
-
-    def close(self) -> None:
-        for fd in self.fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self.fds = []
-
-    def remaining(self) -> list[int]:
-        skip = set(self.skip)
-        return [off for off in range(self.resume, self.count) if off not in skip]
 
 
 class WorkerProcess:

@@ -29,57 +29,19 @@ import socket
 import sys
 import tempfile
 import time
-from collections import deque
-from dataclasses import dataclass, field
 from typing import Any
 
 from .channel import Channel
-from .pool import Chunk, WorkerProcess
-from .protocol import FUNCTION_CACHE, PROTOCOL_VERSION, Frame
+from .pool import WorkerProcess
+from .protocol import PROTOCOL_VERSION, Frame
+from .scheduling import (PREFETCH, Chunk, Job, close_all, functions_to_forget, limit_breached,
+                         may_prefetch, next_chunk_for)
 
-PREFETCH = 2  # chunks queued per worker: one running, one waiting so the worker never idles
-# A second chunk waits behind the first, so prefetching helps only when chunks are short (the round
-# trip is then a large share of the time) and hurts when an item is slow (its neighbour waits).
-PREFETCH_BELOW = 0.01  # seconds per chunk
 TICK = 0.25  # seconds between housekeeping passes (kernel alive? memory samples)
 SAMPLE_INTERVAL = 0.5  # seconds between memory samples of the workers
 # While a job has a time or memory limit, look more often: a limit is only as sharp as this.
 WATCH_TICK = 0.05
 TRIM_AFTER = 16 * 2**20  # bytes routed between two returns of free memory to the system
-
-
-@dataclass
-class Job:
-    header: dict[str, Any]  # key, stop_on_error, call, cwd, path, limit, oob...
-    function: Any  # pickled function bytes
-    fds: list[int] = field(default_factory=list)  # shared-memory segments of the function
-    queue: deque[Chunk] = field(default_factory=deque)
-    chunk_seconds: float | None = None  # recent time a chunk takes, from the workers' reports
-
-    @property
-    def id(self) -> int:
-        return int(self.header["job"])
-
-    @property
-    def limit(self) -> int:
-        return int(self.header.get("limit") or 0)
-
-    @property
-    def timeout(self) -> float:
-        return float(self.header.get("timeout") or 0)
-
-    @property
-    def memory_limit(self) -> int:
-        return int(self.header.get("memory_limit") or 0)
-
-    @property
-    def retries(self) -> int:
-        return int(self.header.get("retries") or 0)
-
-    @property
-    def group(self) -> Any:
-        """Jobs of one Executor share its ``max_workers`` cap."""
-        return self.header.get("group") or ("job", self.id)
 
 
 class Sidecar:
@@ -153,20 +115,10 @@ class Sidecar:
     def enforce_limits(self, now: float) -> None:
         """Kill a worker whose item ran past the job's timeout or whose memory passed its limit."""
         for worker in self.workers.values():
-            if not worker.assigned or worker.kill_reason is not None:
-                continue
-            head = worker.assigned[0]
-            job = self.jobs.get(head.job)
-            if job is None or not (job.timeout or job.memory_limit):
-                continue
-            chunk_id, offset, started = worker.read_slot()
-            on_item = chunk_id == head.id and head.resume <= offset < head.count
-            if job.timeout and on_item and started and now - started > job.timeout:
-                worker.kill_reason = {"reason": "timeout", "limit": job.timeout}
-            elif job.memory_limit and worker.rss > job.memory_limit:
-                worker.kill_reason = {"reason": "memory", "limit": job.memory_limit, "memory": worker.rss}
-            if worker.kill_reason is not None:
-                worker.kill()  # its exit is handled like a crash, with the reason attached
+            if worker.assigned and worker.kill_reason is None:
+                worker.kill_reason = limit_breached(worker, self.jobs.get(worker.assigned[0].job), now)
+                if worker.kill_reason is not None:
+                    worker.kill()  # its exit is handled like a crash, with the reason attached
 
     def sample_memory(self) -> None:
         import psutil
@@ -235,7 +187,7 @@ class Sidecar:
             for chunk in job.queue:
                 chunk.close()
             job.queue.clear()
-            _close_all(job.fds)
+            close_all(job.fds)
             job.fds = []
         return job
 
@@ -344,7 +296,7 @@ class Sidecar:
     def on_worker_result(self, worker: WorkerProcess, frame: Frame) -> None:
         chunk = worker.assigned[0] if worker.assigned else None
         if chunk is None or chunk.id != frame["chunk"]:
-            _close_all(frame.fds)
+            close_all(frame.fds)
             return  # a job cancelled meanwhile
         chunk.resume = frame["upto"]
         job = self.jobs.get(chunk.job)
@@ -361,7 +313,7 @@ class Sidecar:
             header = {**frame.header, "start": chunk.start, "pid": worker.pid}
             self.kernel.send(header, frame.buffers, frame.fds, close_fds=True)
         else:
-            _close_all(frame.fds)
+            close_all(frame.fds)
 
     def on_worker_exit(self, worker: WorkerProcess) -> None:
         self.selector.unregister(worker.channel.sock)
@@ -413,33 +365,12 @@ class Sidecar:
             for worker in ready:
                 if len(worker.assigned) != depth:
                     continue
-                if depth and not self.may_prefetch(worker):
+                if depth and not may_prefetch(worker, self.jobs, time.monotonic()):
                     continue
-                chunk = self.next_chunk_for(worker)
+                chunk = next_chunk_for(worker, self.jobs, self.workers.values())
                 if chunk is None:
                     continue
                 self.send_chunk(worker, chunk)
-
-    def may_prefetch(self, worker: WorkerProcess) -> bool:
-        """Queue a second chunk only behind a short one that is not running late."""
-        job = self.jobs.get(worker.assigned[0].job)
-        if job is None or job.chunk_seconds is None or job.chunk_seconds >= PREFETCH_BELOW:
-            return False
-        return time.monotonic() - worker.head_since < 2 * job.chunk_seconds + 0.002
-
-    def next_chunk_for(self, worker: WorkerProcess) -> Chunk | None:
-        holding = {self.jobs[j].group for j in worker.jobs_running() if j in self.jobs}
-        # Oldest job first; a job capped by ``workers=`` waits if enough workers hold its chunks.
-        for job in self.jobs.values():
-            if not job.queue:
-                continue
-            if job.limit and job.group not in holding:
-                busy = sum(1 for w in self.workers.values()
-                           if any(self.jobs[j].group == job.group for j in w.jobs_running() if j in self.jobs))
-                if busy >= job.limit:
-                    continue
-            return job.queue.popleft()
-        return None
 
     def send_chunk(self, worker: WorkerProcess, chunk: Chunk) -> None:
         job = self.jobs[chunk.job]
@@ -451,7 +382,9 @@ class Sidecar:
             else:
                 worker.channel.send({**job.header, "op": "job"}, [job.function], job.fds)
                 worker.keys[key] = None
-                self.trim_functions(worker)
+                for old in functions_to_forget(worker, self.jobs):
+                    del worker.keys[old]
+                    worker.channel.send({"op": "forget", "key": old})
             worker.jobs.add(chunk.job)
         header: dict[str, Any] = {
             "op": "chunk",
@@ -470,16 +403,6 @@ class Sidecar:
         if not worker.assigned:
             worker.head_since = time.monotonic()
         worker.assigned.append(chunk)
-
-    def trim_functions(self, worker: WorkerProcess) -> None:
-        """Tell the worker to forget its oldest functions, never one a live job of its still needs."""
-        in_use = {self.jobs[j].header["key"] for j in worker.jobs if j in self.jobs}
-        for key in list(worker.keys):
-            if len(worker.keys) <= FUNCTION_CACHE:
-                break
-            if key not in in_use:
-                del worker.keys[key]
-                worker.channel.send({"op": "forget", "key": key})
 
     def stop_all(self) -> None:
         for job_id in list(self.jobs):
@@ -502,14 +425,6 @@ def _malloc_trim() -> None:
 
             ctypes.CDLL("libc.so.6").malloc_trim(0)
         except (OSError, AttributeError):
-            pass
-
-
-def _close_all(fds: list[int]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
             pass
 
 

@@ -124,10 +124,10 @@ class FutureGroup:
 
 
 def _cell_key() -> str | None:
-    from .output import _current_parent, _kernel_shell
+    from .output import current_parent, kernel_shell
 
-    shell = _kernel_shell()
-    parent = _current_parent(shell) if shell is not None else None
+    shell = kernel_shell()
+    parent = current_parent(shell) if shell is not None else None
     header = (parent or {}).get("header") or {}
     msg_id = header.get("msg_id")
     return str(msg_id) if msg_id else None

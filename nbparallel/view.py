@@ -32,11 +32,11 @@ class Publisher:
     """
 
     def __init__(self) -> None:
-        from .output import _current_parent, _kernel_shell
+        from .output import current_parent, kernel_shell
 
-        self.shell = _kernel_shell()
+        self.shell = kernel_shell()
         self.kernel = getattr(self.shell, "kernel", None)
-        self.parent = _current_parent(self.shell) if self.shell is not None else None
+        self.parent = current_parent(self.shell) if self.shell is not None else None
         self.display_id = uuid.uuid4().hex
 
     def publish(self, widget: ProgressWidget, update: bool) -> None:
@@ -51,9 +51,9 @@ class Publisher:
             return
         parent = self.parent
         if update:
-            from .output import _current_parent
+            from .output import current_parent
 
-            parent = _current_parent(self.shell) or parent
+            parent = current_parent(self.shell) or parent
         bundle = widget._repr_mimebundle_()
         data, metadata = bundle if isinstance(bundle, tuple) else (bundle, {})
         kernel.session.send(

@@ -80,3 +80,17 @@ def test_asking_for_more_workers_than_the_pool_grows_it() -> None:
 
     pids = set(nbparallel.map(lambda _: (time.sleep(0.2), os.getpid())[1], range(8), workers=4, chunksize=1))
     assert len(pids) == 4
+
+
+def test_sidecar_stays_small(script_env: dict[str, str]) -> None:
+    import subprocess
+
+    code = (
+        "import sys\nimport nbparallel.sidecar\n"
+        "print([m for m in ('cloudpickle', 'pickle', 'numpy', 'IPython', 'ipykernel', 'nbparallel.serialization')"
+        " if m in sys.modules])"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=script_env, timeout=60)
+    assert done.stdout.strip() == "[]", "the sidecar imports only the standard library, psutil and our protocol"
+    status = nbparallel.status()
+    assert status["rss"] < 30 * 2**20, f"sidecar RSS {status['rss'] / 2**20:.1f} MiB"

@@ -1,0 +1,134 @@
+"""What the sidecar schedules, and its policies: which chunk a worker gets next, when to queue a
+second one behind it, when a worker has broken a job's limits, which functions a worker forgets.
+Pure decisions over the sidecar's state; the sidecar carries them out."""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .protocol import FUNCTION_CACHE
+
+if TYPE_CHECKING:
+    from .pool import WorkerProcess
+
+PREFETCH = 2  # chunks queued per worker: one running, one waiting so the worker never idles
+# A second chunk waits behind the first, so prefetching helps only when chunks are short (the round
+# trip is then a large share of the time) and hurts when an item is slow (its neighbour waits).
+PREFETCH_BELOW = 0.01  # seconds per chunk
+
+
+@dataclass
+class Chunk:
+    """A run of consecutive items of one job, routed as opaque bytes."""
+
+    job: int
+    id: int
+    start: int  # index of the first item in the job's input
+    count: int
+    payload: Any  # the pickled items; never unpickled here
+    fds: list[int] = field(default_factory=list)  # their shared-memory segments, held until done
+    oob: Any = None  # where the out-of-band buffers sit in ``fds`` (see shm.py)
+    resume: int = 0  # offsets below this were delivered (or failed) already
+    skip: list[int] = field(default_factory=list)  # offsets that failed and must not run again
+    attempts: dict[int, int] = field(default_factory=dict)  # offset -> times its worker died on it
+
+    def close(self) -> None:
+        close_all(self.fds)
+        self.fds = []
+
+    def remaining(self) -> list[int]:
+        skip = set(self.skip)
+        return [off for off in range(self.resume, self.count) if off not in skip]
+
+
+@dataclass
+class Job:
+    header: dict[str, Any]  # key, stop_on_error, call, cwd, path, limit, oob...
+    function: Any  # pickled function bytes
+    fds: list[int] = field(default_factory=list)  # shared-memory segments of the function
+    queue: deque[Chunk] = field(default_factory=deque)
+    chunk_seconds: float | None = None  # recent time a chunk takes, from the workers' reports
+
+    @property
+    def id(self) -> int:
+        return int(self.header["job"])
+
+    @property
+    def limit(self) -> int:
+        return int(self.header.get("limit") or 0)
+
+    @property
+    def timeout(self) -> float:
+        return float(self.header.get("timeout") or 0)
+
+    @property
+    def memory_limit(self) -> int:
+        return int(self.header.get("memory_limit") or 0)
+
+    @property
+    def retries(self) -> int:
+        return int(self.header.get("retries") or 0)
+
+    @property
+    def group(self) -> Any:
+        """Jobs of one Executor share its ``max_workers`` cap."""
+        return self.header.get("group") or ("job", self.id)
+
+
+def close_all(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def next_chunk_for(worker: WorkerProcess, jobs: dict[int, Job], workers: Iterable[WorkerProcess]) -> Chunk | None:
+    """The next chunk for ``worker``: oldest job first; a job capped by ``workers=`` (or its
+    Executor's ``max_workers``) waits while enough workers hold its chunks."""
+    def groups(w: WorkerProcess) -> set[Any]:
+        return {jobs[j].group for j in w.jobs_running() if j in jobs}
+
+    holding = groups(worker)
+    for job in jobs.values():
+        if not job.queue:
+            continue
+        if job.limit and job.group not in holding:
+            busy = sum(1 for w in workers if job.group in groups(w))
+            if busy >= job.limit:
+                continue
+        return job.queue.popleft()
+    return None
+
+
+def may_prefetch(worker: WorkerProcess, jobs: dict[int, Job], now: float) -> bool:
+    """Queue a second chunk only behind a short one that is not running late."""
+    job = jobs.get(worker.assigned[0].job)
+    if job is None or job.chunk_seconds is None or job.chunk_seconds >= PREFETCH_BELOW:
+        return False
+    return now - worker.head_since < 2 * job.chunk_seconds + 0.002
+
+
+def limit_breached(worker: WorkerProcess, job: Job | None, now: float) -> dict[str, Any] | None:
+    """Why the worker must be killed (its item's timeout, its job's memory limit), or None."""
+    if job is None or not (job.timeout or job.memory_limit):
+        return None
+    head = worker.assigned[0]
+    chunk_id, offset, started = worker.read_slot()
+    on_item = chunk_id == head.id and head.resume <= offset < head.count
+    if job.timeout and on_item and started and now - started > job.timeout:
+        return {"reason": "timeout", "limit": job.timeout}
+    if job.memory_limit and worker.rss > job.memory_limit:
+        return {"reason": "memory", "limit": job.memory_limit, "memory": worker.rss}
+    return None
+
+
+def functions_to_forget(worker: WorkerProcess, jobs: dict[int, Job]) -> list[str]:
+    """The worker's oldest cached functions past FUNCTION_CACHE, never one a live job still needs."""
+    in_use = {jobs[j].header["key"] for j in worker.jobs if j in jobs}
+    excess = len(worker.keys) - FUNCTION_CACHE
+    return [key for key in worker.keys if key not in in_use][: max(0, excess)]
