@@ -209,12 +209,14 @@ def source_info() -> dict[str, str]:
 
 def machine_info() -> dict[str, Any]:
     """Where and with what the run happened, for RESULTS.md."""
+    from importlib.metadata import PackageNotFoundError, version
+
     versions: dict[str, str] = {}
-    for module in ("nbparallel", "numpy", "cloudpickle", "psutil", "joblib", "mpire", "dask", "distributed"):
+    for dist in ("nbparallel", "numpy", "cloudpickle", "psutil", "joblib", "mpire", "dask", "distributed"):
         try:
-            versions[module] = __import__(module).__version__
-        except Exception:  # not installed: the peer's rows will say so
-            versions[module] = "missing"
+            versions[dist] = version(dist)  # metadata, not __version__: mpire has none
+        except PackageNotFoundError:  # not installed: the peer's rows will say so
+            versions[dist] = "missing"
     try:
         from joblib.externals import loky
 

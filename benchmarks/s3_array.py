@@ -106,7 +106,8 @@ def _peak_rss() -> int:
 
 
 def render(results: list[tuple[Case, Outcome]], opts: Options) -> str:
-    labels = {c.peer: str(o.data.get("label", c.peer)) for c, o in results}
+    fallback = {SHARED_NBP: "nbparallel (shared_array)", "shared-read": "limit: shared read (fork)"}
+    labels = {c.peer: str(o.data.get("label", fallback.get(c.peer, c.peer))) for c, o in results}
     cost = {labels[c.peer]: med(o.data["seconds"]) if o.status == "ok" else None for c, o in results}
     ratio = report.ratios(cost, reference={labels[r] for r in REFERENCES if r in labels})
     lines = []

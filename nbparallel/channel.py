@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import itertools
-import os
 import socket
 from collections import deque
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 from .protocol import _ANCILLARY, Buffer, Frame, FrameParser, ancillary_for, encode, fds_from
+from .protocol import close_fds as _close
 
 READ_SIZE = 1 << 20
 BATCH = 256  # pieces per sendmsg
@@ -27,8 +27,7 @@ class _Piece:
 
     def sent_fds(self) -> None:
         if self.close_fds:
-            for fd in self.fds:
-                os.close(fd)
+            _close(self.fds)
         self.fds = []
 
 
@@ -60,8 +59,7 @@ class Channel:
         """Queue a frame. ``close_fds``: close our copies of ``fds`` once they have been sent."""
         if self.closed:
             if close_fds:
-                for fd in fds:
-                    os.close(fd)
+                _close(fds)
             return
         for position, piece in enumerate(encode(header, buffers, len(fds))):
             view = memoryview(piece).cast("B")
@@ -120,6 +118,6 @@ class Channel:
         if not self.closed:
             self.closed = True
             self._drop_outgoing()
-            while self.parser.fds:
-                os.close(self.parser.fds.popleft())
+            _close(self.parser.fds)
+            self.parser.fds.clear()
             self.sock.close()

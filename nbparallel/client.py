@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 from . import config
 from .errors import ProtocolError, SidecarDied
-from .protocol import PROTOCOL_VERSION, Buffer, Frame, check_hello, read_frame, send_frame
+from .protocol import PROTOCOL_VERSION, Buffer, Frame, check_hello, close_fds, read_frame, send_frame
 
 
 class JobHandle(Protocol):
@@ -154,9 +154,8 @@ class Client:
                     handle = self.jobs.get(job)
                 if handle is not None:
                     handle.on_frame(frame)
-                elif frame.fds:
-                    for fd in frame.fds:
-                        os.close(fd)
+                else:
+                    close_fds(frame.fds)
             elif frame.get("req") is not None:
                 waiting = self.replies.get(frame["req"])
                 if waiting is not None:

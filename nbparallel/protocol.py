@@ -21,7 +21,7 @@ import os
 import socket
 import struct
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -147,6 +147,15 @@ class FrameParser:
         return len(self._buf)
 
 
+def close_fds(fds: Iterable[int]) -> None:
+    """Close descriptors we own, ignoring any already gone."""
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
 def fds_from(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
     """The descriptors in ``recvmsg`` ancillary data."""
     fds = array.array("i")
@@ -188,8 +197,7 @@ def read_frame(sock: socket.socket) -> Frame:
         if int(header.pop("fds", 0)) != len(fds):
             raise ProtocolError(f"a frame announced {header.get('fds')} descriptors, {len(fds)} arrived")
     except BaseException:
-        for fd in fds:
-            os.close(fd)
+        close_fds(fds)
         raise
     return Frame(header, _split(header, payload), fds)
 

@@ -4,13 +4,12 @@ Pure decisions over the sidecar's state; the sidecar carries them out."""
 
 from __future__ import annotations
 
-import os
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .protocol import FUNCTION_CACHE
+from .protocol import FUNCTION_CACHE, close_fds
 
 if TYPE_CHECKING:
     from .pool import WorkerProcess
@@ -37,7 +36,7 @@ class Chunk:
     attempts: dict[int, int] = field(default_factory=dict)  # offset -> times its worker died on it
 
     def close(self) -> None:
-        close_all(self.fds)
+        close_fds(self.fds)
         self.fds = []
 
     def remaining(self) -> list[int]:
@@ -77,14 +76,6 @@ class Job:
     def group(self) -> Any:
         """Jobs of one Executor share its ``max_workers`` cap."""
         return self.header.get("group") or ("job", self.id)
-
-
-def close_all(fds: list[int]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
 
 
 def next_chunk_for(worker: WorkerProcess, jobs: dict[int, Job], workers: Iterable[WorkerProcess]) -> Chunk | None:

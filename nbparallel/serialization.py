@@ -17,6 +17,7 @@ import cloudpickle
 
 from . import shm
 from .errors import SerializationError
+from . import protocol
 from .protocol import Frame
 
 PROTOCOL = 5
@@ -63,13 +64,7 @@ def unpack(frame: Frame, *, private: bool = False) -> Any:
 
 def close_fds(frame: Frame) -> None:
     """Release the descriptors of a frame nobody will unpack."""
-    import os
-
-    for fd in frame.fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+    protocol.close_fds(frame.fds)
     frame.fds = []
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import cloudpickle
 
-from .protocol import MAX_FDS
+from .protocol import MAX_FDS, close_fds
 
 OUT_OF_BAND_MIN = 1 << 20  # smaller buffers are cheaper inline than as a segment of their own
 AVAILABLE = hasattr(os, "memfd_create")
@@ -43,11 +43,7 @@ class Packed:
     owned: list[int]  # descriptors made for this value alone: close them once sent
 
     def close(self) -> None:
-        for fd in self.owned:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        close_fds(self.owned)
         self.owned = []
 
 
@@ -120,8 +116,7 @@ def dumps(value: Any) -> Packed:
     try:
         data = cloudpickle.dumps(value, protocol=5, buffer_callback=place if AVAILABLE else None)
     except BaseException:
-        for fd in owned:
-            os.close(fd)
+        close_fds(owned)
         raise
     return Packed(data, fds, specs, owned)
 
@@ -148,11 +143,7 @@ def loads(data: Any, fds: list[int], specs: list[dict[str, Any]], *, private: bo
             buffers.append(view)
         return pickle.loads(data, buffers=buffers)
     finally:
-        for fd in fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        close_fds(fds)
 
 
 def shared_array(shape: int | tuple[int, ...], dtype: Any = float) -> Any:
@@ -285,7 +276,4 @@ def _forget(start: int) -> None:
     with _segments_lock:
         entry = _segments.pop(start, None)
     if entry is not None:
-        try:
-            os.close(entry[1])
-        except OSError:
-            pass
+        close_fds([entry[1]])

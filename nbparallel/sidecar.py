@@ -34,8 +34,9 @@ from typing import Any
 from .channel import Channel
 from .pool import WorkerProcess
 from .protocol import PROTOCOL_VERSION, Frame
-from .scheduling import (PREFETCH, Chunk, Job, close_all, functions_to_forget, limit_breached,
-                         may_prefetch, next_chunk_for)
+from .protocol import close_fds as close_all
+from .scheduling import (PREFETCH, Chunk, Job, functions_to_forget, limit_breached, may_prefetch,
+                         next_chunk_for)
 
 TICK = 0.25  # seconds between housekeeping passes (kernel alive? memory samples)
 SAMPLE_INTERVAL = 0.5  # seconds between memory samples of the workers

@@ -26,6 +26,7 @@ from typing import Any
 from . import serialization as ser
 from . import shm
 from .errors import SerializationError
+from .output import flush_std
 from .protocol import PROTOCOL_VERSION, SLOT, SLOT_OFFSET, SLOT_STARTED, Frame, read_frame, send_frame
 
 FLUSH_INTERVAL = 0.25  # seconds: a long chunk streams the results it has at this pace
@@ -209,7 +210,7 @@ class Worker:
                     offsets, values = batch.offsets, batch.values
                     last_flush = now
         state.index = None
-        _flush_std()
+        flush_std()
         pack(slot, 8, count)  # past the last item: a death now is not any item's fault
         self.send_result(frame, batch, upto, began, final=True)
         SLOT.pack_into(slot, 0, -1, -1, 0.0)
@@ -285,14 +286,6 @@ class Batch:
             else:
                 problems[offset] = (status, value)
         return ser.pack((kept_offsets, kept_values, problems))
-
-
-def _flush_std() -> None:
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:
-            pass
 
 
 def _die_with_parent(sidecar_pid: int) -> None:
