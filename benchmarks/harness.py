@@ -89,6 +89,10 @@ def run_child(args: list[str], timeout: float) -> Outcome:
         err_path = Path(tmp) / "stderr.txt"
         env = child_env()
         env[OUT_ENV] = str(out_path)
+        # A private temporary folder, removed with this one: what a killed child leaves there
+        # (multiprocessing's pymp-* socket folders, Dask's scratch space) goes with it.
+        (Path(tmp) / "tmp").mkdir()
+        env["TMPDIR"] = str(Path(tmp) / "tmp")
         started = time.perf_counter()
         with open(err_path, "wb") as err:
             proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
@@ -108,10 +112,17 @@ def run_child(args: list[str], timeout: float) -> Outcome:
                         proc.wait()
                         break
         wall = time.perf_counter() - started
-        leaked = _reap(seen.values(), grace=0.0 if timed_out else GRACE)
-        tail = err_path.read_text(errors="replace")[-2000:]
         if timed_out:
-            return Outcome("timeout", wall_s=wall, killed=leaked, stderr_tail=tail)
+            # Kill everything but the resource trackers first: once the processes holding their
+            # pipe are gone, they unlink the named semaphores (/dev/shm/sem.mp-*) and segments
+            # the killed processes registered. Killing them too would leave those behind.
+            trackers = [p for p in seen.values() if _is_tracker(p)]
+            killed = _reap([p for p in seen.values() if p not in trackers], grace=0.0)
+            killed += _reap(trackers, grace=GRACE)
+            tail = err_path.read_text(errors="replace")[-2000:]
+            return Outcome("timeout", wall_s=wall, killed=killed, stderr_tail=tail)
+        leaked = _reap(seen.values(), grace=GRACE)
+        tail = err_path.read_text(errors="replace")[-2000:]
         if not out_path.exists():
             return Outcome("crashed", {"returncode": proc.returncode}, wall_s=wall, leaked=leaked, stderr_tail=tail)
         data = json.loads(out_path.read_text())
@@ -140,6 +151,13 @@ def _reap(processes: Any, grace: float) -> list[str]:
             continue
     psutil.wait_procs(alive, timeout=2)
     return leaked
+
+
+def _is_tracker(proc: psutil.Process) -> bool:
+    try:
+        return "resource_tracker" in " ".join(proc.cmdline())
+    except psutil.Error:
+        return False
 
 
 def _alive(proc: psutil.Process) -> bool:

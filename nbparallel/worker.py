@@ -21,13 +21,15 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from . import serialization as ser
 from . import shm
 from .errors import SerializationError
 from .output import flush_std
 from .protocol import PROTOCOL_VERSION, SLOT, SLOT_OFFSET, SLOT_STARTED, Frame, read_frame, send_frame
+
+_Packed = TypeVar("_Packed")
 
 FLUSH_INTERVAL = 0.25  # seconds: a long chunk streams the results it has at this pace
 WATCH_INTERVAL = 0.5  # seconds between checks that the sidecar is still alive
@@ -253,11 +255,17 @@ class Batch:
         self.problems[offset] = (status, value)
 
     def pickle(self) -> shm.Packed:
+        """The outcomes for the wire: large buffers in shared memory (see shm.py)."""
+        return self.pack_with(ser.pack)
+
+    def pack_with(self, pack: Callable[[Any], _Packed]) -> _Packed:
+        """The outcomes pickled by ``pack`` (a Dask worker keeps its buffers as bytes instead,
+        see dask_task.py); a value that cannot be pickled fails only its own item."""
         offsets: range | list[int] = self.offsets
         if self.offsets and self.offsets[-1] - self.offsets[0] + 1 == len(self.offsets):
             offsets = range(self.offsets[0], self.offsets[-1] + 1)
         try:
-            return ser.pack((offsets, self.values, self.problems))
+            return pack((offsets, self.values, self.problems))
         except Exception:
             pass
         # One value spoils the batch: pickle each alone and fail only those that cannot travel.
@@ -285,7 +293,7 @@ class Batch:
                 kept_values.append(value)
             else:
                 problems[offset] = (status, value)
-        return ser.pack((kept_offsets, kept_values, problems))
+        return pack((kept_offsets, kept_values, problems))
 
 
 def _die_with_parent(sidecar_pid: int) -> None:
