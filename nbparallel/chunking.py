@@ -13,9 +13,12 @@ from . import serialization as ser
 class ChunkSizer:
     """Chooses how many items go in the next chunk.
 
-    ``"auto"`` starts with one item per chunk, then aims at ``CHUNK_SECONDS`` of work per chunk from
-    the per-item time the workers report, bounded by bytes, by ``MAX_CHUNK_ITEMS``, and by a fair
-    share of what is left so the last chunks don't leave workers idle.
+    ``"auto"`` first sends one item to each worker (``probing``: nothing more until a time comes
+    back, so a call of hour-long tasks never queues many on one worker), then aims at
+    ``CHUNK_SECONDS`` of work per chunk from the per-item time the workers report, bounded by bytes,
+    by ``MAX_CHUNK_ITEMS``, and near the end by a fair share of what is left, so the last chunks
+    don't leave workers idle; never below an eighth of the target, so the tail is not a dribble of
+    tiny chunks.
     """
 
     def __init__(self, chunksize: int | str, workers: int) -> None:
@@ -35,8 +38,13 @@ class ChunkSizer:
         if self.bytes_per_item:
             size = min(size, config.MAX_CHUNK_BYTES / self.bytes_per_item)
         if remaining is not None:
-            size = min(size, math.ceil(remaining / (2 * self.workers)))
+            size = min(size, max(math.ceil(remaining / (2 * self.workers)), size / 8))
         return int(max(1, min(size, config.MAX_CHUNK_ITEMS)))
+
+    @property
+    def probing(self) -> bool:
+        """Still waiting for the first timing (auto mode)."""
+        return self.fixed is None and self.seconds_per_item is None
 
     def observe_time(self, items: int, seconds: float) -> None:
         if items <= 0:

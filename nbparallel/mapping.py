@@ -188,6 +188,8 @@ class MapRun:
 
     def pump(self) -> None:
         max_chunks = config.CHUNKS_IN_FLIGHT_PER_WORKER * self.workers
+        if self.sizer.probing:
+            max_chunks = self.workers
         while not self.exhausted and len(self.in_flight) < max_chunks:
             if self.in_flight and (self.unresolved + self.backlog() >= max_chunks * config.MAX_CHUNK_ITEMS
                                    or self.bytes_in_flight >= config.MAX_BYTES_IN_FLIGHT):

@@ -33,8 +33,6 @@ PREFIX = struct.Struct("!IQ")
 # The memory a worker shares with the sidecar: the chunk it runs, the offset of the item it is on,
 # and when that item started (time.monotonic(), a clock both processes share; 0 when untimed).
 SLOT = struct.Struct("qqd")
-SLOT_OFFSET = struct.Struct("q")  # at byte 8
-SLOT_STARTED = struct.Struct("d")  # at byte 16
 # Functions a worker keeps, most recently used last. The sidecar mirrors the list and tells the
 # worker which to forget, so both always agree on what the worker has.
 FUNCTION_CACHE = 16
