@@ -19,12 +19,20 @@ from .scheduling import Chunk
 
 
 
+def _slot_file(tmpdir: str | None) -> Any:
+    """Memory to share with one worker. Linux: an anonymous memfd, so no file ever exists. Elsewhere
+    a temporary file in the sidecar's private directory, unlinked as soon as it is made."""
+    if tmpdir is None:
+        return open(os.memfd_create("nbparallel-slot"), "w+b")
+    return tempfile.TemporaryFile(dir=tmpdir)
+
+
 class WorkerProcess:
     """One worker: its process, its socket, its slot, and the chunks sent to it."""
 
-    def __init__(self, preload: list[str], env: dict[str, str], tmpdir: str) -> None:
+    def __init__(self, preload: list[str], env: dict[str, str], tmpdir: str | None) -> None:
         parent, child = socket.socketpair()
-        with tempfile.TemporaryFile(dir=tmpdir) as slot_file:  # unlinked at once: nothing left on disk
+        with _slot_file(tmpdir) as slot_file:
             slot_file.truncate(SLOT.size)
             self.slot = mmap.mmap(slot_file.fileno(), SLOT.size)
             SLOT.pack_into(self.slot, 0, -1, -1, 0.0)

@@ -84,6 +84,20 @@ def _new_segment(size: int, name: str) -> tuple[int, mmap.mmap]:
         raise
 
 
+def _segment_with(raw: memoryview) -> int:
+    """A new segment holding a copy of ``raw``. Written with pwrite: the kernel fills fresh pages
+    faster than page faults through a mapping would."""
+    fd = os.memfd_create("nbparallel-buffer", os.MFD_CLOEXEC)
+    try:
+        view, at = raw.cast("B"), 0
+        while at < view.nbytes:
+            at += os.pwrite(fd, view[at:], at)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def dumps(value: Any) -> Packed:
     """Pickle ``value``, moving large buffers into shared memory."""
     fds: list[int] = []
@@ -102,15 +116,16 @@ def dumps(value: Any) -> Packed:
         if found is not None:
             fd, offset, writable = found
         else:
-            fd, mapping = _new_segment(raw.nbytes, "nbparallel-buffer")
-            with mapping:
-                mapping[:] = raw.cast("B")  # the one copy: into memory every worker can map
+            fd = _segment_with(raw)  # the one copy: into memory every worker can map
             owned.append(fd)
             offset, writable = 0, False
         if fd not in fd_index:
             fd_index[fd] = len(fds)
             fds.append(fd)
-        specs.append({"fd": fd_index[fd], "offset": offset, "size": raw.nbytes, "writable": writable})
+        spec = {"fd": fd_index[fd], "offset": offset, "size": raw.nbytes, "writable": writable}
+        if found is not None:
+            spec["keep"] = True  # a long-lived segment: receivers may keep the mapping for next time
+        specs.append(spec)
         return False
 
     try:
@@ -138,12 +153,30 @@ def loads(data: Any, fds: list[int], specs: list[dict[str, Any]], *, private: bo
             access = mmap.ACCESS_COPY if private else (mmap.ACCESS_WRITE if spec["writable"] else mmap.ACCESS_READ)
             key = (spec["fd"], access)
             if key not in maps:
-                maps[key] = mmap.mmap(fd, 0, access=access)
+                maps[key] = _kept_map(fd, access) if spec.get("keep") and not private else mmap.mmap(fd, 0, access=access)
             view = memoryview(maps[key])[spec["offset"] : spec["offset"] + spec["size"]]
             buffers.append(view)
         return pickle.loads(data, buffers=buffers)
     finally:
         close_fds(fds)
+
+
+_kept: dict[tuple[int, int, int], mmap.mmap] = {}  # (device, inode, access) -> mapping, oldest first
+_KEPT_MAPS = 8
+
+
+def _kept_map(fd: int, access: int) -> mmap.mmap:
+    """The mapping of a long-lived segment (a shared_array, a shared value), made once per process:
+    mapping it afresh for every chunk would fault every page in again each time."""
+    info = os.fstat(fd)
+    key = (info.st_dev, info.st_ino, access)
+    mapping = _kept.pop(key, None)
+    if mapping is None or mapping.closed or len(mapping) != info.st_size:
+        mapping = mmap.mmap(fd, 0, access=access)
+    _kept[key] = mapping
+    while len(_kept) > _KEPT_MAPS:
+        _kept.pop(next(iter(_kept)))
+    return mapping
 
 
 def shared_array(shape: int | tuple[int, ...], dtype: Any = float) -> Any:

@@ -59,8 +59,9 @@ class Sidecar:
         self.preload: list[str] = []
         self.env = dict(os.environ)
         self.running = True
-        # Our own files live here (mode 0700), and the directory goes when the sidecar does.
-        self.tmpdir = tempfile.mkdtemp(prefix="nbparallel-")
+        # Where memfd exists we write no file at all; elsewhere our files live in a directory of
+        # mode 0700 that goes when the sidecar does.
+        self.tmpdir = None if hasattr(os, "memfd_create") else tempfile.mkdtemp(prefix="nbparallel-")
         self.last_sample = 0.0
         self.rss_peak = 0
 
@@ -291,6 +292,7 @@ class Sidecar:
                     self.kernel.send({**frame.header, "pid": worker.pid})
             elif frame.op == "hello":
                 worker.ready = True
+                self.sample_memory()  # so status() shows its memory from the start
         if frames is None:
             self.on_worker_exit(worker)
 
@@ -416,7 +418,8 @@ class Sidecar:
             except Exception:
                 pass
         self.kernel.close()
-        shutil.rmtree(self.tmpdir, ignore_errors=True)
+        if self.tmpdir is not None:
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
 
 
 def _malloc_trim() -> None:

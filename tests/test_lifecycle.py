@@ -136,9 +136,28 @@ def test_worker_print_and_logging_reach_the_caller_tagged(script_env: dict[str, 
 
 
 @pytest.mark.timeout(60)
-def test_shutdown_removes_the_private_directory(script_env: dict[str, str]) -> None:
-    code = "import nbparallel, os\nd = nbparallel.status()['tmpdir']\nprint(os.path.isdir(d))\nnbparallel.shutdown()\nprint(d)\n"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=script_env, timeout=60)
-    existed, path = done.stdout.split()
-    assert existed == "True"
-    assert not os.path.exists(path)
+@pytest.mark.parametrize("how", ["shutdown", "sidecar SIGKILL", "caller SIGKILL"])
+def test_no_file_or_directory_is_left_behind(script_env: dict[str, str], how: str) -> None:
+    import glob
+    import tempfile
+
+    pattern = os.path.join(tempfile.gettempdir(), "nbparallel-*")
+    before = set(glob.glob(pattern))
+    proc = _start("import nbparallel, time\ns = nbparallel.status()\n"
+                  "print('PIDS', s['pid'], *[w['pid'] for w in s['workers']], flush=True)\n"
+                  "nbparallel.map(abs, [1]); time.sleep(60 if %r != 'shutdown' else 0)\nnbparallel.shutdown()\n" % how,
+                  script_env)
+    try:
+        pids = _pids(proc)
+        if how == "sidecar SIGKILL":
+            os.kill(pids[0], signal.SIGKILL)
+        elif how == "caller SIGKILL":
+            proc.kill()
+        time.sleep(0.5)
+        proc.kill()
+        proc.wait(timeout=10)
+        assert not _wait_gone(pids, 3)
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert set(glob.glob(pattern)) == before

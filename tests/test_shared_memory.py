@@ -104,3 +104,16 @@ def test_segments_are_released_after_calls_errors_and_interrupts() -> None:
         time.sleep(0.1)
     assert _memfds(os.getpid()) == mine, "the kernel keeps no segment it sent"
     assert _memfds(sidecar) == theirs, "the sidecar lets go of a job's segments when it ends"
+
+
+def test_workers_keep_their_mapping_of_a_shared_array_across_calls() -> None:
+    grid = nbparallel.shared_array((4, 2**19), dtype=np.float64)  # 16 MiB
+
+    def where(_: int) -> tuple[int, int]:
+        return os.getpid(), grid.__array_interface__["data"][0]
+
+    seen: dict[int, set[int]] = {}
+    for _ in range(3):
+        for pid, address in nbparallel.map(where, range(8), chunksize=1):
+            seen.setdefault(pid, set()).add(address)
+    assert all(len(addresses) == 1 for addresses in seen.values()), seen
