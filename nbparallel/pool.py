@@ -35,7 +35,7 @@ class WorkerProcess:
         with _slot_file(tmpdir) as slot_file:
             slot_file.truncate(SLOT.size)
             self.slot = mmap.mmap(slot_file.fileno(), SLOT.size)
-            SLOT.pack_into(self.slot, 0, -1, -1, 0.0)
+            SLOT.pack_into(self.slot, 0, -1, -1, 1, 0.0)
             slot_fd = slot_file.fileno()
             args = [str(child.fileno()), str(slot_fd), str(os.getpid()), json.dumps(preload)]
             self.process = subprocess.Popen(
@@ -63,10 +63,10 @@ class WorkerProcess:
     def fileno(self) -> int:
         return self.channel.fileno()
 
-    def read_slot(self) -> tuple[int, int, float]:
-        """(chunk id, offset of the item being run, when it started or 0)."""
-        chunk, offset, started = SLOT.unpack_from(self.slot)
-        return int(chunk), int(offset), float(started)
+    def read_slot(self) -> tuple[int, int, int, float]:
+        """(chunk id, offset of the item being run, width of its run, when it started or 0)."""
+        chunk, offset, width, started = SLOT.unpack_from(self.slot)
+        return int(chunk), int(offset), int(width), float(started)
 
     def kill(self) -> None:
         """SIGKILL the worker and everything it started."""
@@ -101,7 +101,7 @@ class WorkerProcess:
         current = self.assigned[0] if self.assigned else None
         index = None
         if current is not None:
-            chunk_id, offset, _ = self.read_slot()
+            chunk_id, offset, _, _ = self.read_slot()
             if chunk_id == current.id and 0 <= offset < current.count:
                 index = current.start + offset
         return {

@@ -30,9 +30,10 @@ from .errors import ProtocolError
 PROTOCOL_VERSION = 1
 
 PREFIX = struct.Struct("!IQ")
-# The memory a worker shares with the sidecar: the chunk it runs, the offset of the item it is on,
-# and when that item started (time.monotonic(), a clock both processes share; 0 when untimed).
-SLOT = struct.Struct("qqd")
+# The memory a worker shares with the sidecar: the chunk it runs, the offset of the item it is on
+# (or of the first of a run of ``width`` items going through map() at once), and when that item
+# started (time.monotonic(), a clock both processes share; 0 when untimed).
+SLOT = struct.Struct("qqqd")
 # Functions a worker keeps, most recently used last. The sidecar mirrors the list and tells the
 # worker which to forget, so both always agree on what the worker has.
 FUNCTION_CACHE = 16

@@ -34,6 +34,7 @@ class Chunk:
     resume: int = 0  # offsets below this were delivered (or failed) already
     skip: list[int] = field(default_factory=list)  # offsets that failed and must not run again
     attempts: dict[int, int] = field(default_factory=dict)  # offset -> times its worker died on it
+    careful: bool = False  # run item by item: a worker died in a run of items it could not pin down
 
     def close(self) -> None:
         close_fds(self.fds)
@@ -109,7 +110,7 @@ def limit_breached(worker: WorkerProcess, job: Job | None, now: float) -> dict[s
     if job is None or not (job.timeout or job.memory_limit):
         return None
     head = worker.assigned[0]
-    chunk_id, offset, started = worker.read_slot()
+    chunk_id, offset, _, started = worker.read_slot()
     on_item = chunk_id == head.id and head.resume <= offset < head.count
     if job.timeout and on_item and started and now - started > job.timeout:
         return {"reason": "timeout", "limit": job.timeout}

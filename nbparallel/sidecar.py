@@ -320,7 +320,7 @@ class Sidecar:
 
     def on_worker_exit(self, worker: WorkerProcess) -> None:
         self.selector.unregister(worker.channel.sock)
-        chunk_id, offset, _ = worker.read_slot()
+        chunk_id, offset, width, _ = worker.read_slot()
         exitcode = worker.reap()
         del self.workers[worker.pid]
         running = worker.assigned.popleft() if worker.assigned else None
@@ -330,7 +330,13 @@ class Sidecar:
                 running.close()
             return
         job = self.jobs[running.job]
-        if chunk_id == running.id and running.resume <= offset < running.count:
+        in_items = chunk_id == running.id and running.resume <= offset < running.count
+        if in_items and width > 1 and not running.careful:
+            # It died in a run of items going through map(): run the rest again one by one, and
+            # the item that kills a worker then is named exactly.
+            running.careful = True
+            culprits = []
+        elif in_items:
             culprits = [offset]  # the slot names the item that was running
             attempts = running.attempts[offset] = running.attempts.get(offset, 0) + 1
             if attempts > job.retries:
@@ -400,6 +406,8 @@ class Sidecar:
             header["resume"] = chunk.resume
         if chunk.skip:
             header["skip"] = chunk.skip
+        if chunk.careful:
+            header["careful"] = True
         if chunk.oob:
             header["oob"] = chunk.oob
         worker.channel.send(header, [chunk.payload], chunk.fds)

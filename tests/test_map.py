@@ -143,3 +143,18 @@ def test_abandoning_imap_cancels_the_rest() -> None:
     status = nbparallel.status()
     assert status["queued"] == 0
     assert nbparallel.map(square, [3]) == [9]
+
+
+def test_lines_printed_inside_big_chunks_are_tagged_with_their_item(capsys: pytest.CaptureFixture[str]) -> None:
+    def noisy(x: int) -> int:
+        if x % 50 == 7:
+            print("value", x)
+        if x == 120:
+            raise ValueError("one bad item")
+        return x
+
+    results = nbparallel.map(noisy, range(300), chunksize=150, errors="return")
+    out = capsys.readouterr().out
+    for x in range(7, 300, 50):
+        assert f"[item {x}] value {x}" in out
+    assert isinstance(results[120], ValueError) and results[121] == 121
