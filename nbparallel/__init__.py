@@ -28,6 +28,7 @@ __all__ = [
     "MemoryLimitExceeded",
     "TaskTimeout",
     "SidecarDied",
+    "ClusterUnavailable",
     "SerializationError",
     "Interrupted",
     "load_ipython_extension",
@@ -48,13 +49,13 @@ _WHERE = {
     "load_ipython_extension": "magics",
     "unload_ipython_extension": "magics",
     **{name: "errors" for name in ("NbParallelError", "TaskError", "WorkerCrashed", "MemoryLimitExceeded", "TaskTimeout",
-                                   "SidecarDied", "SerializationError", "Interrupted")},
+                                   "SidecarDied", "ClusterUnavailable", "SerializationError", "Interrupted")},
 }
 
 if TYPE_CHECKING:
     from .api import configure, imap, map, shutdown, status
-    from .errors import (Interrupted, MemoryLimitExceeded, NbParallelError, SerializationError, SidecarDied,
-                         TaskError, TaskTimeout, WorkerCrashed)
+    from .errors import (ClusterUnavailable, Interrupted, MemoryLimitExceeded, NbParallelError, SerializationError,
+                         SidecarDied, TaskError, TaskTimeout, WorkerCrashed)
     from .futures import Executor, submit
     from .shm import share, shared_array
     from .magics import load_ipython_extension, unload_ipython_extension

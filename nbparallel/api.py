@@ -280,6 +280,7 @@ def configure(
     max_tasks_per_worker: int | None | Any = _UNSET,
     max_output_bytes: int | None = None,
     progress_after: float | None = None,
+    cluster: str | None | Any = _UNSET,
 ) -> None:
     """Change the pool: its size, modules preloaded in every worker, environment variables.
 
@@ -290,8 +291,15 @@ def configure(
     ``max_tasks_per_worker`` replaces a worker after that many items (None: never).
     ``max_output_bytes`` caps the printed output one call passes on.
     ``progress_after``: seconds a call runs before its progress display appears.
+    ``cluster``: run every call on a Dask cluster instead: the scheduler's address
+    (``"tcp://host:8786"``), or ``"local"`` to start a Dask LocalCluster of ``workers`` processes;
+    None runs on this machine again. The runner restarts now, so a cluster that cannot be reached
+    raises ``ClusterUnavailable`` here (and the setting stays as it was). Needs
+    ``pip install "nbparallel[dask]"``, and nbparallel installed on the Dask workers.
     """
     settings = _client.settings
+    if cluster is not _UNSET:
+        _check_cluster(cluster)
     if workers is not _UNSET:
         config.resolve_workers(workers)  # validate now, with a clear message
         settings.workers = workers
@@ -311,13 +319,43 @@ def configure(
         settings.max_output_bytes = int(max_output_bytes)
     if progress_after is not None:
         settings.progress_after = float(progress_after)
+    if cluster is not _UNSET and cluster != settings.cluster:
+        _switch_cluster(settings, cluster)
+        return
     running = _client.current_client()
     if running is not None and running.dead is None:
         running.configure(settings)
 
 
+def _check_cluster(cluster: object) -> None:
+    if cluster is None:
+        return
+    if not isinstance(cluster, str) or not cluster.strip():
+        raise TypeError(f'cluster must be a scheduler address such as "tcp://host:8786", "local" or None, '
+                        f"got {cluster!r}")
+    import importlib.util
+
+    if importlib.util.find_spec("distributed") is None:
+        raise ImportError('running on a Dask cluster needs Dask: pip install "nbparallel[dask]"')
+
+
+def _switch_cluster(settings: config.Settings, cluster: str | None) -> None:
+    """Stop the current runner and start the one for ``cluster``; on failure keep the old setting."""
+    previous = settings.cluster
+    _client.shutdown_client()
+    settings.cluster = cluster.strip() if cluster else None
+    try:
+        _client.get_client()
+    except NbParallelError:
+        settings.cluster = previous
+        raise
+
+
 def status() -> dict[str, Any]:
-    """The sidecar's PID and memory, and each worker's state, current item, memory and tasks done."""
+    """The sidecar's PID and memory, and each worker's state, current item, memory and tasks done.
+
+    On a Dask cluster: the bridge's PID and memory, ``cluster`` (the scheduler's address),
+    ``dashboard``, and one entry per Dask worker, with its ``address`` and ``threads``."""
     client = _client.get_client()
     reply = client.request({"op": "status"}).header
     reply.pop("op", None)

@@ -3,12 +3,16 @@
 One ``Client`` per process, made on first use and reused by every call (``get_client``). Its
 reader thread hands every frame about a job to that job's handle; the caller's thread does the rest.
 If the sidecar has died, the next call starts a new one and says so once.
+
+The runner is the sidecar, or, with ``configure(cluster=...)``, the Dask bridge (dask_bridge.py):
+another process that speaks the same protocol, so nothing else here knows the difference.
 """
 
 from __future__ import annotations
 
 import atexit
 import itertools
+import json
 import os
 import socket
 import subprocess
@@ -20,7 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from . import config
-from .errors import ProtocolError, SidecarDied
+from .errors import ClusterUnavailable, ProtocolError, SidecarDied
 from .protocol import PROTOCOL_VERSION, Buffer, Frame, check_hello, close_fds, read_frame, send_frame
 
 
@@ -36,16 +40,29 @@ class SidecarRestarted(UserWarning):
     """The sidecar had stopped; a new one was started."""
 
 
+def runner_command(settings: config.Settings, fd: int) -> tuple[list[str], str, float]:
+    """The command line that starts the runner, what to call it in messages, and how long it may
+    take to answer: the sidecar, or the Dask bridge when a cluster is configured."""
+    head = [sys.executable, "-m"]
+    if settings.cluster is None:
+        return [*head, "nbparallel.sidecar", str(fd), str(os.getpid())], "sidecar", config.START_TIMEOUT
+    options = {"workers": config.resolve_workers(settings.workers), "connect_timeout": config.CLUSTER_CONNECT_TIMEOUT}
+    return ([*head, "nbparallel.dask_bridge", str(fd), str(os.getpid()), settings.cluster, json.dumps(options)],
+            "Dask bridge", config.CLUSTER_START_TIMEOUT)
+
+
 class Client:
-    """A running sidecar and the connection to it."""
+    """A running sidecar (or Dask bridge) and the connection to it."""
 
     def __init__(self, settings: config.Settings) -> None:
         parent, child = socket.socketpair()
         package_root = str(Path(__file__).resolve().parent.parent)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        command, self.kind, start_timeout = runner_command(settings, child.fileno())
+        self.cluster = settings.cluster
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "nbparallel.sidecar", str(child.fileno()), str(os.getpid())],
+            command,
             pass_fds=(child.fileno(),),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -66,13 +83,22 @@ class Client:
         self.dead: SidecarDied | None = None
         self.errors: list[str] = []  # internal errors the sidecar reported
         try:
-            self.sock.settimeout(config.START_TIMEOUT)
+            self.sock.settimeout(start_timeout)
             send_frame(self.sock, {"op": "hello", "version": PROTOCOL_VERSION})
-            check_hello(read_frame(self.sock), "sidecar")
+            hello = read_frame(self.sock)
+            if hello.op == "error" and hello.get("fatal"):  # the bridge could not reach its cluster
+                raise ClusterUnavailable(f"nbparallel: {hello.get('message')}")
+            check_hello(hello, self.kind)
             self.sock.settimeout(None)
-        except (OSError, EOFError, ProtocolError) as exc:
+        except (OSError, EOFError, ProtocolError, ClusterUnavailable) as exc:
             self._kill()
-            raise SidecarDied(f"the sidecar did not start: {exc}") from exc
+            if isinstance(exc, ClusterUnavailable):
+                raise
+            raise SidecarDied(f"the {self.kind} did not start: {exc}") from exc
+        #: What the runner said about itself: a Dask bridge adds its cluster, dashboard and size.
+        self.info = dict(hello.header)
+        #: Threads on the cluster (None for the sidecar: its pool is ``settings.workers``).
+        self.size: int | None = int(self.info["workers"]) if self.info.get("workers") else None
         self.configure(settings)
         self.reader = threading.Thread(target=self._read, name="nbparallel-reader", daemon=True)
         self.reader.start()
@@ -175,8 +201,8 @@ class Client:
             how = f"exit code {code}" if code is not None and code >= 0 else (
                 f"killed by signal {-code}" if code is not None else "connection lost")
             self.dead = SidecarDied(
-                f"the nbparallel sidecar (pid {self.pid}) stopped ({how}). Results that had arrived are "
-                "kept; the next call starts a new sidecar."
+                f"the nbparallel {self.kind} (pid {self.pid}) stopped ({how}). Results that had arrived are "
+                f"kept; the next call starts a new {self.kind}."
             )
             with self.jobs_lock:
                 handles = list(self.jobs.values())
@@ -231,11 +257,14 @@ def get_client() -> Client:
             old.close(timeout=0.5)
             _client = Client(settings)
             warnings.warn(
-                f"nbparallel: the previous sidecar (pid {old.pid}) had stopped; started a new one "
+                f"nbparallel: the previous {old.kind} (pid {old.pid}) had stopped; started a new one "
                 f"(pid {_client.pid}).",
                 SidecarRestarted,
                 stacklevel=3,
             )
+        if _client is not None and _client.cluster != settings.cluster:  # configure(cluster=...) changed it
+            old, _client = _client, None
+            old.close()
         if _client is None:
             _client = Client(settings)
         return _client

@@ -29,6 +29,9 @@ class Settings:
     #: Worker output a call passes on to the caller before it drops the rest (a notebook drowns
     #: in megabytes of text).
     max_output_bytes: int = 2 * 2**20
+    #: Where calls run: None for this machine's sidecar; a Dask scheduler's address
+    #: ("tcp://host:8786"), or "local" for a Dask LocalCluster, for the Dask bridge (dask_bridge.py).
+    cluster: str | None = None
 
 
 # Chunking: a chunk should take about CHUNK_SECONDS of work, so progress moves smoothly and
@@ -45,6 +48,9 @@ MAX_BYTES_IN_FLIGHT = 256 * 2**20
 CANCEL_WAIT = 0.8
 # How long the sidecar may take to start and answer its first message.
 START_TIMEOUT = 30.0
+# The Dask bridge answers once it has reached the scheduler (or started a LocalCluster): longer.
+CLUSTER_CONNECT_TIMEOUT = 10.0  # seconds the bridge tries to reach a scheduler
+CLUSTER_START_TIMEOUT = 60.0
 
 _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
                 "NUMEXPR_NUM_THREADS")

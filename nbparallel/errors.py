@@ -8,6 +8,7 @@ The hierarchy::
      │    └── MemoryLimitExceeded   killed on purpose: it passed ``memory_limit``
      ├── TaskTimeout        the item ran past its time limit
      ├── SidecarDied        the runner process went away
+     │    └── ClusterUnavailable    the Dask cluster could not be reached or started
      ├── SerializationError something could not be pickled or unpickled
      └── ProtocolError      a malformed or incompatible message on the wire
     Interrupted (KeyboardInterrupt)  the call was cancelled; carries what completed
@@ -28,6 +29,7 @@ __all__ = [
     "MemoryLimitExceeded",
     "TaskTimeout",
     "SidecarDied",
+    "ClusterUnavailable",
     "SerializationError",
     "ProtocolError",
     "Interrupted",
@@ -173,21 +175,26 @@ class WorkerCrashed(NbParallelError):
         exitcode: int | None = None,
         memory: int | None = None,
         attempts: int = 1,
+        cause: str | None = None,
+        worker: str | None = None,
     ):
-        status, self.signal, cause = describe_exit(exitcode)
+        status, self.signal, exit_cause = describe_exit(exitcode)
         self.exitcode = status
         self.pid = pid
         self.memory = memory
         self.attempts = attempts
-        mem = f"; last seen using {memory / 2**20:.0f} MiB" if memory else ""
-        hint = " If the item needs much memory, use fewer workers or set memory_limit=." if self.signal == "SIGKILL" else ""
-        tries = f" (tried {attempts} times)" if attempts > 1 else ""
-        super().__init__(
-            f"the worker (pid {pid}) running {_which(index, item)} died{tries}: {cause}{mem}. "
-            f"The worker was replaced.{hint}",
-            index=index,
-            item=item,
-        )
+        #: The Dask worker's address, when the work ran on a Dask cluster.
+        self.worker = worker
+        if cause is not None:  # a Dask cluster says what happened in its own terms
+            where = f"Dask worker {worker}" if worker else "Dask worker"
+            message = f"the {where} running {_which(index, item)} died: {cause}."
+        else:
+            mem = f"; last seen using {memory / 2**20:.0f} MiB" if memory else ""
+            hint = " If the item needs much memory, use fewer workers or set memory_limit=." if self.signal == "SIGKILL" else ""
+            tries = f" (tried {attempts} times)" if attempts > 1 else ""
+            message = (f"the worker (pid {pid}) running {_which(index, item)} died{tries}: {exit_cause}{mem}. "
+                       f"The worker was replaced.{hint}")
+        super().__init__(message, index=index, item=item)
 
 
 class MemoryLimitExceeded(WorkerCrashed):
@@ -227,6 +234,10 @@ class TaskTimeout(NbParallelError):
 
 class SidecarDied(NbParallelError):
     """The sidecar process went away. The next call starts a new one."""
+
+
+class ClusterUnavailable(SidecarDied):
+    """The Dask cluster named by ``configure(cluster=...)`` could not be reached or started."""
 
 
 class SerializationError(NbParallelError):

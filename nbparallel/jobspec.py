@@ -58,7 +58,8 @@ def crash_error(frame: Frame, index: int | None, item: str) -> NbParallelError:
         return MemoryLimitExceeded(index=index, item=item, pid=pid, limit=frame["limit"],
                                    memory=frame["memory"], attempts=attempts)
     return WorkerCrashed(index=index, item=item, pid=pid, exitcode=frame.get("exitcode"),
-                         memory=frame.get("memory"), attempts=attempts)
+                         memory=frame.get("memory"), attempts=attempts, cause=frame.get("cause"),
+                         worker=frame.get("worker"))
 
 
 def caller_context() -> dict[str, Any]:

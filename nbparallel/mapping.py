@@ -88,7 +88,8 @@ class MapRun:
         self.star = len(iterables) > 1
         self.limit = config.resolve_workers(workers) if workers is not None else 0
         self.client = client or get_client()
-        pool = config.resolve_workers(self._pool_setting())
+        # On a Dask cluster the pool is the cluster's threads, as the bridge counted them.
+        pool = self.client.size or config.resolve_workers(self._pool_setting())
         self.workers = self.limit or pool
         self.sizer = ChunkSizer(chunksize, self.workers)
         self.stop_on_error = stop_on_error

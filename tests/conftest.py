@@ -32,6 +32,27 @@ def _sidecar_tree() -> set[int]:
         return set()
 
 
+# Processes a fixture keeps for several tests on purpose (a Dask test cluster); the fixture that
+# started them stops them, and the session's end checks that it did.
+_SHARED_ROOTS: set[int] = set()
+
+
+@pytest.fixture(scope="session")
+def shared_processes() -> set[int]:
+    """Add a process's pid here to keep it (and its children) from counting as a test's leak."""
+    return _SHARED_ROOTS
+
+
+def _shared_trees() -> set[int]:
+    pids: set[int] = set()
+    for root in list(_SHARED_ROOTS):
+        try:
+            pids |= {root, *(p.pid for p in psutil.Process(root).children(recursive=True))}
+        except psutil.NoSuchProcess:
+            continue
+    return pids
+
+
 def _alive(proc: psutil.Process) -> bool:
     try:
         return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
@@ -46,7 +67,7 @@ def no_leaked_processes() -> Iterator[None]:
     yield
     deadline = time.monotonic() + 5
     while True:
-        allowed = before | _sidecar_tree()
+        allowed = before | _sidecar_tree() | _shared_trees()
         leaked = [p for pid, p in _descendants().items() if pid not in allowed and _alive(p)]
         if not leaked or time.monotonic() > deadline:
             break
