@@ -39,22 +39,25 @@ class Publisher:
         self.parent = current_parent(self.shell) if self.shell is not None else None
         self.display_id = uuid.uuid4().hex
 
-    def publish(self, widget: ProgressWidget, update: bool) -> None:
+    def publish(self, widget: ProgressWidget | None, update: bool) -> None:
+        """Send the widget (None: an empty output, for a display that was never revealed)."""
         kernel = self.kernel
         if kernel is None or self.parent is None or not hasattr(kernel, "iopub_socket"):
             from IPython.display import display, update_display
 
+            shown: Any = widget if widget is not None else {"text/plain": ""}
+            raw = widget is None
             if update:
-                update_display(widget, display_id=self.display_id)  # type: ignore[no-untyped-call]
+                update_display(shown, display_id=self.display_id, raw=raw)  # type: ignore[no-untyped-call]
             else:
-                display(widget, display_id=self.display_id)  # type: ignore[no-untyped-call]
+                display(shown, display_id=self.display_id, raw=raw)  # type: ignore[no-untyped-call]
             return
         parent = self.parent
         if update:
             from .output import current_parent
 
             parent = current_parent(self.shell) or parent
-        bundle = widget._repr_mimebundle_()
+        bundle = widget._repr_mimebundle_() if widget is not None else ({"text/plain": ""}, {})
         data, metadata = bundle if isinstance(bundle, tuple) else (bundle, {})
         kernel.session.send(
             kernel.iopub_socket,
@@ -98,8 +101,9 @@ class WidgetView:
     def finish(self, snap: Snapshot) -> None:
         self.update(snap)
         if self.widget is not None:
-            # Replace the display's text/plain (saved by nbconvert/nbclient) with the final summary.
-            self.publisher.publish(self.widget, update=True)
+            # Replace the display's text/plain (saved by nbconvert/nbclient) with the final summary,
+            # or with nothing when the call ended before the display was ever revealed.
+            self.publisher.publish(self.widget if snap.shown else None, update=True)
 
     def _cancel_clicked(self, change: dict[str, Any]) -> None:
         if change.get("new") and self.on_cancel is not None:
