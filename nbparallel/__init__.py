@@ -3,7 +3,8 @@
 The kernel never forks: a sidecar started with ``subprocess`` owns the workers, and functions
 defined in the notebook travel by value (cloudpickle). See README.md and docs/.
 
-Names are imported lazily, so ``python -m nbparallel.sidecar`` and the workers stay light.
+Names are imported lazily, so ``python -m nbparallel.sidecar`` and the workers stay light. The
+joblib backend (``backend="nbparallel"``) registers itself when joblib is imported (joblib_hook.py).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ __all__ = [
     "ClusterUnavailable",
     "SerializationError",
     "Interrupted",
+    "register_joblib",
     "load_ipython_extension",
     "unload_ipython_extension",
 ]
@@ -45,6 +47,7 @@ _WHERE = {
     "Executor": "futures",
     "share": "shm",
     "shared_array": "shm",
+    "register_joblib": "joblib_hook",
     # IPython is imported only when IPython itself asks for these (``%load_ext nbparallel``).
     "load_ipython_extension": "magics",
     "unload_ipython_extension": "magics",
@@ -57,6 +60,7 @@ if TYPE_CHECKING:
     from .errors import (ClusterUnavailable, Interrupted, MemoryLimitExceeded, NbParallelError, SerializationError,
                          SidecarDied, TaskError, TaskTimeout, WorkerCrashed)
     from .futures import Executor, submit
+    from .joblib_hook import register_joblib
     from .shm import share, shared_array
     from .magics import load_ipython_extension, unload_ipython_extension
 
@@ -74,3 +78,12 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted([*globals(), *__all__])
+
+
+def _watch_for_joblib() -> None:
+    from . import joblib_hook
+
+    joblib_hook.install()
+
+
+_watch_for_joblib()

@@ -189,8 +189,11 @@ class Client:
                     waiting[0].set()
             elif frame.op == "error":
                 self.errors.append(str(frame.get("message")))
-                print(f"nbparallel: the sidecar reported an internal error:\n{frame.get('message')}",
-                      file=sys.stderr)
+                if frame.get("fatal"):  # the runner says why it stops (the Dask bridge lost its scheduler)
+                    print(f"nbparallel: {frame.get('message')}", file=sys.stderr)
+                else:
+                    print(f"nbparallel: the {self.kind} reported an internal error:\n{frame.get('message')}",
+                          file=sys.stderr)
 
     def _mark_dead(self) -> SidecarDied:
         if self.dead is None:

@@ -10,9 +10,12 @@ value: streams and buffers are routed as they are.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import mmap
 import os
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import serialization as ser
@@ -27,6 +30,45 @@ SCATTER_ABOVE = 64 * 2**10
 CONNECT_TIMEOUT = 10.0  # seconds to reach a scheduler (the kernel waits a little longer for us)
 
 Payload = tuple[bytes, list[bytes]]  # as in dask_task.py: a pickle stream and its buffers
+
+
+@dataclass
+class Chunk:
+    job: int
+    id: int
+    start: int
+    count: int
+    items: Any  # a payload (bytes), or the Dask future of one scattered to the cluster
+    future: Any = None
+
+
+@dataclass
+class Job:
+    header: dict[str, Any]
+    function: Any  # a payload, or the Dask future it was scattered to
+    refusal: str | None  # why the job's limits cannot be kept here
+    waiting: deque[Chunk] = field(default_factory=deque)  # held back by ``limit``
+    running: dict[int, Chunk] = field(default_factory=dict)
+    cancelled: bool = False
+    _spec: str | None = None
+
+    @property
+    def spec(self) -> str:
+        """What run_chunk needs to know of the job, as one JSON string (Dask walks nested arguments
+        of every task it is given; a string it passes along as it is)."""
+        if self._spec is None:
+            self._spec = json.dumps({"key": self.header["key"], "call": self.header.get("call", "one"),
+                                     "stop_on_error": bool(self.header.get("stop_on_error")),
+                                     "path": self.header.get("path") or [], "out_of_band": shm.AVAILABLE})
+        return self._spec
+
+    @property
+    def limit(self) -> int:
+        return int(self.header.get("limit") or 0)
+
+    @property
+    def group(self) -> Any:
+        return self.header.get("group") or ("job", self.header["job"])
 
 
 def payload_from(frame: Frame) -> Payload:
@@ -75,12 +117,18 @@ def outcome_frame(stream: bytes, buffers: list[Any]) -> tuple[dict[str, Any], li
     return ({"oob": specs} if specs else {}), fds
 
 
-def failed_outcomes(start: int, offsets: range, error: NbParallelError) -> shm.Packed:
-    """Outcomes that fail every offset with ``error`` (made by the bridge: our own error type)."""
-    batch = Batch(start)
-    for offset in offsets:
+def failed_result(chunk: Chunk, error: NbParallelError) -> tuple[dict[str, Any], shm.Packed]:
+    """A ``result`` frame that fails every item of the chunk with ``error`` (made by the bridge:
+    our own error type, the only thing it ever pickles)."""
+    batch = Batch(chunk.start)
+    for offset in range(chunk.count):
         batch.add_problem(offset, ser.FAILED, error)
-    return batch.pickle()
+    packed = batch.pickle()
+    header = {"op": "result", "job": chunk.job, "chunk": chunk.id, "start": chunk.start, "upto": chunk.count,
+              "n": chunk.count, "failed": chunk.count, "elapsed": 0.0, "final": True, "pid": 0}
+    if packed.specs:
+        header["oob"] = packed.specs
+    return header, packed
 
 
 def unsupported(header: dict[str, Any]) -> str | None:
@@ -93,22 +141,41 @@ def unsupported(header: dict[str, Any]) -> str | None:
             "memory limits, or configure(cluster=None) to run on this machine.")
 
 
-def crash_header(job: int, chunk: int, indices: list[int], error: BaseException, pid: int | None,
-                 address: str | None) -> dict[str, Any]:
-    """A ``crashed`` frame for a chunk Dask gave up on (its workers died running it)."""
-    failures = getattr(error, "allowed_failures", None)
-    attempts = failures + 1 if isinstance(failures, int) else 1
-    cause = (f"the Dask workers running it died {attempts} time{'s' if attempts > 1 else ''}, and Dask gave up "
-             "(KilledWorker; distributed.scheduler.allowed-failures sets how often it retries). A segfault, "
-             "os._exit or the worker's memory limit are the usual causes; the worker logs say which")
-    return {"op": "crashed", "job": job, "chunk": chunk, "indices": indices, "pid": pid, "exitcode": None,
-            "memory": None, "attempts": attempts, "cause": cause, "worker": address}
+def failure_frame(chunk: Chunk, error: BaseException | None, cancelled: bool, pids: dict[str, int]
+                  ) -> tuple[dict[str, Any], NbParallelError | None]:
+    """What to tell the kernel about a chunk whose task did not finish: a ``crashed`` header when its
+    workers died (KilledWorker) or Dask dropped it, else the error that fails its items."""
+    indices = list(range(chunk.start, chunk.start + chunk.count))
+    if cancelled or type(error).__name__ == "KilledWorker":
+        failures = getattr(error, "allowed_failures", None)
+        attempts = failures + 1 if isinstance(failures, int) else 1
+        worker = getattr(error, "last_worker", None)
+        address = str(getattr(worker, "address", worker) or "") or None
+        cause = (f"the Dask workers running it died {attempts} time{'s' if attempts > 1 else ''}, and Dask gave "
+                 "up (KilledWorker; distributed.scheduler.allowed-failures sets how often it retries). A segfault, "
+                 "os._exit or the worker's memory limit are the usual causes; the worker logs say which")
+        if cancelled:
+            cause = "Dask cancelled its task: the connection to the scheduler was lost, or the scheduler restarted"
+        return {"op": "crashed", "job": chunk.job, "chunk": chunk.id, "indices": indices,
+                "pid": pids.get(address or "", 0), "exitcode": None, "memory": None, "attempts": attempts,
+                "cause": cause, "worker": address}, None
+    text = f"{type(error).__name__}: {error}"
+    return {}, NbParallelError(f"the Dask task running items {indices[0]}..{indices[-1]} failed outside the "
+                               f"function: {text}. Is nbparallel (the same version) installed on the Dask workers?")
 
 
-def last_worker(error: BaseException) -> str | None:
-    worker = getattr(error, "last_worker", None)
-    address = getattr(worker, "address", worker)
-    return str(address) if address else None
+def result_frames(chunk: Chunk, result: Any) -> tuple[list[dict[str, Any]], dict[str, Any], bytes, list[int]]:
+    """A finished task's ``output`` headers, its ``result`` header, payload and descriptors (each
+    large buffer in a new segment; the caller closes them once sent)."""
+    meta, lines, stream, buffers = result
+    pid = int(meta.get("pid") or 0)
+    outputs = [{"op": "output", "job": chunk.job, "index": index, "stream": name, "text": text, "pid": pid}
+               for index, name, text in lines]
+    extra, fds = outcome_frame(stream, buffers)
+    header = {"op": "result", "job": chunk.job, "chunk": chunk.id, "start": chunk.start, "upto": meta["upto"],
+              "n": meta["n"], "failed": meta["failed"], "elapsed": meta["elapsed"], "final": True, "pid": pid,
+              **extra}
+    return outputs, header, stream, fds
 
 
 def has_dashboard() -> bool:
@@ -123,37 +190,14 @@ def connect(address: str, workers: int, timeout: float) -> tuple[Any, Any]:
     quiet = logging.ERROR  # the kernel hears of failures through frames; the log stays readable
     logging.getLogger("distributed").setLevel(quiet)
     if address == "local":
-        cluster = LocalCluster(n_workers=max(1, workers), threads_per_worker=1, processes=True,
-                               dashboard_address=":0" if has_dashboard() else None, silence_logs=quiet)
+        # ":0": a free port for its HTTP server (the dashboard, when bokeh is installed), never a clash.
+        cluster = LocalCluster(n_workers=max(1, workers), threads_per_worker=1, processes=True,  # type: ignore[no-untyped-call]
+                               dashboard_address=":0", silence_logs=quiet)
         try:
-            return Client(cluster, timeout=timeout, set_as_default=False), cluster
+            # Its workers are on this machine: fetch results from them, not through the scheduler.
+            return (Client(cluster, timeout=timeout, set_as_default=False,  # type: ignore[no-untyped-call]
+                           direct_to_workers=True), cluster)
         except BaseException:
             cluster.close()
             raise
-    return Client(address, timeout=timeout, set_as_default=False), None
-
-
-def describe_workers(info: dict[str, Any], processing: dict[str, Any], pids: dict[str, int],
-                     tasks_done: dict[str, int], chunk_of: Any) -> list[dict[str, Any]]:
-    """The ``workers`` of a ``status`` reply, one per Dask worker, shaped like the sidecar's.
-
-    ``chunk_of(key)`` gives ``(job, first index)`` for the keys of our own tasks, else None.
-    """
-    described = []
-    for address, worker in sorted(info.get("workers", {}).items()):
-        keys = processing.get(address) or ()
-        ours = [found for found in map(chunk_of, keys) if found is not None]
-        job, index = ours[0] if ours else (None, None)
-        metrics = worker.get("metrics") or {}
-        described.append({
-            "pid": pids.get(address, 0),
-            "state": "busy" if keys else "idle",
-            "job": job,
-            "index": index,
-            "rss": int(metrics.get("memory") or 0),
-            "tasks_done": tasks_done.get(address, 0),
-            "address": address,
-            "threads": worker.get("nthreads"),
-            "memory_limit": worker.get("memory_limit"),
-        })
-    return described
+    return Client(address, timeout=timeout, set_as_default=False), None  # type: ignore[no-untyped-call]

@@ -15,6 +15,7 @@ The lines travel back with the chunk's outcomes (not live, as from a local worke
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 import sys
@@ -32,7 +33,8 @@ from .errors import SerializationError
 from .shm import OUT_OF_BAND_MIN
 from .worker import Batch
 
-FUNCTION_CACHE = 16  # unpickled functions a Dask worker process keeps, by the job's key
+FUNCTION_CACHE = 16  # unpickled functions a Dask worker process keeps, by the job's key...
+FUNCTION_CACHE_BYTES = 256 * 2**20  # ...and at most this much of their pickles (a closure's arrays live on)
 OUTPUT_CAP = 1 << 20  # characters of printed output one chunk sends back; the rest is dropped
 CANCEL_CHECK = 0.1  # seconds between looks at whether Dask cancelled the running chunk
 
@@ -122,26 +124,29 @@ def _install_router() -> None:
 
 # -- the function, once per worker process -------------------------------------------------------------
 
-_functions: OrderedDict[str, Callable[..., Any]] = OrderedDict()
+_functions: OrderedDict[str, tuple[Callable[..., Any], int]] = OrderedDict()  # key -> (function, bytes)
 _functions_lock = threading.Lock()
 
 
 def _function(key: str, payload: Payload) -> Callable[..., Any]:
     with _functions_lock:
-        fn = _functions.get(key)
-        if fn is not None:
+        cached = _functions.get(key)
+        if cached is not None:
             _functions.move_to_end(key)
-            return fn
-    fn = load(payload)
+            return cached[0]
+    fn: Callable[..., Any] = load(payload)
+    size = len(payload[0]) + sum(len(b) for b in payload[1])
     with _functions_lock:
-        _functions[key] = fn
-        while len(_functions) > FUNCTION_CACHE:
+        _functions[key] = (fn, size)
+        while len(_functions) > 1 and (len(_functions) > FUNCTION_CACHE or
+                                       sum(n for _, n in _functions.values()) > FUNCTION_CACHE_BYTES):
             _functions.popitem(last=False)
     return fn
 
 
 def _call(fn: Callable[..., Any], call: str, item: Any) -> Any:
     # The same three conventions as worker.py's loop (kept inline there: it is the hot path).
+    __tracebackhide__ = True  # our plumbing: remote tracebacks start at the user's function
     if call == "one":
         return fn(item)
     if call == "star":
@@ -173,6 +178,19 @@ class _Cancelled:
         return state is None or state.state in ("cancelled", "released", "forgotten")
 
 
+_specs: OrderedDict[str, dict[str, Any]] = OrderedDict()  # a job's chunks share its JSON: parse it once
+
+
+def _job_spec(text: str) -> dict[str, Any]:
+    with _functions_lock:  # a Dask worker may run several chunks at once, in threads
+        spec = _specs.get(text)
+        if spec is None:
+            spec = _specs[text] = json.loads(text)
+            while len(_specs) > FUNCTION_CACHE:
+                _specs.popitem(last=False)
+        return spec
+
+
 def _add_path(entries: list[str]) -> None:
     # Functions pickled by reference are imported from the caller's sys.path where those folders
     # exist here too (a LocalCluster, a shared file system). The cwd is not changed: the threads of
@@ -185,14 +203,17 @@ def _add_path(entries: list[str]) -> None:
 Outcome = tuple[dict[str, Any], list[Any], bytes, list[Any]]
 
 
-def run_chunk(function: Payload, spec: dict[str, Any], items: Payload) -> Outcome:
+def run_chunk(function: Payload, job: str, start: int, count: int, items: Payload) -> Outcome:
     """Run one chunk on a Dask worker. Returns ``(meta, output, stream, buffers)``: ``meta`` as a
     local worker's ``result`` header (``upto``, ``n``, ``failed``, ``elapsed``) plus the worker's pid
     and address; ``output`` the printed text as ``(index, stream, text)``; ``stream`` and ``buffers``
-    the pickled ``(offsets, values, problems)`` of worker.py's ``Batch``."""
+    the pickled ``(offsets, values, problems)`` of worker.py's ``Batch``.
+
+    ``job`` is the job's settings as JSON (``key``, ``call``, ``stop_on_error``, ``path``,
+    ``out_of_band``): one string, made once per call, which Dask passes along without walking it."""
     _install_router()
     began = time.perf_counter()
-    start, count = int(spec["start"]), int(spec["count"])
+    spec = _job_spec(job)
     call, stop_on_error = spec.get("call", "one"), bool(spec.get("stop_on_error"))
     out_of_band = bool(spec.get("out_of_band", True))
     batch = Batch(start)
@@ -265,7 +286,7 @@ def worker_pid() -> int:
     return os.getpid()
 
 
-class Preload(WorkerPlugin):  # type: ignore[misc]  # distributed's classes are untyped for mypy here
+class Preload(WorkerPlugin):
     """``configure(preload=[...])`` on a cluster: every Dask worker, present or joining later,
     imports these modules once (a failure is printed in that worker's log, as locally)."""
 

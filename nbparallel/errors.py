@@ -186,8 +186,8 @@ class WorkerCrashed(NbParallelError):
         #: The Dask worker's address, when the work ran on a Dask cluster.
         self.worker = worker
         if cause is not None:  # a Dask cluster says what happened in its own terms
-            where = f"Dask worker {worker}" if worker else "Dask worker"
-            message = f"the {where} running {_which(index, item)} died: {cause}."
+            last = f" (last on the Dask worker {worker})" if worker else ""
+            message = f"{_which(index, item)} was lost on the Dask cluster{last}: {cause}."
         else:
             mem = f"; last seen using {memory / 2**20:.0f} MiB" if memory else ""
             hint = " If the item needs much memory, use fewer workers or set memory_limit=." if self.signal == "SIGKILL" else ""

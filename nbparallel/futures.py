@@ -17,7 +17,7 @@ from . import serialization as ser
 from .client import get_client
 from .errors import NbParallelError, SerializationError, SidecarDied, make_task_error
 from .jobspec import caller_context, crash_error, function_key
-from .output import capture_sink, flush_std
+from .output import Sink, capture_sink, flush_std
 from .progress import track_future
 from .protocol import Frame
 
@@ -43,7 +43,10 @@ class _Task:
     """One submitted call: its job in the sidecar and the Future it settles."""
 
     def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-                 limit: int, group: int | None) -> None:
+                 limit: int, group: int | None, *, sink: Sink | None = None, label: str | None = None) -> None:
+        """``sink``: where worker output goes (default: the cell running now); ``label``: how errors
+        name the task (default: its arguments). The joblib backend sets both: it submits from the
+        client's reader thread, on behalf of the cell that started the joblib call."""
         function = ser.dumps_function(fn)  # before the sidecar is even started: fail fast
         try:
             payload = ser.pack([(args, kwargs)])
@@ -55,10 +58,10 @@ class _Task:
                 _check_argument(arg, f"keyword argument {name!r}")
             raise
         client = self.client = get_client()
-        self.item = ser.describe(args[0] if len(args) == 1 and not kwargs else (args, kwargs))
+        self.item = label or ser.describe(args[0] if len(args) == 1 and not kwargs else (args, kwargs))
         self.future = TaskFuture()
         self.future._task = self
-        self.sink = capture_sink()
+        self.sink = sink or capture_sink()
         self.job = client.new_job_id()
         self.settled = threading.Lock()
         self.ended = False

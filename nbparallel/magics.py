@@ -167,6 +167,9 @@ class ParallelMagics(Magics):
         """Manage nbparallel's pool and background jobs.
 
         %nbparallel status       the sidecar's PID and memory; each worker's state and memory
+        %nbparallel connect ADDR run every call on the Dask cluster at ADDR (tcp://host:8786), or
+                                 on a new Dask LocalCluster with "local"
+        %nbparallel disconnect   run on this machine again
         %nbparallel workers N    resize the pool to N workers (-1: all CPUs)
         %nbparallel restart      stop the pool and start a fresh one
         %nbparallel stop         stop the pool (the next call starts it again)
@@ -179,12 +182,27 @@ class ParallelMagics(Magics):
         handler = getattr(self, f"_cmd_{command}", None) if command else None
         if handler is None:
             what = f"unknown command {command!r}" if command else "give a command"
-            raise UsageError(f"%nbparallel: {what}; one of: status, workers N, restart, stop, jobs, cancel ID, "
-                             "wait [ID]")
+            raise UsageError(f"%nbparallel: {what}; one of: status, connect ADDRESS, disconnect, workers N, "
+                             "restart, stop, jobs, cancel ID, wait [ID]")
         handler(rest)
 
     def _cmd_status(self, rest: list[str]) -> None:
         print(format_status(api.status()))
+
+    def _cmd_connect(self, rest: list[str]) -> None:
+        if len(rest) != 1:
+            raise UsageError('%nbparallel connect ADDRESS: give a scheduler address (tcp://host:8786) or "local"')
+        background.cancel_running()
+        try:
+            api.configure(cluster=rest[0])
+        except (ImportError, TypeError) as exc:
+            raise UsageError(f"%nbparallel connect: {exc}") from None
+        print(describe_connection(api.status()))
+
+    def _cmd_disconnect(self, rest: list[str]) -> None:
+        background.cancel_running()
+        api.configure(cluster=None)
+        print("nbparallel: calls run on this machine again")
 
     def _cmd_workers(self, rest: list[str]) -> None:
         try:
@@ -247,13 +265,34 @@ def _explain_unpicklable(error: BaseException, runner: cellcode.CellRunner) -> N
             raise UsageError(f"%%parallel: {problem}") from None
 
 
+def _mib(value: Any) -> str:
+    return f"{value / 2**20:.1f} MiB" if isinstance(value, (int, float)) and value else "-"
+
+
+def describe_connection(status: dict[str, Any]) -> str:
+    """One line about the Dask cluster ``api.status()`` describes."""
+    workers = status.get("workers", [])
+    threads = sum(int(w.get("threads") or 0) for w in workers)
+    dashboard = f"; dashboard {status['dashboard']}" if status.get("dashboard") else ""
+    return (f"nbparallel: connected to the Dask cluster at {status.get('cluster')}: {len(workers)} workers, "
+            f"{threads} threads{dashboard}")
+
+
 def format_status(status: dict[str, Any]) -> str:
     """``api.status()`` as a few lines of text."""
-
-    def mib(value: Any) -> str:
-        return f"{value / 2**20:.1f} MiB" if isinstance(value, (int, float)) and value else "-"
-
+    mib = _mib
     workers = status.get("workers", [])
+    if status.get("runner") == "dask":
+        lines = [f"nbparallel Dask bridge pid {status.get('pid')}, {mib(status.get('rss'))}; cluster "
+                 f"{status.get('cluster')}; {len(workers)} workers; {status.get('queued', 0)} chunks held back; "
+                 f"{status.get('jobs', 0)} jobs"]
+        lines.append(f"  {'pid':>7}  {'state':<9} {'job':>4} {'item':>6} {'memory':>10} {'done':>6}  address")
+        for w in workers:
+            job = "-" if w.get("job") is None else w["job"]
+            item = "-" if w.get("index") is None else w["index"]
+            lines.append(f"  {w.get('pid'):>7}  {w.get('state', '?'):<9} {job:>4} {item:>6} {mib(w.get('rss')):>10} "
+                         f"{w.get('tasks_done', 0):>6}  {w.get('address')}")
+        return "\n".join(lines)
     lines = [f"nbparallel sidecar pid {status.get('pid')}, {mib(status.get('rss'))}; {len(workers)} workers; "
              f"{status.get('queued', 0)} items queued; {status.get('jobs', 0)} jobs"]
     lines.append(f"  {'pid':>7}  {'state':<9} {'job':>4} {'item':>6} {'memory':>10} {'done':>6}")

@@ -92,6 +92,8 @@ class MapRun:
         pool = self.client.size or config.resolve_workers(self._pool_setting())
         self.workers = self.limit or pool
         self.sizer = ChunkSizer(chunksize, self.workers)
+        # A Dask cluster answers later than a local worker: its bridge asks for more chunks in flight.
+        self.window = int(getattr(self.client, "info", {}).get("window") or config.CHUNKS_IN_FLIGHT_PER_WORKER)
         self.stop_on_error = stop_on_error
         self.events: queue.SimpleQueue[Frame | SidecarDied] = queue.SimpleQueue()
         self.sink = capture_sink()  # captured again when the run starts (an imap may start later)
@@ -188,7 +190,7 @@ class MapRun:
             self.close()
 
     def pump(self) -> None:
-        max_chunks = config.CHUNKS_IN_FLIGHT_PER_WORKER * self.workers
+        max_chunks = self.window * self.workers
         if self.sizer.probing:
             max_chunks = self.workers
         while not self.exhausted and len(self.in_flight) < max_chunks:

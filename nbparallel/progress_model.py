@@ -282,7 +282,8 @@ class LaneBook:
             if seen is not None:
                 state, index = classify(seen)
                 done = max(0, int(seen.get("tasks_done") or 0) - self.baseline.get(lane["pid"], 0))
-                lane.update(state=state, index=index, rss=int(seen.get("rss") or 0), tasks=lane["before"] + done)
+                lane.update(state=state, index=index, rss=int(seen.get("rss") or 0), tasks=lane["before"] + done,
+                            address=seen.get("address"))  # a Dask worker's; the sidecar's have none
             lane["note"] = self._note(lane)
         self.polled = True
         return [{k: lane.get(k) for k in ("pid", "state", "index", "rss", "tasks", "restarts", "note")}
@@ -293,7 +294,7 @@ class LaneBook:
             return f"crashed on {self.crashes[lane['pid']]}"
         previous = lane["previous"]
         if previous is None:
-            return ""
+            return str(lane.get("address") or "")
         crash = self.crashes.get(previous)
         how = f"crashed on {crash}" if crash else "was stopped"
         return f"pid {previous} {how}; pid {lane['pid']} took its place"

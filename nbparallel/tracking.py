@@ -26,11 +26,12 @@ class FutureGroup:
     """The futures one cell started, shown as one widget."""
 
     def __init__(self, description: str, *, force: bool) -> None:
-        from .client import settings
+        from .client import current_client, settings
         from .config import resolve_workers
 
-        try:
-            workers = resolve_workers(settings.workers)
+        running = current_client()
+        try:  # on a Dask cluster, its threads
+            workers = (running.size if running is not None else None) or resolve_workers(settings.workers)
         except (TypeError, ValueError):
             workers = 0
         self.model = ProgressModel(description, total=0, workers=workers, unit="tasks", cancellable=True,
@@ -40,13 +41,16 @@ class FutureGroup:
         self.futures: list[cf.Future[Any]] = []
         self.jobs: dict[int, int] = {}  # sidecar job id -> position in this group
         self.pending = 0
+        self.holds = 0  # a joblib call holds its group open between batches (see hold())
+        self.fixed_total = False  # the total was set up front (a joblib call that knows its length)
         self.closed = False
         self.cancel_clicked = False
         self.driver = Driver(self.model, make_renderer("widget", self.cancel), delay=0.0, poll=self._poll,
                              reveal_after=None if force else progress_after())
 
-    def add(self, future: cf.Future[Any]) -> bool:
-        """Join ``future`` to the group; False if the group has already finished."""
+    def add(self, future: cf.Future[Any], weight: int = 1) -> bool:
+        """Join ``future`` to the group (counting as ``weight`` tasks: a joblib batch of calls);
+        False if the group has already finished."""
         with self.lock:
             if self.closed:
                 return False
@@ -56,26 +60,40 @@ class FutureGroup:
             if isinstance(job, int):
                 self.jobs[job] = position
             self.pending += 1
-        self.model.add(total=1)
-        future.add_done_callback(lambda f: self._settled(f, position))
+        self.model.add(total=0 if self.fixed_total else weight)
+        future.add_done_callback(lambda f: self._settled(f, position, weight))
         return True
 
-    def _settled(self, future: cf.Future[Any], position: int) -> None:
+    def hold(self) -> None:
+        """Keep the group open while no future is pending (a joblib call between two batches)."""
+        with self.lock:
+            self.holds += 1
+
+    def release(self) -> None:
+        """Undo one ``hold``; the group finishes once nothing holds it and nothing is pending."""
+        with self.lock:
+            self.holds -= 1
+            if self.pending > 0 or self.holds > 0 or self.closed:
+                return
+            self.closed = True
+        self._close()
+
+    def _settled(self, future: cf.Future[Any], position: int, weight: int = 1) -> None:
         # Runs on the client's reader thread (a result) or on the thread that cancelled it.
         if future.cancelled():
-            self.model.add(cancelled=1)
+            self.model.add(cancelled=weight)
         else:
             error = future.exception()
             if error is None:
-                self.model.add(done=1)
+                self.model.add(done=weight)
             else:
                 self.model.add_errors({position: error}, lambda i: f"task {i + 1}")
-                self.model.add(failed=1)
+                self.model.add(failed=weight)
                 if isinstance(error, WorkerCrashed):
                     self.lanes.note_crash(error.pid, f"task {position + 1}")
         with self.lock:
             self.pending -= 1
-            if self.pending > 0 or self.closed:
+            if self.pending > 0 or self.holds > 0 or self.closed:
                 return
             self.closed = True
         self._close()

@@ -51,9 +51,29 @@ EXPECTED: dict[str, list[str]] = {
     "parameter_sweep.ipynb": ["36 fits; best", "ok"],
     "background_cell.ipynb": ["nbparallel job 1: done", "95% bootstrap interval"],
     "progress_demo.ipynb": ["5 of 100 items failed", "stopped at item 30", "background: finished"],
+    "cluster.ipynb": [
+        "400 rows in",
+        "on 2 workers (sidecar)",
+        "on 2 workers (dask)",
+        "same results: True",
+        "[item 100] row 100:",  # a Dask worker's print, tagged, in the cell
+        "nbparallel Dask bridge pid",
+        "item 3 raised ZeroDivisionError on the cluster",
+        "local again: sidecar [1, 2]",
+    ],
+    "scikit_learn.ipynb": [
+        "joblib: _fit_and_score: 36 tasks in",  # the widget's final state, as saved in the notebook
+        "36 fits in",
+        "best params: {'C': 10, 'gamma': 0.0005}",
+        "held-out accuracy by C: [0.931, 0.963, 0.968]",
+        "C=10: 0.968",  # a worker's print, in the cell
+    ],
 }
 # Lines that must appear a given number of times (each serial check separately).
-COUNTS: dict[str, dict[str, int]] = {"quickstart.ipynb": {"matches serial: True": 2}}
+COUNTS: dict[str, dict[str, int]] = {
+    "quickstart.ipynb": {"matches serial: True": 2},
+    "cluster.ipynb": {"map(simulate): 400 items in": 2},  # the widget, locally and on the cluster
+}
 
 
 def test_there_are_examples() -> None:
