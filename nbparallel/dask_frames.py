@@ -22,7 +22,7 @@ from . import serialization as ser
 from . import shm
 from .errors import NbParallelError
 from .protocol import Frame
-from .worker import Batch
+from .outcomes import Batch
 
 # A payload this big or bigger is scattered to the cluster once, and the task refers to it, rather
 # than riding inside the task through the scheduler (which warns about, and chokes on, big graphs).

@@ -31,7 +31,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from . import serialization as ser
 from .errors import SerializationError
 from .shm import OUT_OF_BAND_MIN
-from .worker import Batch
+from .outcomes import Batch
 
 FUNCTION_CACHE = 16  # unpickled functions a Dask worker process keeps, by the job's key...
 FUNCTION_CACHE_BYTES = 256 * 2**20  # ...and at most this much of their pickles (a closure's arrays live on)

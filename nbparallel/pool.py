@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 from collections import OrderedDict, deque
+from collections.abc import Iterable
 from typing import Any
 
 from .channel import Channel
@@ -112,3 +113,27 @@ class WorkerProcess:
             "rss": self.rss,
             "tasks_done": self.tasks_done,
         }
+
+
+def sample_memory(workers: Iterable[WorkerProcess]) -> int:
+    """Record each worker's RSS (and peak); return this process's own RSS."""
+    import psutil
+
+    for worker in workers:
+        try:
+            worker.rss = psutil.Process(worker.pid).memory_info().rss
+        except psutil.Error:
+            continue
+        worker.rss_peak = max(worker.rss_peak, worker.rss)
+    return int(psutil.Process().memory_info().rss)
+
+
+def return_free_memory() -> None:
+    """glibc keeps freed memory for reuse; after routing large payloads, give it back."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass

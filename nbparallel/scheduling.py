@@ -124,3 +124,24 @@ def functions_to_forget(worker: WorkerProcess, jobs: dict[int, Job]) -> list[str
     in_use = {jobs[j].header["key"] for j in worker.jobs if j in jobs}
     excess = len(worker.keys) - FUNCTION_CACHE
     return [key for key in worker.keys if key not in in_use][: max(0, excess)]
+
+
+def blame(chunk: Chunk, job: Job, slot_chunk: int, offset: int, width: int) -> tuple[list[int], int]:
+    """A worker died running ``chunk``; its slot read (``slot_chunk``, ``offset``, ``width``).
+    Returns the offsets that fail now and their attempt count, and marks ``chunk`` for its rerun."""
+    in_items = slot_chunk == chunk.id and chunk.resume <= offset < chunk.count
+    if in_items and width > 1 and not chunk.careful:
+        # It died in a run of items going through map(): run the rest again one by one, and the
+        # item that kills a worker then is named exactly.
+        chunk.careful = True
+        return [], 0
+    if in_items:  # the slot names the item that was running
+        attempts = chunk.attempts[offset] = chunk.attempts.get(offset, 0) + 1
+        if attempts <= job.retries:
+            return [], attempts  # it runs again on another worker; the kernel hears of the last try only
+        chunk.skip.append(offset)
+        return [offset], attempts
+    # It died outside any item (unpickling the chunk, sending results): fail the rest.
+    culprits = chunk.remaining()
+    chunk.skip.extend(culprits)
+    return culprits, 1

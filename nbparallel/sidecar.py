@@ -32,10 +32,10 @@ import time
 from typing import Any
 
 from .channel import Channel
-from .pool import WorkerProcess
+from .pool import WorkerProcess, return_free_memory, sample_memory
 from .protocol import PROTOCOL_VERSION, Frame
 from .protocol import close_fds as close_all
-from .scheduling import (PREFETCH, Chunk, Job, functions_to_forget, limit_breached, may_prefetch,
+from .scheduling import (PREFETCH, Chunk, Job, blame, functions_to_forget, limit_breached, may_prefetch,
                          next_chunk_for)
 
 TICK = 0.25  # seconds between housekeeping passes (kernel alive? memory samples)
@@ -112,7 +112,7 @@ class Sidecar:
         if self.routed_since_trim > TRIM_AFTER and not any(job.queue for job in self.jobs.values()):
             # glibc keeps freed payload memory around; hand it back so the sidecar stays small.
             self.routed_since_trim = 0
-            _malloc_trim()
+            return_free_memory()
 
     def enforce_limits(self, now: float) -> None:
         """Kill a worker whose item ran past the job's timeout or whose memory passed its limit."""
@@ -123,15 +123,7 @@ class Sidecar:
                     worker.kill()  # its exit is handled like a crash, with the reason attached
 
     def sample_memory(self) -> None:
-        import psutil
-
-        for worker in self.workers.values():
-            try:
-                worker.rss = psutil.Process(worker.pid).memory_info().rss
-            except psutil.Error:
-                continue
-            worker.rss_peak = max(worker.rss_peak, worker.rss)
-        self.rss_peak = max(self.rss_peak, psutil.Process().memory_info().rss)
+        self.rss_peak = max(self.rss_peak, sample_memory(self.workers.values()))
 
     # -- the kernel side --------------------------------------------------------------------
 
@@ -329,24 +321,7 @@ class Sidecar:
             if running is not None:
                 running.close()
             return
-        job = self.jobs[running.job]
-        in_items = chunk_id == running.id and running.resume <= offset < running.count
-        if in_items and width > 1 and not running.careful:
-            # It died in a run of items going through map(): run the rest again one by one, and
-            # the item that kills a worker then is named exactly.
-            running.careful = True
-            culprits = []
-        elif in_items:
-            culprits = [offset]  # the slot names the item that was running
-            attempts = running.attempts[offset] = running.attempts.get(offset, 0) + 1
-            if attempts > job.retries:
-                running.skip.append(offset)
-            else:  # it runs again on another worker; the kernel hears only of the final outcome
-                culprits = []
-        else:  # it died outside any item (unpickling the chunk, sending results): fail the rest
-            culprits = running.remaining()
-            running.skip.extend(culprits)
-            attempts = 1
+        culprits, attempts = blame(running, self.jobs[running.job], chunk_id, offset, width)
         if culprits:
             self.kernel.send(
                 {
@@ -428,16 +403,6 @@ class Sidecar:
         self.kernel.close()
         if self.tmpdir is not None:
             shutil.rmtree(self.tmpdir, ignore_errors=True)
-
-
-def _malloc_trim() -> None:
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
 
 
 def main(argv: list[str]) -> None:

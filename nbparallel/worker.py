@@ -18,20 +18,18 @@ import operator
 import os
 import signal
 import socket
-import struct
 import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from . import serialization as ser
-from . import shm
 from .errors import SerializationError
+from .outcomes import Batch
 from .output import flush_std
 from .protocol import PROTOCOL_VERSION, SLOT, Frame, read_frame, send_frame
 
-_Packed = TypeVar("_Packed")
 
 FLUSH_INTERVAL = 0.25  # seconds: a long chunk streams the results it has at this pace
 SUB_BATCH = 64  # items run through map() between two marks in the slot
@@ -310,65 +308,6 @@ class Worker:
             self.conn.send(header, [packed.data], packed.fds)
         finally:
             packed.close()
-
-
-class Batch:
-    """Outcomes of some items of one chunk, in the shape the kernel unpacks fastest.
-
-    Pickled as ``(offsets, values, problems)``: ``offsets`` a ``range`` when contiguous (the usual
-    case) or a list; ``values`` the results of those offsets; ``problems`` ``{offset: (status,
-    value)}`` for items that raised or failed.
-    """
-
-    def __init__(self, start: int) -> None:
-        self.start = start
-        self.offsets: list[int] = []
-        self.values: list[Any] = []
-        self.problems: dict[int, tuple[int, Any]] = {}
-
-    def add_problem(self, offset: int, status: int, value: Any) -> None:
-        self.problems[offset] = (status, value)
-
-    def pickle(self) -> shm.Packed:
-        """The outcomes for the wire: large buffers in shared memory (see shm.py)."""
-        return self.pack_with(ser.pack)
-
-    def pack_with(self, pack: Callable[[Any], _Packed]) -> _Packed:
-        """The outcomes pickled by ``pack`` (a Dask worker keeps its buffers as bytes instead,
-        see dask_task.py); a value that cannot be pickled fails only its own item."""
-        offsets: range | list[int] = self.offsets
-        if self.offsets and self.offsets[-1] - self.offsets[0] + 1 == len(self.offsets):
-            offsets = range(self.offsets[0], self.offsets[-1] + 1)
-        try:
-            return pack((offsets, self.values, self.problems))
-        except Exception:
-            pass
-        # One value spoils the batch: pickle each alone and fail only those that cannot travel.
-        kept_offsets: list[int] = []
-        kept_values: list[Any] = []
-        problems: dict[int, tuple[int, Any]] = {}
-        pairs = [(o, (ser.OK, v)) for o, v in zip(self.offsets, self.values)] + list(self.problems.items())
-        for offset, (status, value) in pairs:
-            try:
-                ser.dumps(value)
-            except Exception as exc:
-                what = "result" if status == ser.OK else "exception"
-                shown = value[0] if status == ser.RAISED else value
-                value, status = (
-                    SerializationError(
-                        f"the {what} of item {self.start + offset} ({ser.describe(shown)}, a "
-                        f"{type(shown).__name__}) cannot be sent back: {type(exc).__name__}: {exc}. "
-                        "Return plain data (numbers, strings, arrays, dicts) instead.",
-                        index=self.start + offset,
-                    ),
-                    ser.FAILED,
-                )
-            if status == ser.OK:
-                kept_offsets.append(offset)
-                kept_values.append(value)
-            else:
-                problems[offset] = (status, value)
-        return pack((kept_offsets, kept_values, problems))
 
 
 def _die_with_parent(sidecar_pid: int) -> None:
