@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from . import config
 from . import serialization as ser
 from .chunking import ChunkSizer, iterate, known_length
-from .client import Client, get_client
+from .client import Client, get_client, settings
 from .errors import NbParallelError, SerializationError, SidecarDied, make_task_error
 from .jobspec import Limits, caller_context, crash_error, function_key
 from .output import capture_sink, flush_std, tag_lines
@@ -89,7 +89,7 @@ class MapRun:
         self.limit = config.resolve_workers(workers) if workers is not None else 0
         self.client = client or get_client()
         # On a Dask cluster the pool is the cluster's threads, as the bridge counted them.
-        pool = self.client.size or config.resolve_workers(self._pool_setting())
+        pool = self.client.size or config.resolve_workers(settings.workers)
         self.workers = self.limit or pool
         self.sizer = ChunkSizer(chunksize, self.workers)
         # A Dask cluster answers later than a local worker: its bridge asks for more chunks in flight.
@@ -115,11 +115,6 @@ class MapRun:
         self.deadline: float | None = None  # time.monotonic() past which waiting raises TimeoutError
         self.state = "running"  # then "done", "failed" or "cancelled"
 
-    def _pool_setting(self) -> int | None:
-        from .client import settings
-
-        return settings.workers
-
     # -- reader-thread side -------------------------------------------------------------------
 
     def on_frame(self, frame: Frame) -> None:
@@ -129,8 +124,6 @@ class MapRun:
             self.events.put(frame)
 
     def on_output(self, frame: Frame) -> None:
-        from .client import settings
-
         raw = frame.get("text", "")
         self.output_bytes += len(raw)
         if self.output_bytes > settings.max_output_bytes:
