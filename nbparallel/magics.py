@@ -282,25 +282,19 @@ def format_status(status: dict[str, Any]) -> str:
     """``api.status()`` as a few lines of text."""
     mib = _mib
     workers = status.get("workers", [])
-    if status.get("runner") == "dask":
-        lines = [f"nbparallel Dask bridge pid {status.get('pid')}, {mib(status.get('rss'))}; cluster "
-                 f"{status.get('cluster')}; {len(workers)} workers; {status.get('queued', 0)} chunks held back; "
-                 f"{status.get('jobs', 0)} jobs"]
-        lines.append(f"  {'pid':>7}  {'state':<9} {'job':>4} {'item':>6} {'memory':>10} {'done':>6}  address")
-        for w in workers:
-            job = "-" if w.get("job") is None else w["job"]
-            item = "-" if w.get("index") is None else w["index"]
-            lines.append(f"  {w.get('pid'):>7}  {w.get('state', '?'):<9} {job:>4} {item:>6} {mib(w.get('rss')):>10} "
-                         f"{w.get('tasks_done', 0):>6}  {w.get('address')}")
-        return "\n".join(lines)
-    lines = [f"nbparallel sidecar pid {status.get('pid')}, {mib(status.get('rss'))}; {len(workers)} workers; "
-             f"{status.get('queued', 0)} items queued; {status.get('jobs', 0)} jobs"]
-    lines.append(f"  {'pid':>7}  {'state':<9} {'job':>4} {'item':>6} {'memory':>10} {'done':>6}")
+    dask = status.get("runner") == "dask"
+    counts = f"{len(workers)} workers; {status.get('queued', 0)} chunks queued; {status.get('jobs', 0)} jobs"
+    if dask:
+        head = f"nbparallel Dask bridge pid {status.get('pid')}, {mib(status.get('rss'))}; cluster {status.get('cluster')}"
+    else:
+        head = f"nbparallel sidecar pid {status.get('pid')}, {mib(status.get('rss'))}"
+    lines = [f"{head}; {counts}",
+             f"  {'pid':>7}  {'state':<9} {'job':>4} {'item':>6} {'memory':>10} {'done':>6}" + ("  address" if dask else "")]
     for w in workers:
         job = "-" if w.get("job") is None else w["job"]
         item = "-" if w.get("index") is None else w["index"]
         lines.append(f"  {w.get('pid'):>7}  {w.get('state', '?'):<9} {job:>4} {item:>6} {mib(w.get('rss')):>10} "
-                     f"{w.get('tasks_done', 0):>6}")
+                     f"{w.get('tasks_done', 0):>6}" + (f"  {w.get('address')}" if dask else ""))
     return "\n".join(lines)
 
 
