@@ -2,13 +2,13 @@
 
 ::
 
-      kernel (client.py)                     sidecar (this module)                  workers
-   ┌────────────────────┐   job, chunk,    ┌─────────────────────────────┐  job,   ┌──────────┐
-   │ map / imap / submit│ ─ cancel, end ─▶ │ jobs: queue of chunks       │ chunk ─▶│ worker.py│
-   │ reader thread      │ ◀─ result, ────  │ one selector loop, no threads│ ◀ result│ slot:    │
-   └────────────────────┘  crashed, output │ slot read on crash          │  output │ (chunk,  │
-                                           └─────────────────────────────┘         │  offset) │
-                                                                                    └──────────┘
+      kernel (client.py)                 sidecar (this module)                 workers (worker.py)
+   +---------------------+  job, chunk  +------------------------------+  job   +-------------------+
+   | map / imap / submit | -- cancel -> | jobs: queues of chunks       | chunk->| run items, send   |
+   | reader thread       |  end, status | one selector loop, no thread |        | outcomes, output  |
+   |                     | <- result -- | timeouts, memory watch       |<-result| slot: chunk, item |
+   +---------------------+ crashed, out | reads a dead worker's slot   | output +-------------------+
+                                        +------------------------------+
 
 It runs as ``python -m nbparallel.sidecar FD KERNEL_PID``, started by the kernel in a session of its
 own, so the stop button's SIGINT to the kernel's process group never reaches it; cancellation comes
