@@ -94,13 +94,20 @@ class DaskCluster:
                          for log in self.logs if log.exists())
 
     def stop(self) -> None:
-        for proc in reversed(self.processes):  # workers first, so they do not wait for the scheduler
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        for proc in self.processes:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
+        # SIGTERM first: the nannies close their workers, and multiprocessing's resource tracker
+        # (which ignores SIGTERM) outlives them long enough to unlink their semaphores from
+        # /dev/shm. Only what is still there after that is killed.
+        for signum, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 10.0)):
+            for proc in reversed(self.processes):  # workers first, so they do not wait for the scheduler
+                try:
+                    os.killpg(proc.pid, signum)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            deadline = time.monotonic() + wait
+            for proc in self.processes:
+                try:
+                    proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pass
+            if all(proc.poll() is not None for proc in self.processes):
+                break

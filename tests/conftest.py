@@ -80,19 +80,32 @@ def no_leaked_processes() -> Iterator[None]:
     assert not leaked, f"the test left processes running: {[_describe(p) for p in leaked]}"
 
 
+def _shared_memory() -> set[str]:
+    """Named shared memory and semaphores (ours have none; peers' pools and Dask's nannies do)."""
+    try:
+        return set(os.listdir("/dev/shm"))
+    except OSError:  # no /dev/shm (macOS)
+        return set()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def nothing_left_at_the_end() -> Iterator[None]:
+    shm_before = _shared_memory()
     yield
     import nbparallel
 
     nbparallel.shutdown()
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
+    while True:
         left = [p for p in _descendants().values() if _alive(p)]
-        if not left:
+        new_shm = _shared_memory() - shm_before
+        if not left and not new_shm:
             return
+        if time.monotonic() > deadline:
+            break
         time.sleep(0.1)
-    pytest.fail(f"processes left after the session: {[_describe(p) for p in left]}")
+    pytest.fail(f"left after the session: processes {[_describe(p) for p in left]}, "
+                f"/dev/shm entries {sorted(new_shm)[:10]}")
 
 
 def _describe(proc: psutil.Process) -> str:
