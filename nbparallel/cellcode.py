@@ -310,10 +310,9 @@ def pack_names(names: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
     kept: dict[str, Any] = {}
     skipped: dict[str, str] = {}
     for name, value in names.items():
-        try:
-            ser.dumps(value)
-        except Exception as exc:
-            skipped[name] = f"{type(value).__name__} cannot be pickled ({type(exc).__name__}: {exc})"
+        error = ser.pickling_error(value)
+        if error is not None:
+            skipped[name] = f"{type(value).__name__} cannot be pickled ({ser.why(error)})"
         else:
             kept[name] = value
     return ser.dumps(kept), skipped
@@ -325,10 +324,9 @@ def unpicklable_capture(runner: CellRunner) -> str | None:
     Only called after pickling failed, so the usual path pickles the captured values once.
     """
     for name, value in runner.captured.items():
-        try:
-            ser.dumps(value)
-        except Exception as exc:
+        error = ser.pickling_error(value)
+        if error is not None:
             kind = f"{type(value).__module__}.{type(value).__qualname__}"
             return (f"the notebook variable {name!r} ({kind}) cannot be sent to the workers: "
-                    f"{type(exc).__name__}: {exc}. Create it inside the cell instead.")
+                    f"{ser.why(error)}. Create it inside the cell instead.")
     return None

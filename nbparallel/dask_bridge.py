@@ -45,7 +45,7 @@ from . import dask_status
 from .dask_frames import Chunk, Job
 from .dask_submit import DaskSide
 from .errors import NbParallelError, ProtocolError
-from .protocol import PROTOCOL_VERSION, Buffer, Frame, read_frame, send_frame
+from .protocol import PROTOCOL_VERSION, Buffer, Frame, close_fds, read_frame, send_frame
 
 WATCH_INTERVAL = 0.5  # seconds between checks that the kernel is still alive
 STOP_WITHIN = 1.5  # seconds the bridge gives Dask to close before it exits anyway
@@ -138,8 +138,7 @@ class Bridge(DaskSide):
             except Exception:  # a bug here is reported, and the bridge goes on
                 self.send({"op": "error", "message": traceback.format_exc()})
             finally:
-                for fd in frame.fds:  # a handler that kept them took them off the frame
-                    os.close(fd)
+                close_fds(frame.fds)  # a handler that kept them took them off the frame
             if frame.op == "shutdown":
                 return
 
@@ -195,8 +194,7 @@ class Bridge(DaskSide):
                 pass
             finally:
                 if owned:
-                    for fd in fds:
-                        os.close(fd)
+                    close_fds(fds)
 
     # -- from the kernel ---------------------------------------------------------------------------
 

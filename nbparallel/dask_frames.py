@@ -13,7 +13,6 @@ import importlib.util
 import json
 import logging
 import mmap
-import os
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 from . import serialization as ser
 from . import shm
 from .errors import NbParallelError
-from .protocol import Frame
+from .protocol import Frame, close_fds
 from .outcomes import Batch
 
 # A payload this big or bigger is scattered to the cluster once, and the task refers to it, rather
@@ -76,21 +75,22 @@ def payload_from(frame: Frame) -> Payload:
     fds, frame.fds = frame.fds, []
     maps: dict[int, mmap.mmap] = {}
     try:
+        stream = bytes(frame.payload)
         buffers: list[bytes] = []
         for spec in frame.get("oob") or ():
             index = int(spec["fd"])
             if index not in maps:
                 maps[index] = mmap.mmap(fds[index], 0, access=mmap.ACCESS_READ)
-            buffers.append(maps[index][spec["offset"] : spec["offset"] + spec["size"]])
-        return bytes(frame.payload), buffers
+            data = maps[index][spec["offset"] : spec["offset"] + spec["size"]]
+            if spec.get("stream"):  # the pickle stream itself, sent out of band (shm.dumps)
+                stream = data
+            else:
+                buffers.append(data)
+        return stream, buffers
     finally:
         for mapping in maps.values():
             mapping.close()
-        for fd in fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        close_fds(fds)
 
 
 def size_of(payload: Payload) -> int:
@@ -105,14 +105,10 @@ def outcome_frame(stream: bytes, buffers: list[Any]) -> tuple[dict[str, Any], li
     try:
         for buffer in buffers:
             view = memoryview(buffer).cast("B")
-            fd, mapping = shm._new_segment(view.nbytes, "nbparallel-dask-result")
-            with mapping:
-                mapping[: view.nbytes] = view
-            specs.append({"fd": len(fds), "offset": 0, "size": view.nbytes, "writable": False})
-            fds.append(fd)
+            fds.append(shm.segment_with(view))
+            specs.append({"fd": len(fds) - 1, "offset": 0, "size": view.nbytes, "writable": False})
     except BaseException:
-        for fd in fds:
-            os.close(fd)
+        close_fds(fds)
         raise
     return ({"oob": specs} if specs else {}), fds
 

@@ -9,7 +9,6 @@ outcomes and queueing them one step, so none can follow the job's ``cancelled``.
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 import traceback
@@ -20,7 +19,7 @@ from typing import Any
 from . import dask_frames as frames
 from .dask_frames import Chunk, Job
 from .errors import NbParallelError
-from .protocol import Buffer
+from .protocol import Buffer, close_fds
 
 
 class DaskSide:
@@ -159,8 +158,7 @@ class DaskSide:
         outputs, header, stream, fds = frames.result_frames(chunk, result)
         with self.out_lock:
             if job.cancelled:
-                for fd in fds:
-                    os.close(fd)
+                close_fds(fds)
                 return
             for output in outputs:  # what the items printed comes before their results, as locally
                 self.send(output)

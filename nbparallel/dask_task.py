@@ -281,11 +281,6 @@ def _worker_address() -> str | None:
         return None
 
 
-def worker_pid() -> int:
-    """The Dask worker process's pid (asked once per worker by the bridge, for the widget's lanes)."""
-    return os.getpid()
-
-
 class Preload(WorkerPlugin):
     """``configure(preload=[...])`` on a cluster: every Dask worker, present or joining later,
     imports these modules once (a failure is printed in that worker's log, as locally)."""

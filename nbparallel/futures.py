@@ -142,15 +142,12 @@ class _Task:
 
 
 def _check_argument(value: Any, where: str) -> None:
-    try:
-        ser.dumps(value)
-    except Exception as exc:
-        from .errors import SerializationError
-
+    error = ser.pickling_error(value)
+    if error is not None:
         raise SerializationError(
             f"{where} ({ser.describe(value)}, a {type(value).__name__}) cannot be sent to a worker: "
-            f"{type(exc).__name__}: {exc}"
-        ) from exc
+            f"{ser.why(error)}"
+        ) from error
 
 
 def _describe_call(fn: Callable[..., Any]) -> str:

@@ -20,7 +20,7 @@ from .chunking import ChunkSizer, iterate, known_length
 from .client import Client, get_client, settings
 from .errors import NbParallelError, SerializationError, SidecarDied, make_task_error
 from .jobspec import Limits, caller_context, crash_error, function_key
-from .output import capture_sink, flush_std, tag_lines
+from .output import Sink, capture_sink, flush_std, tag_lines
 from .protocol import Frame
 from .retrying import ATTEMPTS_ATTR, RetryOn
 
@@ -96,7 +96,7 @@ class MapRun:
         self.window = int(getattr(self.client, "info", {}).get("window") or config.CHUNKS_IN_FLIGHT_PER_WORKER)
         self.stop_on_error = stop_on_error
         self.events: queue.SimpleQueue[Frame | SidecarDied] = queue.SimpleQueue()
-        self.sink = capture_sink()  # captured again when the run starts (an imap may start later)
+        self.sink: Sink  # captured when the run starts: an imap may be iterated in a later cell
         self.job = self.client.new_job_id()
         self.next_index = 0
         self.exhausted = False

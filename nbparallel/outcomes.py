@@ -49,15 +49,14 @@ class Batch:
         problems: dict[int, tuple[int, Any]] = {}
         pairs = [(o, (ser.OK, v)) for o, v in zip(self.offsets, self.values)] + list(self.problems.items())
         for offset, (status, value) in pairs:
-            try:
-                ser.dumps(value)
-            except Exception as exc:
+            error = ser.pickling_error(value)
+            if error is not None:
                 what = "result" if status == ser.OK else "exception"
                 shown = value[0] if status == ser.RAISED else value
                 value, status = (
                     SerializationError(
                         f"the {what} of item {self.start + offset} ({ser.describe(shown)}, a "
-                        f"{type(shown).__name__}) cannot be sent back: {type(exc).__name__}: {exc}. "
+                        f"{type(shown).__name__}) cannot be sent back: {ser.why(error)}. "
                         "Return plain data (numbers, strings, arrays, dicts) instead.",
                         index=self.start + offset,
                     ),

@@ -51,6 +51,19 @@ def loads(data: bytes | bytearray | memoryview) -> Any:
     return pickle.loads(data)
 
 
+def pickling_error(value: Any) -> Exception | None:
+    """Why ``value`` cannot be pickled, or None. For naming the culprit after a batch failed."""
+    try:
+        dumps(value)
+    except Exception as exc:
+        return exc
+    return None
+
+
+def why(error: Exception) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
 def pack(value: Any) -> shm.Packed:
     """Pickle a value for the wire, its large buffers in shared memory."""
     return shm.dumps(value)
@@ -90,16 +103,15 @@ def dumps_items(items: list[Any], first_index: int) -> shm.Packed:
         return pack(items)
     except Exception as exc:
         for offset, item in enumerate(items):
-            try:
-                dumps(item)
-            except Exception as item_exc:
+            item_error = pickling_error(item)
+            if item_error is not None:
                 raise SerializationError(
                     f"item {first_index + offset} ({describe(item)}) cannot be sent to a worker "
-                    f"({type(item_exc).__name__}: {item_exc}). Pass something picklable, e.g. a path "
-                    "or the data the item stands for.",
+                    f"({why(item_error)}). Pass something picklable, e.g. a path or the data the item "
+                    "stands for.",
                     index=first_index + offset,
                     item=describe(item),
-                ) from item_exc
+                ) from item_error
         raise SerializationError(f"a chunk of items cannot be pickled: {exc}") from exc
 
 
@@ -127,14 +139,13 @@ def find_unpicklable(fn: Any, _seen: set[int] | None = None) -> str | None:
     elif hasattr(fn, "__dict__"):
         candidates.extend((f"the attribute {k!r}", v) for k, v in vars(fn).items())
     for where, value in candidates:
-        try:
-            dumps(value)
-        except Exception:
-            if callable(value) and hasattr(value, "__code__"):
-                inner = find_unpicklable(value, seen)
-                if inner:
-                    return f"{inner}, used by {where}"
-            return f"{where} ({type(value).__module__}.{type(value).__qualname__})"
+        if pickling_error(value) is None:
+            continue
+        if callable(value) and hasattr(value, "__code__"):
+            inner = find_unpicklable(value, seen)
+            if inner:
+                return f"{inner}, used by {where}"
+        return f"{where} ({type(value).__module__}.{type(value).__qualname__})"
     return None
 
 

@@ -29,6 +29,9 @@ import cloudpickle
 from .protocol import MAX_FDS, close_fds
 
 OUT_OF_BAND_MIN = 1 << 20  # smaller buffers are cheaper inline than as a segment of their own
+# A pickle stream this large (big bytes or strings, many small objects) goes into a segment of its
+# own too: the sidecar then holds a descriptor, never the megabytes, and stays small.
+STREAM_OUT_OF_BAND_MIN = 4 << 20
 AVAILABLE = hasattr(os, "memfd_create")
 
 
@@ -84,7 +87,7 @@ def _new_segment(size: int, name: str) -> tuple[int, mmap.mmap]:
         raise
 
 
-def _segment_with(raw: memoryview) -> int:
+def segment_with(raw: memoryview) -> int:
     """A new segment holding a copy of ``raw``. Written with pwrite: the kernel fills fresh pages
     faster than page faults through a mapping would."""
     fd = os.memfd_create("nbparallel-buffer", os.MFD_CLOEXEC)
@@ -116,7 +119,7 @@ def dumps(value: Any) -> Packed:
         if found is not None:
             fd, offset, writable = found
         else:
-            fd = _segment_with(raw)  # the one copy: into memory every worker can map
+            fd = segment_with(raw)  # the one copy: into memory every worker can map
             owned.append(fd)
             offset, writable = 0, False
         if fd not in fd_index:
@@ -130,6 +133,12 @@ def dumps(value: Any) -> Packed:
 
     try:
         data = cloudpickle.dumps(value, protocol=5, buffer_callback=place if AVAILABLE else None)
+        if AVAILABLE and len(data) >= STREAM_OUT_OF_BAND_MIN and len(fds) < MAX_FDS:
+            fd = segment_with(memoryview(data))
+            owned.append(fd)
+            specs.append({"fd": len(fds), "offset": 0, "size": len(data), "writable": False, "stream": True})
+            fds.append(fd)
+            data = b""
     except BaseException:
         close_fds(owned)
         raise
@@ -143,6 +152,7 @@ def loads(data: Any, fds: list[int], specs: list[dict[str, Any]], *, private: bo
     else's (used for results, which belong to the caller alone). Otherwise buffers are mapped
     read-only, except those of shared_array segments, which are shared and writable.
     """
+    stream: mmap.mmap | None = None
     try:
         if not specs:
             return pickle.loads(data)
@@ -150,14 +160,22 @@ def loads(data: Any, fds: list[int], specs: list[dict[str, Any]], *, private: bo
         buffers: list[memoryview] = []
         for spec in specs:
             fd = fds[spec["fd"]]
+            if spec.get("stream"):  # the pickle stream itself (see STREAM_OUT_OF_BAND_MIN)
+                stream = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+                continue
             access = mmap.ACCESS_COPY if private else (mmap.ACCESS_WRITE if spec["writable"] else mmap.ACCESS_READ)
             key = (spec["fd"], access)
             if key not in maps:
                 maps[key] = _kept_map(fd, access) if spec.get("keep") and not private else mmap.mmap(fd, 0, access=access)
             view = memoryview(maps[key])[spec["offset"] : spec["offset"] + spec["size"]]
             buffers.append(view)
-        return pickle.loads(data, buffers=buffers)
+        if stream is None:
+            return pickle.loads(data, buffers=buffers)
+        with memoryview(stream) as view:  # unpickling copies out what it keeps: unmap it after
+            return pickle.loads(view, buffers=buffers)
     finally:
+        if stream is not None:
+            stream.close()
         close_fds(fds)
 
 

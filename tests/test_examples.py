@@ -7,31 +7,19 @@ stored without outputs, and the runner's command line exits non-zero when a cell
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import nbformat
 import pytest
+from _notebooks import load_runner
 from nbformat.v4 import new_code_cell, new_notebook
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples").glob("*.ipynb"))
 SCRIPT = ROOT / "scripts" / "run_notebook.py"
 
-
-def load_runner() -> ModuleType:
-    """scripts/run_notebook.py, imported by path (scripts/ is not a package); shared with test_kernel."""
-    name = "nbparallel_scripts_run_notebook"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, SCRIPT)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up here
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 # What each notebook must print (a notebook not listed here only has to run without an error).
 EXPECTED: dict[str, list[str]] = {

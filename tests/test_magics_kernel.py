@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_kernel import Kernel
+from _notebooks import Kernel
 
 
 def shown(messages: list[dict[str, Any]]) -> str:

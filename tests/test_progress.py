@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _notebooks import load_runner
 
 import nbparallel
 from nbparallel import progress
@@ -509,23 +510,9 @@ def test_text_bar_in_terminal_ipython(script_env: dict[str, str]) -> None:
 
 # -- a notebook executed headless keeps the final state ------------------------------------------------
 
-def _load_notebook_runner() -> Any:
-    """scripts/run_notebook.py (the demo's runner: a "python3" kernel on this interpreter)."""
-    import importlib.util
-
-    name = "nbparallel_scripts_run_notebook"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / "run_notebook.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # its dataclasses look the module up here
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
 @pytest.mark.timeout(240)
 def test_headless_notebook_saves_the_final_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    runner = _load_notebook_runner()
+    runner = load_runner()
     shutil.copy(ROOT / "examples" / "progress_demo.ipynb", tmp_path)
     monkeypatch.setenv("NBPARALLEL_DEMO_SCALE", "0.2")  # the kernel inherits it: a 2 s background job
     run = runner.execute_notebook(tmp_path / "progress_demo.ipynb")
