@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from . import config
+from . import config, tracebacks
 from . import serialization as ser
 from .client import get_client
 from .errors import NbParallelError, SerializationError, SidecarDied, make_task_error
@@ -48,6 +48,7 @@ class _Task:
         name the task (default: its arguments). The joblib backend sets both: it submits from the
         client's reader thread, on behalf of the cell that started the joblib call."""
         function = ser.dumps_function(fn)  # before the sidecar is even started: fail fast
+        self.sources = tracebacks.SourceIndex(fn)
         try:
             payload = ser.pack([(args, kwargs)])
         except Exception:
@@ -58,7 +59,7 @@ class _Task:
                 _check_argument(arg, f"keyword argument {name!r}")
             raise
         client = self.client = get_client()
-        self.item = label or ser.describe(args[0] if len(args) == 1 and not kwargs else (args, kwargs))
+        self.item = label or _call_label(fn, args, kwargs)
         self.future = TaskFuture()
         self.future._task = self
         self.sink = sink or capture_sink()
@@ -99,7 +100,7 @@ class _Task:
                 status, value = problems[0]
                 error: NbParallelError
                 if status == ser.RAISED:
-                    error = make_task_error(value[0], value[1], None, self.item)
+                    error = make_task_error(value[0], self.sources.render(value[1]), None, self.item)
                 else:
                     error = value
                 self._settle(lambda f: f.set_exception(error))
@@ -148,6 +149,15 @@ def _check_argument(value: Any, where: str) -> None:
             f"{where} ({ser.describe(value)}, a {type(value).__name__}) cannot be sent to a worker: "
             f"{ser.why(error)}"
         ) from error
+
+
+def _call_label(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    """How errors name a submitted call: ``fn(1, key='x')``, each argument a short repr."""
+    shown = [ser.describe(arg) for arg in args[:6]]
+    shown += [f"{name}={ser.describe(arg)}" for name, arg in list(kwargs.items())[:6]]
+    if len(args) > 6 or len(kwargs) > 6:
+        shown.append("...")
+    return f"{getattr(fn, '__name__', None) or type(fn).__name__}({', '.join(shown)})"
 
 
 def _describe_call(fn: Callable[..., Any]) -> str:

@@ -16,7 +16,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class, no_var_expand
 from IPython.core.magic_arguments import argument, magic_arguments
 
-from . import api, background, cellcode, config
+from . import api, background, cellcode, config, tracebacks
 from .cellargs import combine, evaluate_maps, split_line
 from .errors import Interrupted, NbParallelError, SerializationError
 from .futures import submit
@@ -95,6 +95,9 @@ class ParallelMagics(Magics):
         source = self.shell.input_transformer_manager.transform_cell(cell)
         try:
             code = cellcode.analyse(source)
+            # Remote frames of the cell then read "Cell In[7], line 3" (line 1 is %%parallel's).
+            label = tracebacks.calling_cell() or f"Cell In[{self.shell.execution_count}]"
+            tracebacks.register_cell(code.filename, code.source, label, 1)
             if args.bg:
                 self._background(args, code, cell)
                 return None

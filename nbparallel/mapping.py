@@ -14,7 +14,7 @@ from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from . import config
+from . import config, tracebacks
 from . import serialization as ser
 from .chunking import ChunkSizer, iterate, known_length
 from .client import Client, get_client, settings
@@ -83,6 +83,7 @@ class MapRun:
         if self.limits.retry_on:
             fn = RetryOn(fn, self.limits.retries, self.limits.retry_on)
         self.function = ser.dumps_function(fn)  # before anything runs: fail fast, name the culprit
+        self.sources = tracebacks.SourceIndex(fn)  # writes remote tracebacks out with the cells' lines
         self.total = known_length(iterables)
         self.items = iterate(iterables)
         self.star = len(iterables) > 1
@@ -253,8 +254,9 @@ class MapRun:
         for offset, (status, value) in problems.items():
             index = start + offset
             if status == ser.RAISED:
-                exception, text = value
-                errors[index] = make_task_error(exception, text, index, ser.describe(flight.items[offset]))
+                exception, trace = value
+                errors[index] = make_task_error(exception, self.sources.render(trace), index,
+                                                ser.describe(flight.items[offset]))
                 errors[index].attempts = getattr(exception, ATTEMPTS_ATTR, 1)
             else:
                 value.index, value.item = index, ser.describe(flight.items[offset])

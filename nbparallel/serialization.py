@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import pickle
 import reprlib
-import traceback
 from collections.abc import Callable
 from typing import Any
 
 import cloudpickle
 
-from . import shm
+from . import shm, tracebacks
 from .errors import SerializationError
 from . import protocol
 from .protocol import Frame
@@ -24,7 +23,7 @@ PROTOCOL = 5
 
 # Outcome status codes inside a result payload.
 OK = 0  # value
-RAISED = 1  # (exception, formatted traceback)
+RAISED = 1  # (exception, tracebacks.RemoteTrace)
 FAILED = 2  # NbParallelError made by the machinery (e.g. the result could not be pickled)
 
 _short = reprlib.Repr()
@@ -157,22 +156,17 @@ def _names_used(code: Any) -> list[str]:
     return names
 
 
-def encode_exception(exc: BaseException) -> tuple[BaseException, str]:
-    """The (exception, formatted remote traceback) pair a worker sends for a raised item."""
-    tb = exc.__traceback__
-    if tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next  # the first frame is the worker's loop: not the user's business
-    # Frames that ask to be hidden (the convention of IPython and pytest) are our plumbing too.
-    while tb is not None and tb.tb_next is not None and tb.tb_frame.f_locals.get("__tracebackhide__"):
-        tb = tb.tb_next
-    text = "".join(traceback.format_exception(type(exc), exc, tb))
+def encode_exception(exc: BaseException) -> tuple[BaseException, tracebacks.RemoteTrace]:
+    """The (exception, remote traceback as plain data) pair a worker sends for a raised item; the
+    kernel writes the traceback out (``tracebacks.SourceIndex.render``), where the source is."""
+    trace = tracebacks.capture(exc)
     exc.__traceback__ = None  # frames cannot travel, and hold references we don't want to keep
     try:
         # The exception must survive the round trip, or the kernel could not rebuild it.
         pickle.loads(dumps(exc))
     except Exception:
-        return RemoteException(type(exc), str(exc)), text
-    return exc, text
+        return RemoteException(type(exc), str(exc)), trace
+    return exc, trace
 
 
 class RemoteException(Exception):
