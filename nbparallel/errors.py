@@ -64,8 +64,8 @@ class NbParallelError(Exception):
         return (_rebuild, (type(self), self.args, dict(self.__dict__)))
 
     def _where(self) -> str:
-        if self.index is None:
-            return ""
+        if self.index is None:  # a submitted call: ``item`` says what ran, e.g. "fn(1, key='x')"
+            return self.item or "the task"
         return f"item {self.index}" + (f" ({self.item})" if self.item else "")
 
 

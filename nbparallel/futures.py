@@ -153,11 +153,14 @@ def _check_argument(value: Any, where: str) -> None:
 
 def _call_label(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
     """How errors name a submitted call: ``fn(1, key='x')``, each argument a short repr."""
+    name = getattr(fn, "__name__", None) or getattr(fn, "__qualname__", None) or type(fn).__name__
+    if not args and not kwargs and not name.isidentifier() and name != "<lambda>":
+        return str(name)  # an object that names itself, e.g. a %%parallel --bg cell: "%%parallel"
     shown = [ser.describe(arg) for arg in args[:6]]
-    shown += [f"{name}={ser.describe(arg)}" for name, arg in list(kwargs.items())[:6]]
+    shown += [f"{key}={ser.describe(arg)}" for key, arg in list(kwargs.items())[:6]]
     if len(args) > 6 or len(kwargs) > 6:
         shown.append("...")
-    return f"{getattr(fn, '__name__', None) or type(fn).__name__}({', '.join(shown)})"
+    return f"{name}({', '.join(shown)})"
 
 
 def _describe_call(fn: Callable[..., Any]) -> str:
