@@ -9,6 +9,8 @@ joblib backend (``backend="nbparallel"``) registers itself when joblib is import
 
 from __future__ import annotations
 
+import importlib
+import os
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -45,12 +47,12 @@ _WHERE = {
     "shutdown": "api",
     "submit": "futures",
     "Executor": "futures",
-    "share": "shm",
-    "shared_array": "shm",
+    "share": "payload.shm",
+    "shared_array": "payload.shm",
     "register_joblib": "joblib_hook",
     # IPython is imported only when IPython itself asks for these (``%load_ext nbparallel``).
-    "load_ipython_extension": "magics",
-    "unload_ipython_extension": "magics",
+    "load_ipython_extension": "cellmagic.magics",
+    "unload_ipython_extension": "cellmagic.magics",
     **{name: "errors" for name in ("NbParallelError", "TaskError", "WorkerCrashed", "MemoryLimitExceeded", "TaskTimeout",
                                    "SidecarDied", "ClusterUnavailable", "SerializationError", "Interrupted")},
 }
@@ -61,16 +63,14 @@ if TYPE_CHECKING:
                          SidecarDied, TaskError, TaskTimeout, WorkerCrashed)
     from .futures import Executor, submit
     from .joblib_hook import register_joblib
-    from .shm import share, shared_array
-    from .magics import load_ipython_extension, unload_ipython_extension
+    from .payload.shm import share, shared_array
+    from .cellmagic.magics import load_ipython_extension, unload_ipython_extension
 
 
 def __getattr__(name: str) -> Any:
     module = _WHERE.get(name)
     if module is None:
         raise AttributeError(f"module 'nbparallel' has no attribute {name!r}")
-    import importlib
-
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value
     return value
@@ -81,7 +81,11 @@ def __dir__() -> list[str]:
 
 
 def _watch_for_joblib() -> None:
-    from . import joblib_hook
+    # Only in the caller's process: the sidecar, the bridge and the workers import this package
+    # too (their environment names their role), and have no business registering with joblib.
+    if os.environ.get("NBPARALLEL_ROLE"):  # config.ROLE_ENV, not imported: this module stays tiny
+        return
+    from . import joblib_hook  # stdlib only; it imports the backend once joblib is imported
 
     joblib_hook.install()
 

@@ -25,8 +25,9 @@ BLOCK = f'{BEGIN}\nc.InteractiveShellApp.extensions.append("nbparallel")\n{END}\
 
 def profile_dir(profile: str, *, create: bool) -> Path | None:
     """The profile's folder, created if asked (None if it does not exist and ``create`` is false)."""
-    from IPython.core.profiledir import ProfileDir, ProfileDirError
-    from IPython.paths import get_ipython_dir
+    # IPython only for this command: the package itself never needs it
+    from IPython.core.profiledir import ProfileDir, ProfileDirError  # (see above)
+    from IPython.paths import get_ipython_dir  # (see above)
 
     profiles: Any = ProfileDir  # its class methods have no type annotations
     ipython_dir = get_ipython_dir()

@@ -7,13 +7,13 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from . import client as _client
+from .kernel import runner as _client
 from . import config
-from . import progress as _progress
+from .progress import driver as _progress
 from .errors import Interrupted, NbParallelError
 from .errors import TaskTimeout
-from .jobspec import Limits
-from .mapping import Batch, MapRun
+from .kernel.jobspec import Limits
+from .kernel.mapping import Batch, MapRun
 
 _ERRORS = ("raise", "return")
 _UNSET: Any = object()
@@ -202,7 +202,7 @@ def _imap(run: MapRun, *, ordered: bool, errors: str, deadline: float | None = N
         batches.close()
 
 
-def _imap_in_order(fn: Callable[..., Any], iterables: tuple[Iterable[Any], ...], *, workers: int | None,
+def imap_in_order(fn: Callable[..., Any], iterables: tuple[Iterable[Any], ...], *, workers: int | None,
                    chunksize: int | str, timeout: float | None) -> Iterator[Any]:
     """concurrent.futures semantics: in order; an item's exception raised when it is reached."""
     run = MapRun(fn, iterables, workers=workers, chunksize=chunksize, stop_on_error=False)
@@ -333,7 +333,7 @@ def _check_cluster(cluster: object) -> None:
     if not isinstance(cluster, str) or not cluster.strip():
         raise TypeError(f'cluster must be a scheduler address such as "tcp://host:8786", "local" or None, '
                         f"got {cluster!r}")
-    import importlib.util
+    import importlib.util  # only to check for Dask when a cluster is asked for
 
     if importlib.util.find_spec("distributed") is None:
         raise ImportError('running on a Dask cluster needs Dask: pip install "nbparallel[dask]"')

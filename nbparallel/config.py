@@ -7,6 +7,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+#: Set in the environment of the processes nbparallel starts (runner, worker): the package then
+#: leaves the joblib hook alone. Workers remove it once started, so a task's own processes are plain.
+ROLE_ENV = "NBPARALLEL_ROLE"
+
 
 @dataclass
 class Settings:

@@ -12,22 +12,29 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from . import config, tracebacks
-from . import serialization as ser
-from .client import get_client
+from . import config
+from .api import imap_in_order
+from .payload import tracebacks
+from .payload import pickling as ser
+from .kernel.runner import get_client
 from .errors import NbParallelError, SerializationError, SidecarDied, make_task_error
-from .jobspec import caller_context, crash_error, function_key
-from .output import Sink, capture_sink, flush_std
-from .progress import track_future
-from .protocol import Frame
+from .kernel.jobspec import caller_context, crash_error, function_key
+from .kernel.output import Sink, capture_sink, flush_std
+from .progress.tracking import track_future
+from .wire.frames import Frame
 
-_groups = itertools.count(1)
+_group_numbers = itertools.count(1)
+
+
+def new_group() -> int:
+    """A fresh group number: tasks of one group share one cap on running tasks (``limit``)."""
+    return next(_group_numbers)
 
 
 class TaskFuture(cf.Future):  # type: ignore[type-arg]  # Future is generic only in stubs
     """A Future whose ``cancel()`` also stops the task if a worker is already running it."""
 
-    _task: _Task | None = None
+    _task: Task | None = None
 
     def cancel(self) -> bool:
         if not super().cancel():
@@ -39,7 +46,7 @@ class TaskFuture(cf.Future):  # type: ignore[type-arg]  # Future is generic only
         return True
 
 
-class _Task:
+class Task:
     """One submitted call: its job in the sidecar and the Future it settles."""
 
     def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -169,7 +176,7 @@ def _describe_call(fn: Callable[..., Any]) -> str:
 
 def submit(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future[Any]:
     """Run ``fn(*args, **kwargs)`` in a worker; return a ``concurrent.futures.Future``."""
-    future = _Task(fn, args, kwargs, 0, None).future
+    future = Task(fn, args, kwargs, 0, None).future
     track_future(future, _describe_call(fn))
     return future
 
@@ -183,7 +190,7 @@ class Executor(cf.Executor):
 
     def __init__(self, max_workers: int | None = None) -> None:
         self._limit = config.resolve_workers(max_workers) if max_workers is not None else 0
-        self._group = next(_groups)
+        self._group = new_group()
         self._futures: set[cf.Future[Any]] = set()
         self._lock = threading.Lock()
         self._shutdown = False
@@ -192,7 +199,7 @@ class Executor(cf.Executor):
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            future = _Task(fn, args, kwargs, self._limit, self._group).future
+            future = Task(fn, args, kwargs, self._limit, self._group).future
             self._futures.add(future)
         track_future(future, _describe_call(fn))
         future.add_done_callback(self._forget)  # outside the lock: it runs at once if already done
@@ -213,9 +220,7 @@ class Executor(cf.Executor):
         its item is reached; ``timeout`` counts from this call."""
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
-        from .api import _imap_in_order
-
-        return _imap_in_order(fn, iterables, workers=self._limit or None, chunksize=chunksize, timeout=timeout)
+        return imap_in_order(fn, iterables, workers=self._limit or None, chunksize=chunksize, timeout=timeout)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._lock:

@@ -2,7 +2,7 @@
 scikit-learn's ``n_jobs``, on nbparallel's workers (or its Dask cluster), with the progress widget,
 worker output in the cell and the interrupt guarantees.
 
-Each batch joblib dispatches becomes one task (``futures._Task``, as ``nbparallel.submit`` makes),
+Each batch joblib dispatches becomes one task (``futures.Task``, as ``nbparallel.submit`` makes),
 so the kernel never forks and functions defined in the notebook travel by value. joblib's contract
 (joblib 1.3+): ``submit`` returns a future-like object and calls ``callback`` when it is done (here on
 the client's reader thread, which then dispatches joblib's next batch); ``retrieve_result_callback``
@@ -25,9 +25,10 @@ from joblib._parallel_backends import (AutoBatchingMixin, FallbackToBackend, Par
                                        SequentialBackend)
 
 from . import config, futures
-from .output import capture_sink
-from .progress import choose_display
-from .tracking import FutureGroup
+from .kernel.output import capture_sink
+from .kernel.runner import get_client, settings
+from .progress.driver import choose_display
+from .progress.tracking import FutureGroup
 
 NAME = "nbparallel"
 
@@ -76,7 +77,7 @@ class NbParallelBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore
             raise FallbackToBackend(SequentialBackend(nesting_level=self.nesting_level))
         self.parallel = parallel
         self.limit = n_jobs
-        self.group = next(futures._groups)  # the call's tasks share its n_jobs cap, as an Executor's do
+        self.group = futures.new_group()  # the call's tasks share its n_jobs cap, as an Executor's do
         return n_jobs
 
     def start_call(self) -> None:
@@ -102,7 +103,7 @@ class NbParallelBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore
     def submit(self, func: Any, callback: Any = None) -> cf.Future[Any]:
         """Run one batch (a joblib ``BatchedCalls``) as a task; ``callback`` when it is done."""
         calls = len(func) if hasattr(func, "__len__") else 1
-        task = futures._Task(func, (), {}, self.limit, self.group, sink=self.sink, label=_describe(func, calls))
+        task = futures.Task(func, (), {}, self.limit, self.group, sink=self.sink, label=_describe(func, calls))
         future: cf.Future[Any] = task.future
         with self.lock:
             self.pending.add(future)
@@ -139,7 +140,6 @@ class NbParallelBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore
 
 def _pool_size() -> int:
     """What n_jobs=-1 means now: the cluster's threads, or the local pool's size."""
-    from .client import get_client, settings
 
     if settings.cluster is not None:
         return get_client().size or 1
@@ -161,7 +161,7 @@ def _describe(batch: Any, calls: int) -> str:
 
 def register() -> None:
     """Make ``backend="nbparallel"`` known to joblib (idempotent)."""
-    from joblib.parallel import BACKENDS, register_parallel_backend
+    from joblib.parallel import BACKENDS, register_parallel_backend  # joblib is there: it asked for us
 
     if BACKENDS.get(NAME) is not NbParallelBackend:
         register_parallel_backend(NAME, NbParallelBackend)

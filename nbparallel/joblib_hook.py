@@ -27,7 +27,7 @@ def register_joblib() -> None:
 
     ``import nbparallel`` already arranges this for when joblib is imported; call it to be explicit.
     """
-    from .joblib_backend import register
+    from .joblib_backend import register  # it imports joblib: only when joblib is used
 
     register()
     _uninstall()

@@ -15,7 +15,7 @@ import importlib
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
-from .serialization import describe
+from .payload.pickling import describe
 
 __all__ = ["MISSING", "Result", "Results"]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from nbparallel.cellcode import CellError, analyse
+from nbparallel.cellmagic.cellcode import CellError, analyse
 
 # (cell source, names read from the notebook in first-use order, names assigned at top level)
 CASES = [

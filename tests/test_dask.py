@@ -94,10 +94,10 @@ def test_map_imap_submit_and_executor_run_on_the_dask_workers(cluster: DaskClust
     out = capsys.readouterr().out
     assert "[item 7] squaring 7" in out and "[item 29] squaring 29" in out  # worker output, tagged
     # The widget's lanes: one per Dask worker, its address in the lane's note.
-    from nbparallel.progress import poll_workers
-    from nbparallel.progress_model import LaneBook
+    from nbparallel.progress.driver import poll_workers
+    from nbparallel.progress.model import LaneBook
 
-    lanes = LaneBook().update(poll_workers(nbparallel.client.current_client()) or [], lambda w: (w["state"], None))
+    lanes = LaneBook().update(poll_workers(nbparallel.kernel.runner.current_client()) or [], lambda w: (w["state"], None))
     assert {lane["pid"] for lane in lanes} == dask_pids
     assert all(lane["note"].startswith("tcp://127.0.0.1:") and lane["rss"] > 0 for lane in lanes)
 
@@ -253,7 +253,7 @@ def test_an_unreachable_scheduler_is_a_clear_error_and_the_setting_stays(cluster
     with socket.socket() as probe:  # a port nothing listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    from nbparallel import client
+    from nbparallel.kernel import runner as client
 
     with pytest.raises(ClusterUnavailable, match=f"could not reach the Dask scheduler at tcp://127.0.0.1:{port}"):
         nbparallel.configure(cluster=f"tcp://127.0.0.1:{port}")
@@ -266,7 +266,7 @@ MAGICS_SCRIPT = textwrap.dedent(
     import os, sys
     from IPython.testing.globalipapp import get_ipython
     import nbparallel
-    from nbparallel.magics import ParallelMagics
+    from nbparallel.cellmagic.magics import ParallelMagics
 
     ip = get_ipython()
     ip.register_magics(ParallelMagics)

@@ -73,7 +73,7 @@ def test_n_jobs_follows_joblib() -> None:
     from nbparallel.joblib_backend import NbParallelBackend
 
     backend = NbParallelBackend()
-    pool = config.resolve_workers(nbparallel.client.settings.workers)
+    pool = config.resolve_workers(nbparallel.kernel.runner.settings.workers)
     assert backend.effective_n_jobs(-1) == pool
     assert backend.effective_n_jobs(-2) == max(1, pool - 1)
     assert backend.effective_n_jobs(3) == 3
@@ -187,3 +187,16 @@ def test_import_nbparallel_does_not_import_joblib(script_env: dict[str, str]) ->
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=script_env, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_the_joblib_hook_lives_only_in_the_callers_process() -> None:
+    def hooked(_: int) -> tuple[bool, str | None]:
+        import os
+        import sys
+
+        watching = any(type(finder).__name__ == "_Watcher" for finder in sys.meta_path)
+        return watching, os.environ.get("NBPARALLEL_ROLE")
+
+    # A worker imports nbparallel too, but never registers with joblib, and what a task starts
+    # inherits no role.
+    assert set(nbparallel.map(hooked, range(4))) == {(False, None)}

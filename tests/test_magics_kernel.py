@@ -151,7 +151,7 @@ def test_install_makes_a_new_kernel_load_the_extension(tmp_path: Path, monkeypat
     assert done.returncode == 0, done.stderr
     kernel = Kernel()
     try:
-        loaded = kernel.value("from nbparallel import client\n"
+        loaded = kernel.value("from nbparallel.kernel import runner as client\n"
                               "'parallel' in get_ipython().magics_manager.magics['cell'], "
                               "client.current_client() is not None")
         assert loaded == (True, True)  # the magic is there and the sidecar already started

@@ -18,11 +18,12 @@ from IPython.core.error import UsageError
 from IPython.testing.globalipapp import get_ipython
 
 import nbparallel
-from nbparallel import background, client
-from nbparallel import serialization as ser
-from nbparallel.cellargs import combine, evaluate_maps, split_line
-from nbparallel.cellcode import CellError, CellRunner, ModuleRef, analyse, capture, unpicklable_capture
-from nbparallel.magics import DEFAULT_OUT, MISSING, ParallelMagics
+from nbparallel.cellmagic import background
+from nbparallel.kernel import runner as client
+from nbparallel.payload import pickling as ser
+from nbparallel.cellmagic.cellargs import combine, evaluate_maps, split_line
+from nbparallel.cellmagic.cellcode import CellError, CellRunner, ModuleRef, analyse, capture, unpicklable_capture
+from nbparallel.cellmagic.magics import DEFAULT_OUT, MISSING, ParallelMagics
 from nbparallel.results import Result, Results
 
 

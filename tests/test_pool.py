@@ -86,8 +86,8 @@ def test_sidecar_stays_small(script_env: dict[str, str]) -> None:
     import subprocess
 
     code = (
-        "import sys\nimport nbparallel.sidecar\n"
-        "print([m for m in ('cloudpickle', 'pickle', 'numpy', 'IPython', 'ipykernel', 'nbparallel.serialization')"
+        "import sys\nimport nbparallel.sidecar.loop\n"
+        "print([m for m in ('cloudpickle', 'pickle', 'numpy', 'IPython', 'ipykernel', 'nbparallel.payload.pickling')"
         " if m in sys.modules])"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=script_env, timeout=60)

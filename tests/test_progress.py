@@ -22,8 +22,9 @@ import pytest
 from _notebooks import load_runner
 
 import nbparallel
-from nbparallel import progress
-from nbparallel.progress_model import MAX_ERRORS, MAX_OUTPUT_LINES, LaneBook, ProgressModel, Snapshot
+from nbparallel.progress import driver as progress
+from nbparallel.progress import tracking
+from nbparallel.progress.model import MAX_ERRORS, MAX_OUTPUT_LINES, LaneBook, ProgressModel, Snapshot
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,7 +44,7 @@ class Clock:
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     fake = Clock()
-    monkeypatch.setattr("nbparallel.progress_model.time.monotonic", fake)
+    monkeypatch.setattr("nbparallel.progress.model.time.monotonic", fake)
     return fake
 
 
@@ -243,7 +244,7 @@ def test_auto_shows_nothing_for_a_quick_call(recorder: type[Recorder]) -> None:
 
 def test_auto_shows_a_slow_call_after_progress_after(recorder: type[Recorder],
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(nbparallel.client.settings, "progress_after", 0.3)
+    monkeypatch.setattr(nbparallel.kernel.runner.settings, "progress_after", 0.3)
     started = time.monotonic()
     nbparallel.map(time.sleep, [0.1] * 12, workers=2)
     kinds = recorder.made[0].kinds()
@@ -263,10 +264,10 @@ def test_progress_false_costs_nothing_and_bad_values_are_refused(recorder: type[
 
 def test_plain_python_draws_only_into_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(progress, "_shell", lambda: None)
-    monkeypatch.setattr("nbparallel.textbar._isatty", lambda stream: False)
+    monkeypatch.setattr("nbparallel.progress.driver.is_terminal", lambda stream: False)
     assert progress.choose_display(force=False) is None
     assert progress.choose_display(force=True) == "text"
-    monkeypatch.setattr("nbparallel.textbar._isatty", lambda stream: True)
+    monkeypatch.setattr("nbparallel.progress.driver.is_terminal", lambda stream: True)
     assert progress.choose_display(force=False) == "text"
 
 
@@ -303,17 +304,17 @@ def test_cancel_closes_an_imap_between_cells(recorder: type[Recorder]) -> None:
 
 @pytest.fixture
 def tracked(recorder: type[Recorder], monkeypatch: pytest.MonkeyPatch) -> Iterator[type[Recorder]]:
-    monkeypatch.setattr("nbparallel.tracking.choose_display", lambda force: "widget")
-    monkeypatch.setattr("nbparallel.tracking.make_renderer", lambda kind, on_cancel=None: Recorder(on_cancel))
+    monkeypatch.setattr("nbparallel.progress.tracking.choose_display", lambda force: "widget")
+    monkeypatch.setattr("nbparallel.progress.tracking.make_renderer", lambda kind, on_cancel=None: Recorder(on_cancel))
     yield recorder
-    from nbparallel import tracking
+    from nbparallel.progress import tracking
 
     for group in list(tracking._groups.values()):  # a failed test must not leave tasks running
         group.cancel()
 
 
 def test_track_future_outside_a_kernel_does_nothing() -> None:
-    from nbparallel.tracking import track
+    from nbparallel.progress.tracking import track
 
     future = nbparallel.submit(abs, -3)
     assert track(future, "x") is None and future.result(timeout=30) == 3
@@ -322,8 +323,8 @@ def test_track_future_outside_a_kernel_does_nothing() -> None:
 def test_futures_of_one_cell_share_a_widget_whose_cancel_stops_them(tracked: type[Recorder]) -> None:
     futures = [nbparallel.submit(time.sleep, 20) for _ in range(3)]
     for future in futures:
-        progress.track_future(future, "submit(sleep)")
-    progress.track_future(futures[0], "again")  # tracked already: not counted twice
+        tracking.track_future(future, "submit(sleep)")
+    tracking.track_future(futures[0], "again")  # tracked already: not counted twice
     assert len(tracked.made) == 1
     shown = tracked.made[0]
     assert shown.kinds()[0] == "show" and shown.calls[0][2].shown is False  # hidden for its first second
@@ -350,7 +351,7 @@ def test_futures_of_one_cell_share_a_widget_whose_cancel_stops_them(tracked: typ
 def test_a_finished_group_reports_failures(tracked: type[Recorder]) -> None:
     futures = [nbparallel.submit(int, text) for text in ("1", "x", "3")]
     for future in futures:
-        progress.track_future(future, "submit(int)", progress=True)
+        tracking.track_future(future, "submit(int)", progress=True)
     for future in futures:
         try:
             future.result(timeout=30)
@@ -367,8 +368,8 @@ def test_a_finished_group_reports_failures(tracked: type[Recorder]) -> None:
 # -- the widget, from Python -------------------------------------------------------------------------
 
 def test_widget_traits_repr_and_module() -> None:
-    from nbparallel.view import widget_state
-    from nbparallel.widget import ProgressWidget, esm_source, js_dir
+    from nbparallel.progress.view import widget_state
+    from nbparallel.progress.widget import ProgressWidget, esm_source, js_dir
 
     model = ProgressModel("map(f)", total=10, workers=2)
     model.set_counts(7, 3)
@@ -389,7 +390,7 @@ def test_widget_traits_repr_and_module() -> None:
 
 
 def test_js_folder_is_found_in_a_wheel_layout(tmp_path: Path) -> None:
-    from nbparallel.widget import js_dir
+    from nbparallel.progress.widget import js_dir
 
     package = tmp_path / "site-packages" / "nbparallel"
     (package / "js").mkdir(parents=True)
@@ -400,7 +401,7 @@ def test_js_folder_is_found_in_a_wheel_layout(tmp_path: Path) -> None:
 
 
 def test_widget_view_sends_lists_only_when_they_change(monkeypatch: pytest.MonkeyPatch) -> None:
-    from nbparallel.view import Publisher, WidgetView
+    from nbparallel.progress.view import Publisher, WidgetView
 
     published: list[bool] = []
     monkeypatch.setattr(Publisher, "publish", lambda self, widget, update: published.append(update))

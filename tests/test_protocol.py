@@ -8,7 +8,7 @@ import socket
 import pytest
 
 from nbparallel.errors import ProtocolError
-from nbparallel.protocol import PREFIX, PROTOCOL_VERSION, Frame, FrameParser, check_hello, encode, read_frame, send_frame
+from nbparallel.wire.frames import PREFIX, PROTOCOL_VERSION, Frame, FrameParser, check_hello, encode, read_frame, send_frame
 
 
 def _join(pieces: list) -> bytes:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import nbparallel
-from nbparallel import shm
+from nbparallel.payload import shm
 
 pytestmark = pytest.mark.skipif(not shm.AVAILABLE, reason="memfd_create is Linux-only; elsewhere arrays go in band")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import nbparallel
-from nbparallel import tracebacks
+from nbparallel.payload import tracebacks
 from _notebooks import Kernel
 
 

@@ -1,0 +1,1 @@
+"""``%%parallel`` and ``%nbparallel``: the only package that imports IPython."""

@@ -1,0 +1,80 @@
+"""What a call tells the sidecar beyond its function and items: limits, the caller's context, the
+function's cache key; and how a ``crashed`` report becomes the right error."""
+
+from __future__ import annotations
+
+import sys
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from .. import config
+from ..errors import MemoryLimitExceeded, NbParallelError, TaskTimeout, WorkerCrashed
+from ..wire.frames import Frame
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-call limits the sidecar enforces (see ``nbparallel.map``)."""
+
+    timeout: float | None = None
+    retries: int = 0
+    retry_on: tuple[type[BaseException], ...] = ()
+    memory_limit: int | None = None
+
+    @staticmethod
+    def make(timeout: float | None, retries: int, retry_on: Any, memory_limit: int | str | None) -> Limits:
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
+            raise ValueError(f"timeout must be a positive number of seconds per item, got {timeout!r}")
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"retries must be an int >= 0, got {retries!r}")
+        if isinstance(retry_on, type):
+            retry_on = (retry_on,)
+        retry_on = tuple(retry_on or ())
+        if not all(isinstance(t, type) and issubclass(t, BaseException) for t in retry_on):
+            raise TypeError(f"retry_on must be exception types, got {retry_on!r}")
+        memory = None if memory_limit is None else config.parse_size(memory_limit)
+        return Limits(None if timeout is None else float(timeout), retries, retry_on, memory)
+
+    def header(self) -> dict[str, Any]:
+        return {"timeout": self.timeout, "retries": self.retries, "memory_limit": self.memory_limit}
+
+
+def function_key(packed: Any) -> str:
+    """Workers cache functions by this key. A function whose closure holds arrays in shared
+    memory is keyed per call: the same pickle stream may then stand for other array contents."""
+    digest = hashlib.blake2b(packed.data, digest_size=16)
+    if packed.specs:
+        digest.update(os.urandom(16))
+    return digest.hexdigest()
+
+
+def crash_error(frame: Frame, index: int | None, item: str) -> NbParallelError:
+    """The error for an item whose worker died (a ``crashed`` frame), by the reason it died."""
+    reason, attempts, pid = frame.get("reason"), frame.get("attempts", 1), frame.get("pid")
+    if reason == "timeout":
+        return TaskTimeout(index=index, item=item, limit=frame["limit"], attempts=attempts)
+    if reason == "memory":
+        return MemoryLimitExceeded(index=index, item=item, pid=pid, limit=frame["limit"],
+                                   memory=frame["memory"], attempts=attempts)
+    return WorkerCrashed(index=index, item=item, pid=pid, exitcode=frame.get("exitcode"),
+                         memory=frame.get("memory"), attempts=attempts, cause=frame.get("cause"),
+                         worker=frame.get("worker"))
+
+
+def caller_context() -> dict[str, Any]:
+    """Where the caller runs: workers chdir there and import from the same sys.path."""
+    return {"cwd": _cwd(), "path": _sys_path()}
+
+
+def _cwd() -> str | None:
+    try:
+        return os.getcwd()
+    except OSError:
+        return None
+
+
+def _sys_path() -> list[str]:
+
+    return [os.path.abspath(p) if p else _cwd() or "" for p in sys.path]

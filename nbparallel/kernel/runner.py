@@ -1,0 +1,291 @@
+"""The kernel's side of the sidecar: start it, talk to it, notice when it dies.
+
+One ``Client`` per process, made on first use and reused by every call (``get_client``). Its
+reader thread hands every frame about a job to that job's handle; the caller's thread does the rest.
+If the sidecar has died, the next call starts a new one and says so once.
+
+The runner is the sidecar, or, with ``configure(cluster=...)``, the Dask bridge (dask_bridge.py):
+another process that speaks the same protocol, so nothing else here knows the difference.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from .. import config
+from ..errors import ClusterUnavailable, ProtocolError, SidecarDied
+from ..wire.frames import PROTOCOL_VERSION, Buffer, Frame, check_hello, close_fds, read_frame, send_frame
+
+
+class JobHandle(Protocol):
+    """What the reader thread calls for frames about one job."""
+
+    def on_frame(self, frame: Frame) -> None: ...
+
+    def on_died(self, error: SidecarDied) -> None: ...
+
+
+class SidecarRestarted(UserWarning):
+    """The sidecar had stopped; a new one was started."""
+
+
+def runner_command(settings: config.Settings, fd: int) -> tuple[list[str], str, float]:
+    """The command line that starts the runner, what to call it in messages, and how long it may
+    take to answer: the sidecar, or the Dask bridge when a cluster is configured."""
+    head = [sys.executable, "-m"]
+    if settings.cluster is None:
+        return [*head, "nbparallel.sidecar", str(fd), str(os.getpid())], "sidecar", config.START_TIMEOUT
+    options = {"workers": config.resolve_workers(settings.workers), "connect_timeout": config.CLUSTER_CONNECT_TIMEOUT}
+    return ([*head, "nbparallel.cluster", str(fd), str(os.getpid()), settings.cluster, json.dumps(options)],
+            "Dask bridge", config.CLUSTER_START_TIMEOUT)
+
+
+class Client:
+    """A running sidecar (or Dask bridge) and the connection to it."""
+
+    def __init__(self, settings: config.Settings) -> None:
+        parent, child = socket.socketpair()
+        package_root = str(Path(__file__).resolve().parents[2])  # the folder holding nbparallel/
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        env[config.ROLE_ENV] = "runner"  # see nbparallel/__init__.py
+        command, self.kind, start_timeout = runner_command(settings, child.fileno())
+        self.cluster = settings.cluster
+        self.process = subprocess.Popen(
+            command,
+            pass_fds=(child.fileno(),),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            env=env,
+            # Its own session: the stop button's SIGINT to the kernel's process group misses it.
+            start_new_session=True,
+        )
+        child.close()
+        self.pid = self.process.pid
+        self.sock = parent
+        self.send_lock = threading.Lock()
+        self.jobs: dict[int, JobHandle] = {}
+        self.jobs_lock = threading.Lock()
+        self.job_ids = itertools.count(1)
+        self.chunk_ids = itertools.count(1)
+        self.replies: dict[int, tuple[threading.Event, list[Frame]]] = {}
+        self.request_ids = itertools.count(1)
+        self.dead: SidecarDied | None = None
+        self.errors: list[str] = []  # internal errors the sidecar reported
+        try:
+            self.sock.settimeout(start_timeout)
+            send_frame(self.sock, {"op": "hello", "version": PROTOCOL_VERSION})
+            hello = read_frame(self.sock)
+            if hello.op == "error" and hello.get("fatal"):  # the bridge could not reach its cluster
+                raise ClusterUnavailable(f"nbparallel: {hello.get('message')}")
+            check_hello(hello, self.kind)
+            self.sock.settimeout(None)
+        except (OSError, EOFError, ProtocolError, ClusterUnavailable) as exc:
+            self._kill()
+            if isinstance(exc, ClusterUnavailable):
+                raise
+            raise SidecarDied(f"the {self.kind} did not start: {exc}") from exc
+        #: What the runner said about itself: a Dask bridge adds its cluster, dashboard and size.
+        self.info = dict(hello.header)
+        #: Threads on the cluster (None for the sidecar: its pool is ``settings.workers``).
+        self.size: int | None = int(self.info["workers"]) if self.info.get("workers") else None
+        self.configure(settings)
+        self.reader = threading.Thread(target=self._read, name="nbparallel-reader", daemon=True)
+        self.reader.start()
+
+    # -- sending ------------------------------------------------------------------------------
+
+    def send(self, header: dict[str, Any], buffers: Sequence[Buffer] = (), fds: Sequence[int] = ()) -> None:
+        """Send a frame; ``fds`` are duplicated into the sidecar (the caller still closes its own)."""
+        if self.dead is not None:
+            raise self.dead
+        try:
+            with self.send_lock:
+                send_frame(self.sock, header, buffers, fds)
+        except OSError as exc:
+            raise self._mark_dead() from exc
+
+    def send_packed(self, header: dict[str, Any], packed: Any) -> None:
+        """Send a value made by ``serialization.pack``; its own shared-memory segments are then
+        the sidecar's to keep (our descriptors are closed)."""
+        try:
+            if packed.specs:
+                header = {**header, "oob": packed.specs}
+            self.send(header, [packed.data], packed.fds)
+        finally:
+            packed.close()
+
+    def configure(self, settings: config.Settings) -> None:
+        size = config.resolve_workers(settings.workers)
+        env = dict(settings.env)
+        if settings.limit_threads:
+            env = {**config.thread_limits(size), **env}
+        self.send({"op": "configure", "workers": size, "preload": settings.preload, "env": env,
+                   "max_tasks_per_worker": settings.max_tasks_per_worker})
+
+    def new_job_id(self) -> int:
+        return next(self.job_ids)
+
+    def new_chunk_id(self) -> int:
+        return next(self.chunk_ids)
+
+    def register(self, job_id: int, handle: JobHandle) -> None:
+        with self.jobs_lock:
+            if self.dead is not None:
+                raise self.dead
+            self.jobs[job_id] = handle
+
+    def unregister(self, job_id: int) -> None:
+        with self.jobs_lock:
+            self.jobs.pop(job_id, None)
+
+    def request(self, header: dict[str, Any], timeout: float = 5.0) -> Frame:
+        """Send a request and wait for the reply that carries the same ``req``."""
+        req = next(self.request_ids)
+        event = threading.Event()
+        box: list[Frame] = []
+        self.replies[req] = (event, box)
+        try:
+            self.send({**header, "req": req})
+            if not event.wait(timeout):
+                if self.dead is not None:
+                    raise self.dead
+                raise TimeoutError(f"the sidecar did not answer {header['op']!r} within {timeout} s")
+            return box[0]
+        finally:
+            self.replies.pop(req, None)
+
+    # -- receiving ----------------------------------------------------------------------------
+
+    def _read(self) -> None:
+        while True:
+            try:
+                frame = read_frame(self.sock)
+            except (EOFError, OSError, ProtocolError):
+                self._mark_dead()
+                return
+            job = frame.get("job")
+            if job is not None:
+                with self.jobs_lock:
+                    handle = self.jobs.get(job)
+                if handle is not None:
+                    handle.on_frame(frame)
+                else:
+                    close_fds(frame.fds)
+            elif frame.get("req") is not None:
+                waiting = self.replies.get(frame["req"])
+                if waiting is not None:
+                    waiting[1].append(frame)
+                    waiting[0].set()
+            elif frame.op == "error":
+                self.errors.append(str(frame.get("message")))
+                if frame.get("fatal"):  # the runner says why it stops (the Dask bridge lost its scheduler)
+                    print(f"nbparallel: {frame.get('message')}", file=sys.stderr)
+                else:
+                    print(f"nbparallel: the {self.kind} reported an internal error:\n{frame.get('message')}",
+                          file=sys.stderr)
+
+    def _mark_dead(self) -> SidecarDied:
+        if self.dead is None:
+            try:
+                code = self.process.wait(timeout=1)
+            except subprocess.TimeoutExpired:
+                code = None
+            how = f"exit code {code}" if code is not None and code >= 0 else (
+                f"killed by signal {-code}" if code is not None else "connection lost")
+            self.dead = SidecarDied(
+                f"the nbparallel {self.kind} (pid {self.pid}) stopped ({how}). Results that had arrived are "
+                f"kept; the next call starts a new {self.kind}."
+            )
+            with self.jobs_lock:
+                handles = list(self.jobs.values())
+                self.jobs.clear()
+            for handle in handles:
+                handle.on_died(self.dead)
+            for event, _ in list(self.replies.values()):
+                event.set()
+        return self.dead
+
+    # -- stopping -----------------------------------------------------------------------------
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Stop the sidecar and its workers; wait for it to go."""
+        if self.dead is None:
+            try:
+                self.send({"op": "shutdown"})
+            except SidecarDied:
+                pass
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self._kill()
+        self.sock.close()
+        if self.reader.is_alive() and self.reader is not threading.current_thread():
+            self.reader.join(timeout)
+
+    def _kill(self) -> None:
+        try:
+            self.process.kill()
+            self.process.wait(timeout=2)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+
+
+_client: Client | None = None
+_client_lock = threading.Lock()
+settings = config.Settings()
+
+
+def get_client() -> Client:
+    """The process's sidecar client, started (or restarted, with a warning) as needed."""
+    global _client
+    with _client_lock:
+        if _client is not None and _client.dead is not None:
+            old = _client
+            _client = None
+            old.close(timeout=0.5)
+            _client = Client(settings)
+            warnings.warn(
+                f"nbparallel: the previous {old.kind} (pid {old.pid}) had stopped; started a new one "
+                f"(pid {_client.pid}).",
+                SidecarRestarted,
+                stacklevel=3,
+            )
+        if _client is not None and _client.cluster != settings.cluster:  # configure(cluster=...) changed it
+            old, _client = _client, None
+            old.close()
+        if _client is None:
+            _client = Client(settings)
+        return _client
+
+
+def current_client() -> Client | None:
+    """The client if one is running, without starting one."""
+    return _client
+
+
+def shutdown_client() -> None:
+    """Stop the sidecar and every worker (a later call starts them again)."""
+    global _client
+    with _client_lock:
+        if _client is not None:
+            _client.close()
+            _client = None
+
+
+atexit.register(shutdown_client)

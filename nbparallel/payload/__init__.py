@@ -1,0 +1,1 @@
+"""User values as bytes: pickling, shared memory, outcomes, retrying, remote tracebacks. Never imported by the sidecar."""

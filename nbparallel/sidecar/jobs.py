@@ -1,0 +1,69 @@
+"""What the sidecar schedules: jobs (a function and its settings) and their chunks of items."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..wire.frames import close_fds
+
+
+
+@dataclass
+class Chunk:
+    """A run of consecutive items of one job, routed as opaque bytes."""
+
+    job: int
+    id: int
+    start: int  # index of the first item in the job's input
+    count: int
+    payload: Any  # the pickled items; never unpickled here
+    fds: list[int] = field(default_factory=list)  # their shared-memory segments, held until done
+    oob: Any = None  # where the out-of-band buffers sit in ``fds`` (see shm.py)
+    resume: int = 0  # offsets below this were delivered (or failed) already
+    skip: list[int] = field(default_factory=list)  # offsets that failed and must not run again
+    attempts: dict[int, int] = field(default_factory=dict)  # offset -> times its worker died on it
+    careful: bool = False  # run item by item: a worker died in a run of items it could not pin down
+
+    def close(self) -> None:
+        close_fds(self.fds)
+        self.fds = []
+
+    def remaining(self) -> list[int]:
+        skip = set(self.skip)
+        return [off for off in range(self.resume, self.count) if off not in skip]
+
+
+@dataclass
+class Job:
+    header: dict[str, Any]  # key, stop_on_error, call, cwd, path, limit, oob...
+    function: Any  # pickled function bytes
+    fds: list[int] = field(default_factory=list)  # shared-memory segments of the function
+    queue: deque[Chunk] = field(default_factory=deque)
+    chunk_seconds: float | None = None  # recent time a chunk takes, from the workers' reports
+
+    @property
+    def id(self) -> int:
+        return int(self.header["job"])
+
+    @property
+    def limit(self) -> int:
+        return int(self.header.get("limit") or 0)
+
+    @property
+    def timeout(self) -> float:
+        return float(self.header.get("timeout") or 0)
+
+    @property
+    def memory_limit(self) -> int:
+        return int(self.header.get("memory_limit") or 0)
+
+    @property
+    def retries(self) -> int:
+        return int(self.header.get("retries") or 0)
+
+    @property
+    def group(self) -> Any:
+        """Jobs of one Executor share its ``max_workers`` cap."""
+        return self.header.get("group") or ("job", self.id)

@@ -1,0 +1,413 @@
+"""The sidecar: a small runner process that owns the workers, the queue and the scheduling.
+
+::
+
+      kernel (runner.py)                 sidecar (this module)                 workers (worker/loop.py)
+   +---------------------+  job, chunk  +------------------------------+  job   +-------------------+
+   | map / imap / submit | -- cancel -> | jobs: queues of chunks       | chunk->| run items, send   |
+   | reader thread       |  end, status | one selector loop, no thread |        | outcomes, output  |
+   |                     | <- result -- | timeouts, memory watch       |<-result| slot: chunk, item |
+   +---------------------+ crashed, out | reads a dead worker's slot   | output +-------------------+
+                                        +------------------------------+
+
+It runs as ``python -m nbparallel.sidecar FD KERNEL_PID``, started by the kernel in a session of its
+own, so the stop button's SIGINT to the kernel's process group never reaches it; cancellation comes
+as a ``cancel`` message. It imports only the standard library, psutil and our protocol modules, and
+routes the pickled function, items and results as bytes without ever unpickling them.
+
+It exits, killing every worker, when the kernel's socket closes or the kernel's PID goes away.
+Every item ends in exactly one outcome: a ``result`` entry, or a ``crashed`` message naming it.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+import traceback
+from typing import Any
+
+from ..wire.channel import Channel
+from .workers import WorkerProcess, return_free_memory, sample_memory
+from ..wire.frames import PROTOCOL_VERSION, Frame
+from ..wire.frames import close_fds as close_all
+from .jobs import Chunk, Job
+from .policy import PREFETCH, blame, functions_to_forget, limit_breached, may_prefetch, next_chunk_for
+
+TICK = 0.25  # seconds between housekeeping passes (kernel alive? memory samples)
+SAMPLE_INTERVAL = 0.5  # seconds between memory samples of the workers
+# While a job has a time or memory limit, look more often: a limit is only as sharp as this.
+WATCH_TICK = 0.05
+TRIM_AFTER = 16 * 2**20  # bytes routed between two returns of free memory to the system
+
+
+class Sidecar:
+    def __init__(self, kernel_sock: socket.socket, kernel_pid: int) -> None:
+        self.kernel = Channel(kernel_sock)
+        self.kernel_pid = kernel_pid
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.kernel.sock, selectors.EVENT_READ, self.kernel)
+        self.workers: dict[int, WorkerProcess] = {}  # by pid
+        self.jobs: dict[int, Job] = {}
+        self.size = 1
+        self.max_tasks = 0  # replace a worker after this many items (0: never)
+        self.routed_since_trim = 0
+        self.preload: list[str] = []
+        self.env = dict(os.environ)
+        self.running = True
+        # Where memfd exists we write no file at all; elsewhere our files live in a directory of
+        # mode 0700 that goes when the sidecar does.
+        self.tmpdir = None if hasattr(os, "memfd_create") else tempfile.mkdtemp(prefix="nbparallel-")
+        self.last_sample = 0.0
+        self.rss_peak = 0
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            while self.running:
+                watching = any(job.timeout or job.memory_limit for job in self.jobs.values())
+                for key, events in self.selector.select(WATCH_TICK if watching else TICK):
+                    peer: Channel | WorkerProcess = key.data
+                    if events & selectors.EVENT_WRITE:
+                        (peer if isinstance(peer, Channel) else peer.channel).flush()
+                    if events & selectors.EVENT_READ:
+                        if isinstance(peer, Channel):
+                            self.read_kernel()
+                        else:
+                            self.read_worker(peer)
+                    if not self.running:
+                        break
+                self.housekeeping()
+                self.schedule()
+                self.update_interest()
+        finally:
+            self.stop_all()
+
+    def update_interest(self) -> None:
+        peers: list[Channel | WorkerProcess] = [self.kernel, *self.workers.values()]
+        for peer in peers:
+            channel = peer if isinstance(peer, Channel) else peer.channel
+            if channel.closed:
+                continue
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if channel.wants_write else 0)
+            if self.selector.get_key(channel.sock).events != events:
+                self.selector.modify(channel.sock, events, peer)
+
+    def housekeeping(self) -> None:
+        if os.getppid() != self.kernel_pid:  # the kernel died (even by SIGKILL): so do we
+            self.running = False
+            return
+        now = time.monotonic()
+        memory_limited = any(job.memory_limit for job in self.jobs.values())
+        if now - self.last_sample >= (WATCH_TICK if memory_limited else SAMPLE_INTERVAL):
+            self.last_sample = now
+            self.sample_memory()
+        self.enforce_limits(now)
+        self.resize()
+        if self.routed_since_trim > TRIM_AFTER and not any(job.queue for job in self.jobs.values()):
+            # glibc keeps freed payload memory around; hand it back so the sidecar stays small.
+            self.routed_since_trim = 0
+            return_free_memory()
+
+    def enforce_limits(self, now: float) -> None:
+        """Kill a worker whose item ran past the job's timeout or whose memory passed its limit."""
+        for worker in self.workers.values():
+            if worker.assigned and worker.kill_reason is None:
+                worker.kill_reason = limit_breached(worker, self.jobs.get(worker.assigned[0].job), now)
+                if worker.kill_reason is not None:
+                    worker.kill()  # its exit is handled like a crash, with the reason attached
+
+    def sample_memory(self) -> None:
+        self.rss_peak = max(self.rss_peak, sample_memory(self.workers.values()))
+
+    # -- the kernel side --------------------------------------------------------------------
+
+    def read_kernel(self) -> None:
+        try:
+            frames = list(self.kernel.receive())
+        except EOFError:
+            self.running = False
+            return
+        for frame in frames:
+            handler = getattr(self, "on_" + frame.op, None)
+            if handler is None:
+                self.kernel.send({"op": "error", "message": f"unknown op {frame.op!r}"})
+                continue
+            try:
+                handler(frame)
+            except Exception:  # a bug here must be reported, not take the pool down
+
+                self.kernel.send({"op": "error", "message": traceback.format_exc()})
+
+    def on_hello(self, frame: Frame) -> None:
+        self.kernel.send({"op": "hello", "version": PROTOCOL_VERSION, "pid": os.getpid()})
+
+    def on_configure(self, frame: Frame) -> None:
+        if "workers" in frame.header:
+            self.size = max(1, int(frame["workers"]))
+        if "max_tasks_per_worker" in frame.header:
+            self.max_tasks = int(frame["max_tasks_per_worker"] or 0)
+        if "env" in frame.header:
+            self.env = {**self.env, **frame["env"]}
+        if "preload" in frame.header and list(frame["preload"]) != self.preload:
+            self.preload = list(frame["preload"])
+            for worker in list(self.workers.values()):  # new workers import the new preload list
+                self.retire(worker)
+        self.resize()
+
+    def on_job(self, frame: Frame) -> None:
+        self.jobs[frame["job"]] = Job(frame.header, frame.payload, frame.fds)
+
+    def on_chunk(self, frame: Frame) -> None:
+        self.routed_since_trim += len(frame.payload)
+        job = self.jobs.get(frame["job"])
+        chunk = Chunk(frame["job"], frame["chunk"], frame["start"], frame["count"],
+                      frame.payload, frame.fds, frame.get("oob"))
+        if job is None:
+            chunk.close()
+        else:
+            job.queue.append(chunk)
+
+    def drop_job(self, job_id: int) -> Job | None:
+        """Forget a job and release the shared memory it held (workers keep their own mappings)."""
+        job = self.jobs.pop(job_id, None)
+        if job is not None:
+            for chunk in job.queue:
+                chunk.close()
+            job.queue.clear()
+            close_all(job.fds)
+            job.fds = []
+        return job
+
+    def on_cancel(self, frame: Frame) -> None:
+        job_id = frame["job"]
+        if job_id in self.jobs:
+            for worker in list(self.workers.values()):
+                if job_id in worker.jobs_running():
+                    self.requeue_others(worker, job_id)
+                    worker.kill()
+        self.drop_job(job_id)
+        self.kernel.send({"op": "cancelled", "job": job_id})
+
+    def on_end(self, frame: Frame) -> None:
+        job_id = frame["job"]
+        self.drop_job(job_id)
+        for worker in self.workers.values():
+            if job_id in worker.jobs:
+                worker.jobs.discard(job_id)
+                worker.channel.send({"op": "end", "job": job_id})
+
+    def on_status(self, frame: Frame) -> None:
+        import psutil  # costs the sidecar ~2 MB: only once a status is asked for
+
+        rss = psutil.Process().memory_info().rss
+        self.kernel.send(
+            {
+                "op": "status",
+                "req": frame.get("req"),
+                "pid": os.getpid(),
+                "rss": rss,
+                "rss_peak": max(self.rss_peak, rss),
+                "size": self.size,
+                "workers": [w.describe() for w in self.workers.values() if not w.retiring],
+                "queued": sum(len(job.queue) for job in self.jobs.values()),
+                "jobs": len(self.jobs),
+                "tmpdir": self.tmpdir,
+            }
+        )
+
+    def on_shutdown(self, frame: Frame) -> None:
+        self.running = False
+
+    # -- the workers ------------------------------------------------------------------------
+
+    def target_size(self) -> int:
+        asked = [job.limit for job in self.jobs.values() if job.limit]
+        return max([self.size, *asked])
+
+    def resize(self) -> None:
+        if self.max_tasks:
+            for worker in list(self.workers.values()):
+                if not worker.retiring and not worker.assigned and worker.tasks_done >= self.max_tasks:
+                    self.retire(worker)
+        alive = [w for w in self.workers.values() if not w.retiring]
+        for _ in range(self.target_size() - len(alive)):
+            self.spawn()
+        extra = len(alive) - self.target_size()
+        for worker in alive:
+            if extra <= 0:
+                break
+            if not worker.assigned:
+                self.retire(worker)
+                extra -= 1
+
+    def spawn(self) -> None:
+        worker = WorkerProcess(self.preload, self.env, self.tmpdir)
+        self.workers[worker.pid] = worker
+        self.selector.register(worker.channel.sock, selectors.EVENT_READ, worker)
+
+    def retire(self, worker: WorkerProcess) -> None:
+        """Ask an idle worker to exit; a busy one is killed and its chunks go back to the queue."""
+        if worker.assigned:
+            self.requeue_others(worker, None)
+            worker.kill()
+        else:
+            worker.retiring = True
+            worker.channel.send({"op": "exit"})
+
+    def requeue_others(self, worker: WorkerProcess, except_job: int | None) -> None:
+        """Put the worker's chunks back at the front of their queues (dropping ``except_job``'s)."""
+        for chunk in reversed(worker.assigned):
+            job = self.jobs.get(chunk.job)
+            if job is not None and chunk.job != except_job:
+                job.queue.appendleft(chunk)
+            else:
+                chunk.close()
+        worker.assigned.clear()
+
+    def read_worker(self, worker: WorkerProcess) -> None:
+        try:
+            frames = list(worker.channel.receive())
+        except EOFError:
+            frames = None
+        for frame in frames or ():
+            if frame.op == "result":
+                self.on_worker_result(worker, frame)
+            elif frame.op == "output":
+                if frame.get("job") in self.jobs:
+                    self.kernel.send({**frame.header, "pid": worker.pid})
+            elif frame.op == "hello":
+                worker.ready = True
+                self.sample_memory()  # so status() shows its memory from the start
+        if frames is None:
+            self.on_worker_exit(worker)
+
+    def on_worker_result(self, worker: WorkerProcess, frame: Frame) -> None:
+        chunk = worker.assigned[0] if worker.assigned else None
+        if chunk is None or chunk.id != frame["chunk"]:
+            close_all(frame.fds)
+            return  # a job cancelled meanwhile
+        chunk.resume = frame["upto"]
+        job = self.jobs.get(chunk.job)
+        if frame["final"]:
+            worker.assigned.popleft()
+            chunk.close()
+            worker.tasks_done += chunk.count
+            worker.head_since = time.monotonic()
+            if job is not None:
+                old, new = job.chunk_seconds, float(frame["elapsed"])
+                job.chunk_seconds = new if old is None else 0.7 * old + 0.3 * new
+        self.routed_since_trim += len(frame.payload)
+        if job is not None:
+            header = {**frame.header, "start": chunk.start, "pid": worker.pid}
+            self.kernel.send(header, frame.buffers, frame.fds, close_fds=True)
+        else:
+            close_all(frame.fds)
+
+    def on_worker_exit(self, worker: WorkerProcess) -> None:
+        self.selector.unregister(worker.channel.sock)
+        chunk_id, offset, width, _ = worker.read_slot()
+        exitcode = worker.reap()
+        del self.workers[worker.pid]
+        running = worker.assigned.popleft() if worker.assigned else None
+        self.requeue_others(worker, None)
+        if running is None or running.job not in self.jobs:
+            if running is not None:
+                running.close()
+            return
+        culprits, attempts = blame(running, self.jobs[running.job], chunk_id, offset, width)
+        if culprits:
+            self.kernel.send(
+                {
+                    "op": "crashed",
+                    "job": running.job,
+                    "chunk": running.id,
+                    "indices": [running.start + off for off in culprits],
+                    "pid": worker.pid,
+                    "exitcode": exitcode,
+                    "memory": worker.rss_peak or None,
+                    "attempts": attempts,
+                    **(worker.kill_reason or {}),
+                }
+            )
+        if running.remaining():  # the items after it (and those done but unsent) run again elsewhere
+            self.jobs[running.job].queue.appendleft(running)
+        else:
+            running.close()
+
+    def schedule(self) -> None:
+        if not any(job.queue for job in self.jobs.values()):
+            return
+        ready = [w for w in self.workers.values() if w.ready and not w.retiring]
+        for depth in range(PREFETCH):
+            for worker in ready:
+                if len(worker.assigned) != depth:
+                    continue
+                if depth and not may_prefetch(worker, self.jobs, time.monotonic()):
+                    continue
+                chunk = next_chunk_for(worker, self.jobs, self.workers.values())
+                if chunk is None:
+                    continue
+                self.send_chunk(worker, chunk)
+
+    def send_chunk(self, worker: WorkerProcess, chunk: Chunk) -> None:
+        job = self.jobs[chunk.job]
+        if chunk.job not in worker.jobs:
+            key = job.header["key"]
+            if key in worker.keys:
+                worker.keys.move_to_end(key)
+                worker.channel.send({**job.header, "op": "job"})
+            else:
+                worker.channel.send({**job.header, "op": "job"}, [job.function], job.fds)
+                worker.keys[key] = None
+                for old in functions_to_forget(worker, self.jobs):
+                    del worker.keys[old]
+                    worker.channel.send({"op": "forget", "key": old})
+            worker.jobs.add(chunk.job)
+        header: dict[str, Any] = {
+            "op": "chunk",
+            "job": chunk.job,
+            "chunk": chunk.id,
+            "start": chunk.start,
+            "count": chunk.count,
+        }
+        if chunk.resume:
+            header["resume"] = chunk.resume
+        if chunk.skip:
+            header["skip"] = chunk.skip
+        if chunk.careful:
+            header["careful"] = True
+        if chunk.oob:
+            header["oob"] = chunk.oob
+        worker.channel.send(header, [chunk.payload], chunk.fds)
+        if not worker.assigned:
+            worker.head_since = time.monotonic()
+        worker.assigned.append(chunk)
+
+    def stop_all(self) -> None:
+        for job_id in list(self.jobs):
+            self.drop_job(job_id)
+        for worker in self.workers.values():
+            worker.kill()
+        for worker in self.workers.values():
+            try:
+                worker.process.wait(timeout=2)
+            except Exception:
+                pass
+        self.kernel.close()
+        if self.tmpdir is not None:
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+
+def main(argv: list[str]) -> None:
+    fd, kernel_pid = int(argv[0]), int(argv[1])
+    # Belt and braces: we run in our own session, but a stray SIGINT must never stop the pool.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    Sidecar(socket.socket(fileno=fd), kernel_pid).run()

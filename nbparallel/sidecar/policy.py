@@ -1,0 +1,85 @@
+"""The sidecar's policies: which chunk a worker gets next, when to queue a second one behind it,
+when a worker has broken a job's limits, which functions a worker forgets, whom a crash blames.
+Pure decisions over the sidecar's state; the loop carries them out."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from ..wire.frames import FUNCTION_CACHE
+from .jobs import Chunk, Job
+from .workers import WorkerProcess
+
+PREFETCH = 2  # chunks queued per worker: one running, one waiting so the worker never idles
+# A second chunk waits behind the first, so prefetching helps only when chunks are short (the round
+# trip is then a large share of the time) and hurts when an item is slow (its neighbour waits).
+PREFETCH_BELOW = 0.01  # seconds per chunk
+
+
+def next_chunk_for(worker: WorkerProcess, jobs: dict[int, Job], workers: Iterable[WorkerProcess]) -> Chunk | None:
+    """The next chunk for ``worker``: oldest job first; a job capped by ``workers=`` (or its
+    Executor's ``max_workers``) waits while enough workers hold its chunks."""
+    def groups(w: WorkerProcess) -> set[Any]:
+        return {jobs[j].group for j in w.jobs_running() if j in jobs}
+
+    holding = groups(worker)
+    for job in jobs.values():
+        if not job.queue:
+            continue
+        if job.limit and job.group not in holding:
+            busy = sum(1 for w in workers if job.group in groups(w))
+            if busy >= job.limit:
+                continue
+        return job.queue.popleft()
+    return None
+
+
+def may_prefetch(worker: WorkerProcess, jobs: dict[int, Job], now: float) -> bool:
+    """Queue a second chunk only behind a short one that is not running late."""
+    job = jobs.get(worker.assigned[0].job)
+    if job is None or job.chunk_seconds is None or job.chunk_seconds >= PREFETCH_BELOW:
+        return False
+    return now - worker.head_since < 2 * job.chunk_seconds + 0.002
+
+
+def limit_breached(worker: WorkerProcess, job: Job | None, now: float) -> dict[str, Any] | None:
+    """Why the worker must be killed (its item's timeout, its job's memory limit), or None."""
+    if job is None or not (job.timeout or job.memory_limit):
+        return None
+    head = worker.assigned[0]
+    chunk_id, offset, _, started = worker.read_slot()
+    on_item = chunk_id == head.id and head.resume <= offset < head.count
+    if job.timeout and on_item and started and now - started > job.timeout:
+        return {"reason": "timeout", "limit": job.timeout}
+    if job.memory_limit and worker.rss > job.memory_limit:
+        return {"reason": "memory", "limit": job.memory_limit, "memory": worker.rss}
+    return None
+
+
+def functions_to_forget(worker: WorkerProcess, jobs: dict[int, Job]) -> list[str]:
+    """The worker's oldest cached functions past FUNCTION_CACHE, never one a live job still needs."""
+    in_use = {jobs[j].header["key"] for j in worker.jobs if j in jobs}
+    excess = len(worker.keys) - FUNCTION_CACHE
+    return [key for key in worker.keys if key not in in_use][: max(0, excess)]
+
+
+def blame(chunk: Chunk, job: Job, slot_chunk: int, offset: int, width: int) -> tuple[list[int], int]:
+    """A worker died running ``chunk``; its slot read (``slot_chunk``, ``offset``, ``width``).
+    Returns the offsets that fail now and their attempt count, and marks ``chunk`` for its rerun."""
+    in_items = slot_chunk == chunk.id and chunk.resume <= offset < chunk.count
+    if in_items and width > 1 and not chunk.careful:
+        # It died in a run of items going through map(): run the rest again one by one, and the
+        # item that kills a worker then is named exactly.
+        chunk.careful = True
+        return [], 0
+    if in_items:  # the slot names the item that was running
+        attempts = chunk.attempts[offset] = chunk.attempts.get(offset, 0) + 1
+        if attempts <= job.retries:
+            return [], attempts  # it runs again on another worker; the kernel hears of the last try only
+        chunk.skip.append(offset)
+        return [offset], attempts
+    # It died outside any item (unpickling the chunk, sending results): fail the rest.
+    culprits = chunk.remaining()
+    chunk.skip.extend(culprits)
+    return culprits, 1

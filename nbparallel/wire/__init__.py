@@ -1,0 +1,1 @@
+"""The wire between processes: frames, the channel, the messages. Standard library only."""

@@ -1,0 +1,364 @@
+"""The worker: started by the sidecar, runs chunks of items and sends back one outcome per item.
+
+Run as ``python -m nbparallel.worker FD SLOT_FD SIDECAR_PID PRELOAD_JSON``. It talks to the sidecar
+over the inherited socket ``FD``. Before running each item it writes ``(chunk, offset)`` into the
+shared slot ``SLOT_FD``, so when the process dies the sidecar knows exactly which item killed it and
+can rerun the rest of the chunk elsewhere. ``print`` and ``logging`` output is sent as frames tagged
+with the item being run.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import itertools
+import json
+import mmap
+import operator
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..config import ROLE_ENV
+from ..payload import pickling as ser
+from ..errors import SerializationError
+from ..payload.outcomes import Batch
+from ..wire.frames import PROTOCOL_VERSION, SLOT, Frame, read_frame, send_frame
+
+
+FLUSH_INTERVAL = 0.25  # seconds: a long chunk streams the results it has at this pace
+SUB_BATCH = 64  # items run through map() between two marks in the slot
+WATCH_INTERVAL = 0.5  # seconds between checks that the sidecar is still alive
+
+
+class Connection:
+    """The socket to the sidecar, shared by the task thread and any thread that prints."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.lock = threading.Lock()
+
+    def send(self, header: dict[str, Any], buffers: list[bytes] | None = None, fds: list[int] | None = None) -> None:
+        with self.lock:
+            send_frame(self.sock, header, buffers or [], fds or [])
+
+
+class TaggedOutput(io.TextIOBase):
+    """A stand-in for sys.stdout/stderr that sends each line tagged with the current item."""
+
+    def __init__(self, conn: Connection, name: str, state: WorkerState) -> None:
+        self.conn = conn
+        self.stream = name
+        self.state = state
+        self.pending: list[str] = []
+        self.lock = threading.Lock()
+
+    def writable(self) -> bool:
+        return True
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return "utf-8"
+
+    def write(self, text: str) -> int:
+        if not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        with self.lock:
+            self.pending.append(text)
+            if "\n" in text or sum(map(len, self.pending)) > 65536:
+                self._send_locked()
+        return len(text)
+
+    def flush(self) -> None:
+        with self.lock:
+            self._send_locked()
+
+    def _send_locked(self) -> None:
+        if not self.pending:
+            return
+        text, self.pending = "".join(self.pending), []
+        self.conn.send(
+            {"op": "output", "stream": self.stream, "job": self.state.job, "index": self.state.index, "text": text}
+        )
+
+    def isatty(self) -> bool:
+        return False
+
+    def fileno(self) -> int:
+        raise io.UnsupportedOperation("worker output is captured; it has no file descriptor")
+
+
+class WorkerState:
+    """What the worker is doing now; read by the output streams to tag lines."""
+
+    def __init__(self) -> None:
+        self.job: int | None = None
+        self._index: int | None = None
+        self._run: tuple[int, Any, int] | None = None  # fast mode: (first index, iterator, its length)
+
+    @property
+    def index(self) -> int | None:
+        if self._run is not None:  # the item map() is on: how far the iterator has gone
+            first, pending, size = self._run
+            return first + size - operator.length_hint(pending) - 1
+        return self._index
+
+    @index.setter
+    def index(self, value: int | None) -> None:
+        self._run, self._index = None, value
+
+    def follow(self, first: int, pending: Any, size: int) -> None:
+        self._run = (first, pending, size)
+
+    def clear(self) -> None:
+        self._run = self._index = None
+
+
+class ChunkRun:
+    """The outcomes of one chunk so far, sent in pieces when the chunk runs long."""
+
+    def __init__(self, worker: Worker, frame: Frame, batch: Batch, began: float) -> None:
+        self.worker, self.frame, self.batch, self.began = worker, frame, batch, began
+        self.start = frame["start"]
+        self.last_flush = began
+
+    def flush_if_due(self, next_offset: int) -> None:
+        now = time.perf_counter()
+        if now - self.last_flush > FLUSH_INTERVAL and next_offset < self.frame["count"]:
+            self.worker.send_result(self.frame, self.batch, next_offset, self.began, final=False)
+            self.batch = Batch(self.start)
+            self.last_flush = now
+
+
+class Worker:
+    def __init__(self, conn: Connection, slot: mmap.mmap) -> None:
+        self.conn = conn
+        self.slot = slot
+        self.slot_ints = memoryview(slot).cast("q")  # [0] chunk id, [1] offset, [2] run width (protocol.SLOT)
+        self.slot_time = memoryview(slot).cast("d")  # [3] when the item started
+        self.state = WorkerState()
+        self.function_frames: dict[str, Frame] = {}  # received, not yet unpickled
+        self.functions: dict[str, Callable[..., Any]] = {}  # the sidecar says when to forget one
+        self.jobs: dict[int, dict[str, Any]] = {}
+
+    def serve(self) -> None:
+        while True:
+            try:
+                frame = read_frame(self.conn.sock)
+            except EOFError:
+                return
+            op = frame.op
+            if op == "chunk":
+                self.run_chunk(frame)
+            elif op == "job":
+                self.jobs[frame["job"]] = frame.header
+                if frame.buffers:
+                    self.function_frames[frame["key"]] = frame
+            elif op == "end":
+                self.jobs.pop(frame["job"], None)
+            elif op == "forget":
+                self.functions.pop(frame["key"], None)
+                stale = self.function_frames.pop(frame["key"], None)
+                if stale is not None:
+                    ser.close_fds(stale)
+            elif op == "exit":
+                return
+
+    def function(self, key: str) -> Callable[..., Any]:
+        fn = self.functions.get(key)
+        if fn is None:
+            fn = ser.unpack(self.function_frames.pop(key))
+            self.functions[key] = fn
+        return fn
+
+    def enter_job(self, job: dict[str, Any]) -> None:
+        # The kernel may have changed directory or sys.path since the worker started; functions
+        # pickled by reference are imported from there.
+        cwd = job.get("cwd")
+        if cwd and cwd != os.getcwd() and os.path.isdir(cwd):
+            os.chdir(cwd)
+        for entry in reversed(job.get("path", [])):
+            if entry not in sys.path:
+                sys.path.insert(0, entry)
+
+    def run_chunk(self, frame: Frame) -> None:
+        chunk, start, count = frame["chunk"], frame["start"], frame["count"]
+        job = self.jobs[frame["job"]]
+        skip = set(frame.get("skip", ()))
+        resume = frame.get("resume", 0)
+        stop_on_error = bool(job.get("stop_on_error"))
+        call = job.get("call", "one")
+        self.state.job = frame["job"]
+        batch = Batch(start)
+        began = time.perf_counter()
+        stage = "function"
+        try:
+            self.enter_job(job)
+            fn = self.function(job["key"])
+            stage = "items"
+            items = ser.unpack(frame)
+        except BaseException as exc:  # the function or the items could not be rebuilt here
+            error = SerializationError(
+                f"the worker could not unpickle the {stage}: {type(exc).__name__}: {exc}. "
+                "Is the module that defines it importable in the worker (same sys.path, same cwd)?"
+            )
+            for offset in range(resume, count):
+                if offset not in skip:
+                    batch.add_problem(offset, ser.FAILED, error)
+            self.send_result(frame, batch, count, began, final=True)
+            return
+        # After a crash, or with a per-item timeout, every item is marked in the slot; otherwise
+        # items run through map() in runs of SUB_BATCH, a fifth of the cost per item.
+        careful = bool(skip) or bool(job.get("timeout")) or bool(frame.get("careful")) or call == "kwargs"
+        run = ChunkRun(self, frame, batch, began)
+        self.slot_time[3] = 0.0
+        self.slot_ints[0], self.slot_ints[1], self.slot_ints[2] = chunk, resume, 1
+        if careful:
+            upto = self.run_careful(run, fn, items, call, resume, skip, stop_on_error, bool(job.get("timeout")))
+        else:
+            upto = self.run_fast(run, fn, items, call == "star", resume, stop_on_error)
+        self.state.clear()
+        flush_std()
+        self.slot_ints[1], self.slot_ints[2] = count, 1  # past the last item: a death now is no item's fault
+        self.send_result(frame, run.batch, upto, began, final=True)
+        self.slot_ints[0], self.slot_ints[1] = -1, -1
+
+    def run_careful(self, run: ChunkRun, fn: Callable[..., Any], items: list[Any], call: str, resume: int,
+                    skip: set[int], stop_on_error: bool, timed: bool) -> int:
+        """One item at a time, each marked in the slot (and timed, for the sidecar's timeout)."""
+        # Item assignment through typed views is the cheapest write (this runs once per item).
+        slot_ints, slot_time, state, monotonic = self.slot_ints, self.slot_time, self.state, time.monotonic
+        count = len(items)
+        for offset in range(resume, count):
+            if offset in skip:
+                continue
+            if timed:
+                slot_time[3] = monotonic()
+            slot_ints[1] = offset
+            state.index = run.start + offset
+            try:
+                item = items[offset]
+                if call == "one":
+                    value = fn(item)
+                elif call == "star":
+                    value = fn(*item)
+                else:  # "kwargs": submit's (args, kwargs)
+                    value = fn(*item[0], **item[1])
+            except BaseException as exc:  # SystemExit and KeyboardInterrupt in a task are its outcome too
+                run.batch.add_problem(offset, ser.RAISED, ser.encode_exception(exc))
+                if stop_on_error:
+                    return offset + 1
+            else:
+                run.batch.offsets.append(offset)
+                run.batch.values.append(value)
+            run.flush_if_due(offset + 1)
+        return count
+
+    def run_fast(self, run: ChunkRun, fn: Callable[..., Any], items: list[Any], star: bool, resume: int,
+                 stop_on_error: bool) -> int:
+        """Runs of SUB_BATCH items through map(), the slot marking the run. If the worker dies, the
+        sidecar cannot tell which item of the run killed it, and runs the rest of the chunk again
+        carefully: the culprit is then named exactly (items before it in its run may run twice)."""
+        apply = itertools.starmap if star else map
+        count, state = len(items), self.state
+        for first in range(resume, count, SUB_BATCH):
+            last = min(first + SUB_BATCH, count)
+            self.slot_ints[1], self.slot_ints[2] = first, last - first
+            pending = iter(items[first:last])
+            at = first  # the offset of the next item ``pending`` yields
+            while at < last:
+                values = run.batch.values
+                mark = len(values)
+                state.follow(run.start + at, pending, last - at)
+                try:
+                    values.extend(apply(fn, pending))  # stops at an exception, keeping what it had
+                except BaseException as exc:
+                    done = len(values) - mark
+                    run.batch.offsets.extend(range(at, at + done))
+                    run.batch.add_problem(at + done, ser.RAISED, ser.encode_exception(exc))
+                    at += done + 1
+                    if stop_on_error:
+                        return at
+                else:
+                    run.batch.offsets.extend(range(at, last))
+                    at = last
+            run.flush_if_due(last)
+        return count
+
+    def send_result(self, frame: Frame, batch: Batch, upto: int, began: float, *, final: bool) -> None:
+        header = {
+            "op": "result",
+            "job": frame["job"],
+            "chunk": frame["chunk"],
+            "upto": upto,
+            "n": len(batch.offsets) + len(batch.problems),
+            "failed": len(batch.problems),
+            "elapsed": time.perf_counter() - began,
+            "final": final,
+        }
+        packed = batch.pickle()
+        try:
+            if packed.specs:
+                header["oob"] = packed.specs
+            self.conn.send(header, [packed.data], packed.fds)
+        finally:
+            packed.close()
+
+
+def _die_with_parent(sidecar_pid: int) -> None:
+    """Make sure this worker never outlives the sidecar."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes  # prctl on Linux only
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: the kernel kills us when it dies
+        except Exception:
+            pass
+
+    def watch() -> None:  # the portable fallback, and the race before prctl took effect
+        while True:
+            if os.getppid() != sidecar_pid:
+                os._exit(70)
+            time.sleep(WATCH_INTERVAL)
+
+    if os.getppid() != sidecar_pid:
+        os._exit(70)
+    threading.Thread(target=watch, name="nbparallel-watch-sidecar", daemon=True).start()
+
+
+def flush_std() -> None:
+    """Flush this worker's streams, so what an item printed goes out before its result."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # a task may have closed or replaced them
+            pass
+
+
+def main(argv: list[str]) -> None:
+    fd, slot_fd, sidecar_pid = int(argv[0]), int(argv[1]), int(argv[2])
+    preload: list[str] = json.loads(argv[3]) if len(argv) > 3 else []
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # cancellation arrives as a kill from the sidecar
+    os.environ.pop(ROLE_ENV, None)  # what a task starts is a plain process
+    _die_with_parent(sidecar_pid)
+    sock = socket.socket(fileno=fd)
+    sock.setblocking(True)
+    slot = mmap.mmap(slot_fd, SLOT.size)
+    os.close(slot_fd)
+    conn = Connection(sock)
+    worker = Worker(conn, slot)
+    sys.stdout = TaggedOutput(conn, "stdout", worker.state)
+    sys.stderr = TaggedOutput(conn, "stderr", worker.state)
+    for name in preload:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:
+            print(f"nbparallel: preload of {name!r} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+    conn.send({"op": "hello", "version": PROTOCOL_VERSION, "pid": os.getpid()})
+    worker.serve()
