@@ -5,11 +5,16 @@ from __future__ import annotations
 import os
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
+from _shm_leftovers import OURS as SHM_OURS
+from _shm_leftovers import TAG_VARIABLE as SHM_TAG
+from _shm_leftovers import UNKNOWN as SHM_UNKNOWN
+from _shm_leftovers import ShmWatcher
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -20,7 +25,7 @@ def _descendants() -> dict[int, psutil.Process]:
 
 def _sidecar_tree() -> set[int]:
     """The shared sidecar and its workers: they live across tests on purpose."""
-    from nbparallel import client
+    from nbparallel.kernel import runner as client
 
     running = client.current_client()
     if running is None or running.dead is not None:
@@ -80,17 +85,22 @@ def no_leaked_processes() -> Iterator[None]:
     assert not leaked, f"the test left processes running: {[_describe(p) for p in leaked]}"
 
 
-def _shared_memory() -> set[str]:
-    """Named shared memory and semaphores (ours have none; peers' pools and Dask's nannies do)."""
-    try:
-        return set(os.listdir("/dev/shm"))
-    except OSError:  # no /dev/shm (macOS)
-        return set()
+def _watch_shared_memory() -> ShmWatcher:
+    """Named shared memory and semaphores (ours have none; peers' pools and Dask's nannies do).
+
+    Only entries a process of this session held count (tests/_shm_leftovers.py says how that is
+    known): /dev/shm is the whole machine's, and other programs come and go in it during a run.
+    """
+    tag = f"{os.getpid()}-{time.time_ns()}"
+    os.environ[SHM_TAG] = tag  # every process the tests start inherits it, and keeps it as an orphan
+    watcher = ShmWatcher(tag=tag)
+    watcher.start()
+    return watcher
 
 
 @pytest.fixture(scope="session", autouse=True)
 def nothing_left_at_the_end() -> Iterator[None]:
-    shm_before = _shared_memory()
+    shm = _watch_shared_memory()
     yield
     import nbparallel
 
@@ -98,14 +108,19 @@ def nothing_left_at_the_end() -> Iterator[None]:
     deadline = time.monotonic() + 5
     while True:
         left = [p for p in _descendants().values() if _alive(p)]
-        new_shm = _shared_memory() - shm_before
-        if not left and not new_shm:
-            return
+        shm_left = shm.leftovers()
+        if not left and not shm_left[SHM_OURS]:
+            break
         if time.monotonic() > deadline:
             break
         time.sleep(0.1)
-    pytest.fail(f"left after the session: processes {[_describe(p) for p in left]}, "
-                f"/dev/shm entries {sorted(new_shm)[:10]}")
+    shm.stop()
+    if shm_left[SHM_UNKNOWN]:
+        warnings.warn(pytest.PytestWarning(
+            f"new /dev/shm entries that no process was seen holding (not counted): {shm_left[SHM_UNKNOWN][:10]}"))
+    if left or shm_left[SHM_OURS]:
+        pytest.fail(f"left after the session: processes {[_describe(p) for p in left]}, "
+                    f"/dev/shm entries of this session's processes {shm_left[SHM_OURS][:10]}")
 
 
 def _describe(proc: psutil.Process) -> str:
