@@ -53,14 +53,17 @@ _WHERE = {
     # IPython is imported only when IPython itself asks for these (``%load_ext nbparallel``).
     "load_ipython_extension": "cellmagic.magics",
     "unload_ipython_extension": "cellmagic.magics",
-    **{name: "errors" for name in ("NbParallelError", "TaskError", "WorkerCrashed", "MemoryLimitExceeded", "TaskTimeout",
+    "WorkerCrashed": "crashes",
+    "MemoryLimitExceeded": "crashes",
+    **{name: "errors" for name in ("NbParallelError", "TaskError", "TaskTimeout",
                                    "SidecarDied", "ClusterUnavailable", "SerializationError", "Interrupted")},
 }
 
 if TYPE_CHECKING:
     from .api import configure, imap, map, shutdown, status
-    from .errors import (ClusterUnavailable, Interrupted, MemoryLimitExceeded, NbParallelError, SerializationError,
-                         SidecarDied, TaskError, TaskTimeout, WorkerCrashed)
+    from .crashes import MemoryLimitExceeded, WorkerCrashed
+    from .errors import (ClusterUnavailable, Interrupted, NbParallelError, SerializationError,
+                         SidecarDied, TaskError, TaskTimeout)
     from .futures import Executor, submit
     from .joblib_hook import register_joblib
     from .payload.shm import share, shared_array

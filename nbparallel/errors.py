@@ -4,7 +4,8 @@ The hierarchy::
 
     NbParallelError
      ├── TaskError          the user's function raised (also an instance of the original type)
-     ├── WorkerCrashed      the worker process died while running the item
+     ├── WorkerCrashed      the worker process died while running the item (crashes.py; also
+     │    │                 concurrent.futures.process.BrokenProcessPool)
      │    └── MemoryLimitExceeded   killed on purpose: it passed ``memory_limit``
      ├── TaskTimeout        the item ran past its time limit
      ├── SidecarDied        the runner process went away
@@ -19,14 +20,12 @@ input) and, once a call stopped, ``completed``: ``{index: result}`` of everythin
 
 from __future__ import annotations
 
-import signal
+import pickle
 from typing import Any
 
 __all__ = [
     "NbParallelError",
     "TaskError",
-    "WorkerCrashed",
-    "MemoryLimitExceeded",
     "TaskTimeout",
     "SidecarDied",
     "ClusterUnavailable",
@@ -137,82 +136,11 @@ def _rebuild_task_error(
     return make_task_error(exception, remote_traceback, index, item)
 
 
-def describe_exit(exitcode: int | None) -> tuple[int | None, str | None, str]:
-    """(exit status, signal name, likely cause) for a subprocess return code."""
-    if exitcode is None:
-        return None, None, "the worker stopped answering"
-    if exitcode < 0:
-        try:
-            name = signal.Signals(-exitcode).name
-        except ValueError:
-            name = f"signal {-exitcode}"
-        causes = {
-            "SIGSEGV": "a segmentation fault, usually a bug in a C extension",
-            "SIGBUS": "a bus error, usually a bug in a C extension or a truncated memory map",
-            "SIGABRT": "an abort, usually a failed assertion in a C extension",
-            "SIGKILL": "it was killed with SIGKILL, most often by the out-of-memory killer",
-            "SIGTERM": "it was asked to terminate by another process",
-        }
-        return None, name, causes.get(name, f"it was killed by {name}")
-    return exitcode, None, f"it exited with status {exitcode} (os._exit or sys.exit in the task?)"
-
-
-def _which(index: int | None, item: str | None) -> str:
+def which_item(index: int | None, item: str | None) -> str:
+    """How messages name an item: "item 3 ('x')", or "the task" for a submitted call."""
     if index is None:
         return f"the task{' (' + item + ')' if item else ''}"
     return f"item {index}{' (' + item + ')' if item else ''}"
-
-
-class WorkerCrashed(NbParallelError):
-    """The worker running the item died: a signal, an exit, or the out-of-memory killer."""
-
-    def __init__(
-        self,
-        *,
-        index: int | None = None,
-        item: str | None = None,
-        pid: int | None = None,
-        exitcode: int | None = None,
-        memory: int | None = None,
-        attempts: int = 1,
-        cause: str | None = None,
-        worker: str | None = None,
-    ):
-        status, self.signal, exit_cause = describe_exit(exitcode)
-        self.exitcode = status
-        self.pid = pid
-        self.memory = memory
-        self.attempts = attempts
-        #: The Dask worker's address, when the work ran on a Dask cluster.
-        self.worker = worker
-        if cause is not None:  # a Dask cluster says what happened in its own terms
-            last = f" (last on the Dask worker {worker})" if worker else ""
-            message = f"{_which(index, item)} was lost on the Dask cluster{last}: {cause}."
-        else:
-            mem = f"; last seen using {memory / 2**20:.0f} MiB" if memory else ""
-            hint = " If the item needs much memory, use fewer workers or set memory_limit=." if self.signal == "SIGKILL" else ""
-            tries = f" (tried {attempts} times)" if attempts > 1 else ""
-            message = (f"the worker (pid {pid}) running {_which(index, item)} died{tries}: {exit_cause}{mem}. "
-                       f"The worker was replaced.{hint}")
-        super().__init__(message, index=index, item=item)
-
-
-class MemoryLimitExceeded(WorkerCrashed):
-    """The worker passed ``memory_limit`` and was killed before the machine ran short."""
-
-    def __init__(self, *, index: int | None = None, item: str | None = None, pid: int | None = None,
-                 limit: int = 0, memory: int = 0, attempts: int = 1):
-        NbParallelError.__init__(
-            self,
-            f"{_which(index, item)} made its worker (pid {pid}) use {memory / 2**20:.0f} MiB, past the "
-            f"memory_limit of {limit / 2**20:.0f} MiB; the worker was killed and replaced"
-            f"{f' (tried {attempts} times)' if attempts > 1 else ''}. Give it a higher memory_limit, or "
-            "split the item.",
-            index=index,
-            item=item,
-        )
-        self.exitcode, self.signal = None, "SIGKILL"
-        self.pid, self.memory, self.limit, self.attempts = pid, memory, limit, attempts
 
 
 class TaskTimeout(NbParallelError):
@@ -224,7 +152,7 @@ class TaskTimeout(NbParallelError):
     def __init__(self, message: str = "", *, index: int | None = None, item: str | None = None,
                  limit: float | None = None, attempts: int = 1):
         super().__init__(message or (
-            f"{_which(index, item)} ran past its time limit of {limit:g} s"
+            f"{which_item(index, item)} ran past its time limit of {limit:g} s"
             f"{f' (tried {attempts} times)' if attempts > 1 else ''}; its worker was killed and replaced. "
             "Raise timeout= if it needs longer."
         ), index=index, item=item)
@@ -240,8 +168,10 @@ class ClusterUnavailable(SidecarDied):
     """The Dask cluster named by ``configure(cluster=...)`` could not be reached or started."""
 
 
-class SerializationError(NbParallelError):
-    """Something could not be pickled or unpickled; the message names it and where it was."""
+class SerializationError(NbParallelError, pickle.PicklingError):
+    """Something could not be pickled or unpickled; the message names it and where it was.
+
+    Also a ``pickle.PicklingError``, so code written for ProcessPoolExecutor catches it."""
 
 
 class ProtocolError(NbParallelError):

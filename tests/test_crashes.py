@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import sys
 import os
 import signal
 import threading
@@ -13,7 +14,8 @@ from typing import Any
 import pytest
 
 import nbparallel
-from nbparallel.errors import SerializationError, SidecarDied, TaskError, WorkerCrashed
+from nbparallel.crashes import WorkerCrashed
+from nbparallel.errors import SerializationError, SidecarDied, TaskError
 
 
 def _fail_at(bad: int, how: str) -> Any:
@@ -172,3 +174,23 @@ def test_sidecar_killed_mid_call_gives_sidecar_died_and_next_call_recovers() -> 
         assert nbparallel.map(abs, [-5]) == [5]
     assert any("started a new one" in str(w.message) for w in seen)
     assert nbparallel.status()["pid"] != sidecar
+
+
+def test_crashes_and_pickling_errors_are_what_process_pool_code_catches() -> None:
+    import pickle
+    from concurrent.futures.process import BrokenProcessPool
+
+    [crashed] = nbparallel.map(_fail_at(0, "exit"), [0], errors="return")
+    assert isinstance(crashed, WorkerCrashed) and isinstance(crashed, BrokenProcessPool)
+    with pytest.raises(pickle.PicklingError):
+        nbparallel.map(lambda x: x, [threading.Lock()])
+    assert nbparallel.map(abs, [-1, -2]) == [1, 2], "the pool itself stays whole"
+
+
+def test_the_sidecar_and_workers_do_not_pay_for_the_crash_types() -> None:
+    import subprocess
+
+    code = ("import sys, nbparallel.errors, nbparallel.worker.loop, nbparallel.sidecar.loop\n"
+            "print('concurrent.futures.process' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "False", done.stderr

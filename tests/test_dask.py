@@ -27,9 +27,11 @@ import psutil
 import pytest
 
 pytest.importorskip("distributed")
+pytestmark = pytest.mark.dask
 
 import nbparallel  # noqa: E402
-from nbparallel.errors import ClusterUnavailable, Interrupted, NbParallelError, WorkerCrashed  # noqa: E402
+from nbparallel.crashes import WorkerCrashed  # noqa: E402
+from nbparallel.errors import ClusterUnavailable, Interrupted, NbParallelError  # noqa: E402
 
 from _dask_cluster import DaskCluster  # noqa: E402
 

@@ -9,7 +9,8 @@ import time
 import pytest
 
 import nbparallel
-from nbparallel.errors import TaskError, WorkerCrashed
+from nbparallel.crashes import WorkerCrashed
+from nbparallel.errors import TaskError
 
 
 def test_submit_returns_a_real_future() -> None:

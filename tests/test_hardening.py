@@ -18,7 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import nbparallel
-from nbparallel.errors import MemoryLimitExceeded, SerializationError, TaskError, TaskTimeout, WorkerCrashed
+from nbparallel.crashes import MemoryLimitExceeded, WorkerCrashed
+from nbparallel.errors import SerializationError, TaskError, TaskTimeout
 
 
 def _fds(pid: int) -> int:

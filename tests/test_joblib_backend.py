@@ -15,7 +15,8 @@ joblib = pytest.importorskip("joblib")
 
 import nbparallel  # noqa: E402
 from nbparallel import config  # noqa: E402
-from nbparallel.errors import TaskError, WorkerCrashed  # noqa: E402
+from nbparallel.crashes import WorkerCrashed  # noqa: E402
+from nbparallel.errors import TaskError  # noqa: E402
 
 from joblib import Parallel, delayed, parallel_config  # noqa: E402
 

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import config
-from ..errors import MemoryLimitExceeded, NbParallelError, TaskTimeout, WorkerCrashed
+from ..crashes import MemoryLimitExceeded, WorkerCrashed
+from ..errors import NbParallelError, TaskTimeout
 from ..wire.frames import Frame
 
 

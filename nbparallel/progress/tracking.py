@@ -14,7 +14,7 @@ import threading
 from typing import Any
 
 from ..config import resolve_workers
-from ..errors import WorkerCrashed
+from ..crashes import WorkerCrashed
 from ..kernel.output import current_parent, kernel_shell
 from ..kernel.runner import current_client, settings
 from .driver import Driver, check_progress, choose_display, make_renderer, poll_workers, progress_after

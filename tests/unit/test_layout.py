@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "nbparallel"
 #: Bottom up; a module may import its own layer's package and the layers below. Within layer 3
 #: each package is a process of its own (or the kernel's side of them): they never import each other.
 LAYERS: list[set[str]] = [
-    {"errors", "config"},
+    {"errors", "crashes", "config"},
     {"wire"},
     {"payload"},
     {"sidecar", "worker", "cluster", "kernel"},
