@@ -8,9 +8,13 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
+from typing import Any
 
 import psutil
 import pytest
+
+import nbparallel
 
 INTERRUPTIBLE = textwrap.dedent(
     """
@@ -161,3 +165,37 @@ def test_no_file_or_directory_is_left_behind(script_env: dict[str, str], how: st
         proc.kill()
         proc.communicate()
     assert set(glob.glob(pattern)) == before
+
+
+@pytest.mark.timeout(120)
+def test_a_forked_child_gets_its_own_sidecar_and_leaves_the_parents_alone() -> None:
+    import multiprocessing
+
+    from nbparallel.kernel import runner
+
+    assert nbparallel.map(abs, [-1, -2]) == [1, 2]
+    parent_sidecar = runner.current_client().pid  # type: ignore[union-attr]
+
+    def child(queue: Any) -> None:
+        values = nbparallel.map(lambda x: x * 100, range(5))
+        queue.put((values, runner.current_client().pid))  # type: ignore[union-attr]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork of a process with threads (3.12+)
+        context = multiprocessing.get_context("fork")
+        queue = context.Queue()
+        process = context.Process(target=child, args=(queue,))
+        process.start()
+        values, child_sidecar = queue.get(timeout=90)
+        process.join(30)
+    assert values == [0, 100, 200, 300, 400]
+    assert child_sidecar != parent_sidecar
+    assert process.exitcode == 0
+    # The parent's sidecar is untouched, and its next results are its own.
+    assert runner.current_client().pid == parent_sidecar  # type: ignore[union-attr]
+    assert nbparallel.map(lambda x: -x, range(5)) == [0, -1, -2, -3, -4]
+    # The child's sidecar follows the child (multiprocessing ends it with os._exit: no exit handlers).
+    deadline = time.monotonic() + 5
+    while psutil.pid_exists(child_sidecar) and psutil.Process(child_sidecar).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "the child's sidecar outlived the child"
+        time.sleep(0.05)

@@ -288,4 +288,17 @@ def shutdown_client() -> None:
             _client = None
 
 
+def _forget_after_fork() -> None:
+    # A forked child (multiprocessing's fork, pre-forking servers) shares the parent's socket to its
+    # sidecar: reading it would steal the parent's frames, closing the sidecar would end the parent's
+    # calls, and the reader thread did not survive the fork anyway. The child closes its copy, sends
+    # nothing, and starts a sidecar of its own if it calls nbparallel.
+    global _client, _client_lock
+    inherited, _client = _client, None
+    _client_lock = threading.Lock()  # another thread may have held it at the fork
+    if inherited is not None:
+        inherited.sock.close()
+
+
 atexit.register(shutdown_client)
+os.register_at_fork(after_in_child=_forget_after_fork)
