@@ -1,9 +1,30 @@
 #!/usr/bin/env bash
-# Creates .venv (if missing) and installs nbparallel with its test extras into it.
+# Creates a virtual environment (if missing) and installs nbparallel into it, editable, with extras.
+# With no variables: .venv on python3, with everything the whole test suite needs. Variables pick
+# one CI leg's environment (.ci/run):
+#   NBP_PYTHON       the interpreter to make the venv from (default: python3)
+#   NBP_VENV         the venv's folder (default: .venv)
+#   NBP_EXTRAS       the extras, comma-separated (default: test,test-browser,test-dask; "" for none;
+#                    "demo" for what scripts/demo.sh needs)
+#   NBP_CONSTRAINTS  a pip constraints file, e.g. constraints/lowest.txt (default: none)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ ! -x .venv/bin/python ]; then
-  python3 -m venv .venv
+python="${NBP_PYTHON:-python3}"
+venv="${NBP_VENV:-.venv}"
+extras="${NBP_EXTRAS-test,test-browser,test-dask}"
+wanted=$("$python" -c 'import sys; print(sys.version)')
+# A venv made from another interpreter (another Python version) is made again.
+if [ -f "$venv/pyvenv.cfg" ] && [ "$("$venv/bin/python" -c 'import sys; print(sys.version)' 2>/dev/null)" != "$wanted" ]; then
+  echo "setup.sh: $venv was made from another Python; making it again from $python"
+  rm -rf "$venv"
 fi
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -e ".[test]"
+if [ ! -x "$venv/bin/python" ]; then
+  "$python" -m venv "$venv"
+  echo '*' > "$venv/.gitignore"  # git ignores the venv wherever it is (Python 3.13 does this itself)
+  "$venv/bin/python" -m pip install -q --upgrade pip
+fi
+install=(-e ".${extras:+[$extras]}")
+if [ -n "${NBP_CONSTRAINTS:-}" ]; then
+  install+=(-c "$NBP_CONSTRAINTS")
+fi
+"$venv/bin/python" -m pip install -q "${install[@]}"

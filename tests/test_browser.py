@@ -20,6 +20,8 @@ import pytest
 from _browser import OUTPUT, READ_WIDGETS, JupyterServer, launch_chromium, require_browser
 from nbformat.v4 import new_code_cell, new_notebook
 
+pytestmark = pytest.mark.browser  # CI's lighter legs run -m "not browser and not dask"
+
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "examples" / "progress_demo.ipynb"
 SHOTS = OUTPUT / "browser"

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from _browser import in_ci
 
+pytestmark = pytest.mark.browser  # Node comes with the browser (scripts/install_browser.sh)
+
 ROOT = Path(__file__).resolve().parent.parent
 JS = ROOT / "js"
 
