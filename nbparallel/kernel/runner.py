@@ -19,13 +19,14 @@ import subprocess
 import sys
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 from .. import config
 from ..errors import ClusterUnavailable, ProtocolError, SidecarDied
-from ..wire.frames import PROTOCOL_VERSION, Buffer, Frame, check_hello, close_fds, read_frame, send_frame
+from ..wire import messages as msg
+from ..wire.frames import Buffer, Frame, check_hello, close_fds, read_frame, send_frame
 
 
 class JobHandle(Protocol):
@@ -85,10 +86,11 @@ class Client:
         self.errors: list[str] = []  # internal errors the sidecar reported
         try:
             self.sock.settimeout(start_timeout)
-            send_frame(self.sock, {"op": "hello", "version": PROTOCOL_VERSION})
+            send_frame(self.sock, msg.hello())
             hello = read_frame(self.sock)
-            if hello.op == "error" and hello.get("fatal"):  # the bridge could not reach its cluster
-                raise ClusterUnavailable(f"nbparallel: {hello.get('message')}")
+            refusal = msg.view(hello, msg.Error)
+            if hello.op == "error" and refusal.get("fatal"):  # the bridge could not reach its cluster
+                raise ClusterUnavailable(f"nbparallel: {refusal.get('message')}")
             check_hello(hello, self.kind)
             self.sock.settimeout(None)
         except (OSError, EOFError, ProtocolError, ClusterUnavailable) as exc:
@@ -97,7 +99,7 @@ class Client:
                 raise
             raise SidecarDied(f"the {self.kind} did not start: {exc}") from exc
         #: What the runner said about itself: a Dask bridge adds its cluster, dashboard and size.
-        self.info = dict(hello.header)
+        self.info: dict[str, Any] = dict(msg.view(hello, msg.HelloReply))
         #: Threads on the cluster (None for the sidecar: its pool is ``settings.workers``).
         self.size: int | None = int(self.info["workers"]) if self.info.get("workers") else None
         self.configure(settings)
@@ -106,7 +108,7 @@ class Client:
 
     # -- sending ------------------------------------------------------------------------------
 
-    def send(self, header: dict[str, Any], buffers: Sequence[Buffer] = (), fds: Sequence[int] = ()) -> None:
+    def send(self, header: Mapping[str, Any], buffers: Sequence[Buffer] = (), fds: Sequence[int] = ()) -> None:
         """Send a frame; ``fds`` are duplicated into the sidecar (the caller still closes its own)."""
         if self.dead is not None:
             raise self.dead
@@ -116,7 +118,7 @@ class Client:
         except OSError as exc:
             raise self._mark_dead() from exc
 
-    def send_packed(self, header: dict[str, Any], packed: Any) -> None:
+    def send_packed(self, header: Mapping[str, Any], packed: Any) -> None:
         """Send a value made by ``serialization.pack``; its own shared-memory segments are then
         the sidecar's to keep (our descriptors are closed)."""
         try:
@@ -131,8 +133,8 @@ class Client:
         env = dict(settings.env)
         if settings.limit_threads:
             env = {**config.thread_limits(size), **env}
-        self.send({"op": "configure", "workers": size, "preload": settings.preload, "env": env,
-                   "max_tasks_per_worker": settings.max_tasks_per_worker})
+        self.send(msg.configure(workers=size, preload=settings.preload, env=env,
+                                max_tasks_per_worker=settings.max_tasks_per_worker))
 
     def new_job_id(self) -> int:
         return next(self.job_ids)
@@ -150,7 +152,7 @@ class Client:
         with self.jobs_lock:
             self.jobs.pop(job_id, None)
 
-    def request(self, header: dict[str, Any], timeout: float = 5.0) -> Frame:
+    def request(self, header: Mapping[str, Any], timeout: float = 5.0) -> Frame:
         """Send a request and wait for the reply that carries the same ``req``."""
         req = next(self.request_ids)
         event = threading.Event()
@@ -189,11 +191,12 @@ class Client:
                     waiting[1].append(frame)
                     waiting[0].set()
             elif frame.op == "error":
-                self.errors.append(str(frame.get("message")))
-                if frame.get("fatal"):  # the runner says why it stops (the Dask bridge lost its scheduler)
-                    print(f"nbparallel: {frame.get('message')}", file=sys.stderr)
+                error = msg.view(frame, msg.Error)
+                self.errors.append(str(error.get("message")))
+                if error.get("fatal"):  # the runner says why it stops (the Dask bridge lost its scheduler)
+                    print(f"nbparallel: {error.get('message')}", file=sys.stderr)
                 else:
-                    print(f"nbparallel: the {self.kind} reported an internal error:\n{frame.get('message')}",
+                    print(f"nbparallel: the {self.kind} reported an internal error:\n{error.get('message')}",
                           file=sys.stderr)
 
     def _mark_dead(self) -> SidecarDied:
@@ -223,7 +226,7 @@ class Client:
         """Stop the sidecar and its workers; wait for it to go."""
         if self.dead is None:
             try:
-                self.send({"op": "shutdown"})
+                self.send(msg.shutdown())
             except SidecarDied:
                 pass
         try:

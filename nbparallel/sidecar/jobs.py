@@ -6,6 +6,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..wire import messages as msg
 from ..wire.frames import close_fds
 
 
@@ -37,7 +38,7 @@ class Chunk:
 
 @dataclass
 class Job:
-    header: dict[str, Any]  # key, stop_on_error, call, cwd, path, limit, oob...
+    header: msg.Job  # as the kernel sent it; forwarded to the workers unchanged
     function: Any  # pickled function bytes
     fds: list[int] = field(default_factory=list)  # shared-memory segments of the function
     queue: deque[Chunk] = field(default_factory=deque)

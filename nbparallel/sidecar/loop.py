@@ -30,11 +30,12 @@ import sys
 import tempfile
 import time
 import traceback
-from typing import Any
+from collections.abc import Callable
 
+from ..wire import messages as msg
 from ..wire.channel import Channel
 from .workers import WorkerProcess, return_free_memory, sample_memory
-from ..wire.frames import PROTOCOL_VERSION, Frame
+from ..wire.frames import Frame
 from ..wire.frames import close_fds as close_all
 from .jobs import Chunk, Job
 from .policy import PREFETCH, blame, functions_to_forget, limit_breached, may_prefetch, next_chunk_for
@@ -135,40 +136,44 @@ class Sidecar:
             self.running = False
             return
         for frame in frames:
-            handler = getattr(self, "on_" + frame.op, None)
-            if handler is None:
-                self.kernel.send({"op": "error", "message": f"unknown op {frame.op!r}"})
+            handler = KERNEL_OPS.get(frame.op)
+            if handler is None:  # only the kernel's ops: never a handler of the sidecar's own
+                close_all(frame.fds)
+                self.kernel.send(msg.unknown_op(frame.op, "sidecar"))
                 continue
             try:
-                handler(frame)
+                handler(self, frame)
             except Exception:  # a bug here must be reported, not take the pool down
 
-                self.kernel.send({"op": "error", "message": traceback.format_exc()})
+                self.kernel.send(msg.error(message=traceback.format_exc()))
 
     def on_hello(self, frame: Frame) -> None:
-        self.kernel.send({"op": "hello", "version": PROTOCOL_VERSION, "pid": os.getpid()})
+        self.kernel.send(msg.hello_reply(pid=os.getpid()))
 
     def on_configure(self, frame: Frame) -> None:
-        if "workers" in frame.header:
-            self.size = max(1, int(frame["workers"]))
-        if "max_tasks_per_worker" in frame.header:
-            self.max_tasks = int(frame["max_tasks_per_worker"] or 0)
-        if "env" in frame.header:
-            self.env = {**self.env, **frame["env"]}
-        if "preload" in frame.header and list(frame["preload"]) != self.preload:
-            self.preload = list(frame["preload"])
+        header = msg.view(frame, msg.Configure)
+        if "workers" in header:
+            self.size = max(1, int(header["workers"]))
+        if "max_tasks_per_worker" in header:
+            self.max_tasks = int(header["max_tasks_per_worker"] or 0)
+        if "env" in header:
+            self.env = {**self.env, **header["env"]}
+        if "preload" in header and list(header["preload"]) != self.preload:
+            self.preload = list(header["preload"])
             for worker in list(self.workers.values()):  # new workers import the new preload list
                 self.retire(worker)
         self.resize()
 
     def on_job(self, frame: Frame) -> None:
-        self.jobs[frame["job"]] = Job(frame.header, frame.payload, frame.fds)
+        header = msg.view(frame, msg.Job)
+        self.jobs[header["job"]] = Job(header, frame.payload, frame.fds)
 
     def on_chunk(self, frame: Frame) -> None:
         self.routed_since_trim += len(frame.payload)
-        job = self.jobs.get(frame["job"])
-        chunk = Chunk(frame["job"], frame["chunk"], frame["start"], frame["count"],
-                      frame.payload, frame.fds, frame.get("oob"))
+        header = msg.view(frame, msg.Chunk)
+        job = self.jobs.get(header["job"])
+        chunk = Chunk(header["job"], header["chunk"], header["start"], header["count"],
+                      frame.payload, frame.fds, header.get("oob"))
         if job is None:
             chunk.close()
         else:
@@ -186,40 +191,39 @@ class Sidecar:
         return job
 
     def on_cancel(self, frame: Frame) -> None:
-        job_id = frame["job"]
+        job_id = msg.view(frame, msg.Cancel)["job"]
         if job_id in self.jobs:
             for worker in list(self.workers.values()):
                 if job_id in worker.jobs_running():
                     self.requeue_others(worker, job_id)
                     worker.kill()
         self.drop_job(job_id)
-        self.kernel.send({"op": "cancelled", "job": job_id})
+        self.kernel.send(msg.cancelled(job=job_id))
 
     def on_end(self, frame: Frame) -> None:
-        job_id = frame["job"]
+        job_id = msg.view(frame, msg.End)["job"]
         self.drop_job(job_id)
         for worker in self.workers.values():
             if job_id in worker.jobs:
                 worker.jobs.discard(job_id)
-                worker.channel.send({"op": "end", "job": job_id})
+                worker.channel.send(msg.end(job=job_id))
 
     def on_status(self, frame: Frame) -> None:
         import psutil  # costs the sidecar ~2 MB: only once a status is asked for
 
         rss = psutil.Process().memory_info().rss
         self.kernel.send(
-            {
-                "op": "status",
-                "req": frame.get("req"),
-                "pid": os.getpid(),
-                "rss": rss,
-                "rss_peak": max(self.rss_peak, rss),
-                "size": self.size,
-                "workers": [w.describe() for w in self.workers.values() if not w.retiring],
-                "queued": sum(len(job.queue) for job in self.jobs.values()),
-                "jobs": len(self.jobs),
-                "tmpdir": self.tmpdir,
-            }
+            msg.status(
+                req=msg.view(frame, msg.StatusRequest).get("req"),
+                pid=os.getpid(),
+                rss=rss,
+                rss_peak=max(self.rss_peak, rss),
+                size=self.size,
+                workers=[w.describe() for w in self.workers.values() if not w.retiring],
+                queued=sum(len(job.queue) for job in self.jobs.values()),
+                jobs=len(self.jobs),
+                tmpdir=self.tmpdir,
+            )
         )
 
     def on_shutdown(self, frame: Frame) -> None:
@@ -259,7 +263,7 @@ class Sidecar:
             worker.kill()
         else:
             worker.retiring = True
-            worker.channel.send({"op": "exit"})
+            worker.channel.send(msg.exit())
 
     def requeue_others(self, worker: WorkerProcess, except_job: int | None) -> None:
         """Put the worker's chunks back at the front of their queues (dropping ``except_job``'s)."""
@@ -280,8 +284,10 @@ class Sidecar:
             if frame.op == "result":
                 self.on_worker_result(worker, frame)
             elif frame.op == "output":
-                if frame.get("job") in self.jobs:
-                    self.kernel.send({**frame.header, "pid": worker.pid})
+                line = msg.view(frame, msg.WorkerOutput)
+                if line["job"] in self.jobs:
+                    self.kernel.send(msg.output(job=line["job"], index=line["index"], stream=line["stream"],
+                                                text=line["text"], pid=worker.pid))
             elif frame.op == "hello":
                 worker.ready = True
                 self.sample_memory()  # so status() shows its memory from the start
@@ -289,30 +295,35 @@ class Sidecar:
             self.on_worker_exit(worker)
 
     def on_worker_result(self, worker: WorkerProcess, frame: Frame) -> None:
+        done = msg.view(frame, msg.WorkerResult)
         chunk = worker.assigned[0] if worker.assigned else None
-        if chunk is None or chunk.id != frame["chunk"]:
+        if chunk is None or chunk.id != done["chunk"]:
             close_all(frame.fds)
             return  # a job cancelled meanwhile
-        chunk.resume = frame["upto"]
+        chunk.resume = done["upto"]
         job = self.jobs.get(chunk.job)
-        if frame["final"]:
+        if done["final"]:
             worker.assigned.popleft()
             chunk.close()
             worker.tasks_done += chunk.count
             worker.head_since = time.monotonic()
             if job is not None:
-                old, new = job.chunk_seconds, float(frame["elapsed"])
+                old, new = job.chunk_seconds, float(done["elapsed"])
                 job.chunk_seconds = new if old is None else 0.7 * old + 0.3 * new
         self.routed_since_trim += len(frame.payload)
         if job is not None:
-            header = {**frame.header, "start": chunk.start, "pid": worker.pid}
+            header = msg.result(job=done["job"], chunk=done["chunk"], start=chunk.start, upto=done["upto"],
+                                n=done["n"], failed=done["failed"], elapsed=done["elapsed"], final=done["final"],
+                                pid=worker.pid)
+            if "oob" in done:
+                header["oob"] = done["oob"]
             self.kernel.send(header, frame.buffers, frame.fds, close_fds=True)
         else:
             close_all(frame.fds)
 
     def on_worker_exit(self, worker: WorkerProcess) -> None:
         self.selector.unregister(worker.channel.sock)
-        chunk_id, offset, width, _ = worker.read_slot()
+        slot = worker.slot.read()
         exitcode = worker.reap()
         del self.workers[worker.pid]
         running = worker.assigned.popleft() if worker.assigned else None
@@ -321,21 +332,21 @@ class Sidecar:
             if running is not None:
                 running.close()
             return
-        culprits, attempts = blame(running, self.jobs[running.job], chunk_id, offset, width)
+        culprits, attempts = blame(running, self.jobs[running.job], slot.chunk, slot.offset, slot.width)
         if culprits:
-            self.kernel.send(
-                {
-                    "op": "crashed",
-                    "job": running.job,
-                    "chunk": running.id,
-                    "indices": [running.start + off for off in culprits],
-                    "pid": worker.pid,
-                    "exitcode": exitcode,
-                    "memory": worker.rss_peak or None,
-                    "attempts": attempts,
-                    **(worker.kill_reason or {}),
-                }
+            breach = worker.kill_reason
+            header = msg.crashed(
+                job=running.job,
+                chunk=running.id,
+                indices=[running.start + off for off in culprits],
+                pid=worker.pid,
+                exitcode=exitcode,
+                memory=breach.memory if breach is not None and breach.memory is not None else (worker.rss_peak or None),
+                attempts=attempts,
             )
+            if breach is not None:
+                header["reason"], header["limit"] = breach.reason, breach.limit
+            self.kernel.send(header)
         if running.remaining():  # the items after it (and those done but unsent) run again elsewhere
             self.jobs[running.job].queue.appendleft(running)
         else:
@@ -362,21 +373,15 @@ class Sidecar:
             key = job.header["key"]
             if key in worker.keys:
                 worker.keys.move_to_end(key)
-                worker.channel.send({**job.header, "op": "job"})
+                worker.channel.send(job.header)  # the kernel's job header, forwarded as it came
             else:
-                worker.channel.send({**job.header, "op": "job"}, [job.function], job.fds)
+                worker.channel.send(job.header, [job.function], job.fds)
                 worker.keys[key] = None
                 for old in functions_to_forget(worker, self.jobs):
                     del worker.keys[old]
-                    worker.channel.send({"op": "forget", "key": old})
+                    worker.channel.send(msg.forget(key=old))
             worker.jobs.add(chunk.job)
-        header: dict[str, Any] = {
-            "op": "chunk",
-            "job": chunk.job,
-            "chunk": chunk.id,
-            "start": chunk.start,
-            "count": chunk.count,
-        }
+        header = msg.worker_chunk(job=chunk.job, chunk=chunk.id, start=chunk.start, count=chunk.count)
         if chunk.resume:
             header["resume"] = chunk.resume
         if chunk.skip:
@@ -403,6 +408,19 @@ class Sidecar:
         self.kernel.close()
         if self.tmpdir is not None:
             shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+
+#: The kernel's ops and their handlers: the kernel can address these and nothing else.
+KERNEL_OPS: dict[str, Callable[[Sidecar, Frame], None]] = {
+    "hello": Sidecar.on_hello,
+    "configure": Sidecar.on_configure,
+    "job": Sidecar.on_job,
+    "chunk": Sidecar.on_chunk,
+    "cancel": Sidecar.on_cancel,
+    "end": Sidecar.on_end,
+    "status": Sidecar.on_status,
+    "shutdown": Sidecar.on_shutdown,
+}
 
 
 def main(argv: list[str]) -> None:

@@ -7,10 +7,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from ..wire.frames import FUNCTION_CACHE
 from .jobs import Chunk, Job
-from .workers import WorkerProcess
+from .workers import Breach, WorkerProcess
 
+# Functions a worker keeps, most recently used last. The sidecar mirrors the list and tells the
+# worker which to forget, so both always agree on what the worker has.
+FUNCTION_CACHE = 16
 PREFETCH = 2  # chunks queued per worker: one running, one waiting so the worker never idles
 # A second chunk waits behind the first, so prefetching helps only when chunks are short (the round
 # trip is then a large share of the time) and hurts when an item is slow (its neighbour waits).
@@ -43,17 +45,17 @@ def may_prefetch(worker: WorkerProcess, jobs: dict[int, Job], now: float) -> boo
     return now - worker.head_since < 2 * job.chunk_seconds + 0.002
 
 
-def limit_breached(worker: WorkerProcess, job: Job | None, now: float) -> dict[str, Any] | None:
+def limit_breached(worker: WorkerProcess, job: Job | None, now: float) -> Breach | None:
     """Why the worker must be killed (its item's timeout, its job's memory limit), or None."""
     if job is None or not (job.timeout or job.memory_limit):
         return None
     head = worker.assigned[0]
-    chunk_id, offset, _, started = worker.read_slot()
-    on_item = chunk_id == head.id and head.resume <= offset < head.count
-    if job.timeout and on_item and started and now - started > job.timeout:
-        return {"reason": "timeout", "limit": job.timeout}
+    slot = worker.slot.read()
+    on_item = slot.chunk == head.id and head.resume <= slot.offset < head.count
+    if job.timeout and on_item and slot.started and now - slot.started > job.timeout:
+        return Breach("timeout", job.timeout)
     if job.memory_limit and worker.rss > job.memory_limit:
-        return {"reason": "memory", "limit": job.memory_limit, "memory": worker.rss}
+        return Breach("memory", job.memory_limit, worker.rss)
     return None
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import signal
 import socket
@@ -12,11 +11,11 @@ import sys
 import tempfile
 from collections import OrderedDict, deque
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 from ..config import ROLE_ENV
 from ..wire.channel import Channel
-from ..wire.frames import SLOT
+from ..wire.slot import Slot
 from .jobs import Chunk
 
 
@@ -29,16 +28,23 @@ def _slot_file(tmpdir: str | None) -> Any:
     return tempfile.TemporaryFile(dir=tmpdir)
 
 
+class Breach(NamedTuple):
+    """Why the sidecar killed a worker: its item ran past the job's ``timeout``, or its memory
+    passed the job's ``memory_limit`` (``memory``: what it had then)."""
+
+    reason: Literal["timeout", "memory"]
+    limit: float
+    memory: int | None = None
+
+
 class WorkerProcess:
     """One worker: its process, its socket, its slot, and the chunks sent to it."""
 
     def __init__(self, preload: list[str], env: dict[str, str], tmpdir: str | None) -> None:
         parent, child = socket.socketpair()
         with _slot_file(tmpdir) as slot_file:
-            slot_file.truncate(SLOT.size)
-            self.slot = mmap.mmap(slot_file.fileno(), SLOT.size)
-            SLOT.pack_into(self.slot, 0, -1, -1, 1, 0.0)
             slot_fd = slot_file.fileno()
+            self.slot = Slot.create(slot_fd)
             args = [str(child.fileno()), str(slot_fd), str(os.getpid()), json.dumps(preload)]
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "nbparallel.worker", *args],
@@ -53,7 +59,7 @@ class WorkerProcess:
         self.channel = Channel(parent)
         self.ready = False
         self.retiring = False  # asked to exit, or killed on purpose: its exit is not a crash
-        self.kill_reason: dict[str, Any] | None = None  # set when killed for a timeout or memory limit
+        self.kill_reason: Breach | None = None  # set when killed for a timeout or memory limit
         self.assigned: deque[Chunk] = deque()
         self.keys: OrderedDict[str, None] = OrderedDict()  # functions it holds, oldest first
         self.jobs: set[int] = set()  # jobs whose settings it has
@@ -64,11 +70,6 @@ class WorkerProcess:
 
     def fileno(self) -> int:
         return self.channel.fileno()
-
-    def read_slot(self) -> tuple[int, int, int, float]:
-        """(chunk id, offset of the item being run, width of its run, when it started or 0)."""
-        chunk, offset, width, started = SLOT.unpack_from(self.slot)
-        return int(chunk), int(offset), int(width), float(started)
 
     def kill(self) -> None:
         """SIGKILL the worker and everything it started."""
@@ -103,9 +104,9 @@ class WorkerProcess:
         current = self.assigned[0] if self.assigned else None
         index = None
         if current is not None:
-            chunk_id, offset, _, _ = self.read_slot()
-            if chunk_id == current.id and 0 <= offset < current.count:
-                index = current.start + offset
+            slot = self.slot.read()
+            if slot.chunk == current.id and 0 <= slot.offset < current.count:
+                index = current.start + slot.offset
         return {
             "pid": self.pid,
             "state": state,

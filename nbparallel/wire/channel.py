@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import socket
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from .frames import ANCILLARY_SPACE, Buffer, Frame, FrameParser, ancillary_for, encode, fds_from
@@ -54,7 +54,7 @@ class Channel:
     def wants_write(self) -> bool:
         return bool(self.outgoing)
 
-    def send(self, header: dict[str, Any], buffers: Sequence[Buffer] = (), fds: Sequence[int] = (),
+    def send(self, header: Mapping[str, Any], buffers: Sequence[Buffer] = (), fds: Sequence[int] = (),
              close_fds: bool = False) -> None:
         """Queue a frame. ``close_fds``: close our copies of ``fds`` once they have been sent."""
         if self.closed:

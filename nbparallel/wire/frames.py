@@ -21,7 +21,7 @@ import os
 import socket
 import struct
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,13 +30,6 @@ from ..errors import ProtocolError
 PROTOCOL_VERSION = 1
 
 PREFIX = struct.Struct("!IQ")
-# The memory a worker shares with the sidecar: the chunk it runs, the offset of the item it is on
-# (or of the first of a run of ``width`` items going through map() at once), and when that item
-# started (time.monotonic(), a clock both processes share; 0 when untimed).
-SLOT = struct.Struct("qqqd")
-# Functions a worker keeps, most recently used last. The sidecar mirrors the list and tells the
-# worker which to forget, so both always agree on what the worker has.
-FUNCTION_CACHE = 16
 MAX_HEADER = 16 * 2**20  # a header is metadata; anything this big is a corrupt stream
 MAX_FDS = 250  # the kernel passes at most 253 descriptors in one message
 ANCILLARY_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
@@ -72,7 +65,7 @@ class Frame:
         return self.header.get(key, default)
 
 
-def encode(header: dict[str, Any], buffers: Sequence[Buffer] = (), nfds: int = 0) -> list[Buffer]:
+def encode(header: Mapping[str, Any], buffers: Sequence[Buffer] = (), nfds: int = 0) -> list[Buffer]:
     """The pieces of one frame, ready for ``sendmsg``/``writev`` without joining them."""
     if len(buffers) > 1:
         header = {**header, "sizes": [memoryview(b).nbytes for b in buffers]}
@@ -201,7 +194,7 @@ def read_frame(sock: socket.socket) -> Frame:
     return Frame(header, _split(header, payload), fds)
 
 
-def send_frame(sock: socket.socket, header: dict[str, Any], buffers: Sequence[Buffer] = (),
+def send_frame(sock: socket.socket, header: Mapping[str, Any], buffers: Sequence[Buffer] = (),
                fds: Sequence[int] = ()) -> None:
     """Write one frame to a blocking socket (the caller serialises concurrent writers).
 

@@ -13,7 +13,6 @@ import importlib
 import io
 import itertools
 import json
-import mmap
 import operator
 import os
 import signal
@@ -21,14 +20,16 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..config import ROLE_ENV
 from ..payload import pickling as ser
 from ..errors import SerializationError
 from ..payload.outcomes import Batch
-from ..wire.frames import PROTOCOL_VERSION, SLOT, Frame, read_frame, send_frame
+from ..wire import messages as msg
+from ..wire.frames import Frame, read_frame, send_frame
+from ..wire.slot import OFFSET, STARTED, Slot
 
 
 FLUSH_INTERVAL = 0.25  # seconds: a long chunk streams the results it has at this pace
@@ -43,7 +44,7 @@ class Connection:
         self.sock = sock
         self.lock = threading.Lock()
 
-    def send(self, header: dict[str, Any], buffers: list[bytes] | None = None, fds: list[int] | None = None) -> None:
+    def send(self, header: Mapping[str, Any], buffers: list[bytes] | None = None, fds: list[int] | None = None) -> None:
         with self.lock:
             send_frame(self.sock, header, buffers or [], fds or [])
 
@@ -82,9 +83,7 @@ class TaggedOutput(io.TextIOBase):
         if not self.pending:
             return
         text, self.pending = "".join(self.pending), []
-        self.conn.send(
-            {"op": "output", "stream": self.stream, "job": self.state.job, "index": self.state.index, "text": text}
-        )
+        self.conn.send(msg.worker_output(job=self.state.job, index=self.state.index, stream=self.stream, text=text))
 
     def isatty(self) -> bool:
         return False
@@ -122,29 +121,27 @@ class WorkerState:
 class ChunkRun:
     """The outcomes of one chunk so far, sent in pieces when the chunk runs long."""
 
-    def __init__(self, worker: Worker, frame: Frame, batch: Batch, began: float) -> None:
-        self.worker, self.frame, self.batch, self.began = worker, frame, batch, began
-        self.start = frame["start"]
+    def __init__(self, worker: Worker, chunk: msg.WorkerChunk, batch: Batch, began: float) -> None:
+        self.worker, self.chunk, self.batch, self.began = worker, chunk, batch, began
+        self.start = chunk["start"]
         self.last_flush = began
 
     def flush_if_due(self, next_offset: int) -> None:
         now = time.perf_counter()
-        if now - self.last_flush > FLUSH_INTERVAL and next_offset < self.frame["count"]:
-            self.worker.send_result(self.frame, self.batch, next_offset, self.began, final=False)
+        if now - self.last_flush > FLUSH_INTERVAL and next_offset < self.chunk["count"]:
+            self.worker.send_result(self.chunk, self.batch, next_offset, self.began, final=False)
             self.batch = Batch(self.start)
             self.last_flush = now
 
 
 class Worker:
-    def __init__(self, conn: Connection, slot: mmap.mmap) -> None:
+    def __init__(self, conn: Connection, slot: Slot) -> None:
         self.conn = conn
         self.slot = slot
-        self.slot_ints = memoryview(slot).cast("q")  # [0] chunk id, [1] offset, [2] run width (protocol.SLOT)
-        self.slot_time = memoryview(slot).cast("d")  # [3] when the item started
         self.state = WorkerState()
         self.function_frames: dict[str, Frame] = {}  # received, not yet unpickled
         self.functions: dict[str, Callable[..., Any]] = {}  # the sidecar says when to forget one
-        self.jobs: dict[int, dict[str, Any]] = {}
+        self.jobs: dict[int, msg.Job] = {}
 
     def serve(self) -> None:
         while True:
@@ -156,14 +153,16 @@ class Worker:
             if op == "chunk":
                 self.run_chunk(frame)
             elif op == "job":
-                self.jobs[frame["job"]] = frame.header
+                job = msg.view(frame, msg.Job)
+                self.jobs[job["job"]] = job
                 if frame.buffers:
-                    self.function_frames[frame["key"]] = frame
+                    self.function_frames[job["key"]] = frame
             elif op == "end":
-                self.jobs.pop(frame["job"], None)
+                self.jobs.pop(msg.view(frame, msg.End)["job"], None)
             elif op == "forget":
-                self.functions.pop(frame["key"], None)
-                stale = self.function_frames.pop(frame["key"], None)
+                key = msg.view(frame, msg.Forget)["key"]
+                self.functions.pop(key, None)
+                stale = self.function_frames.pop(key, None)
                 if stale is not None:
                     ser.close_fds(stale)
             elif op == "exit":
@@ -176,7 +175,7 @@ class Worker:
             self.functions[key] = fn
         return fn
 
-    def enter_job(self, job: dict[str, Any]) -> None:
+    def enter_job(self, job: msg.Job) -> None:
         # The kernel may have changed directory or sys.path since the worker started; functions
         # pickled by reference are imported from there.
         cwd = job.get("cwd")
@@ -187,13 +186,14 @@ class Worker:
                 sys.path.insert(0, entry)
 
     def run_chunk(self, frame: Frame) -> None:
-        chunk, start, count = frame["chunk"], frame["start"], frame["count"]
-        job = self.jobs[frame["job"]]
-        skip = set(frame.get("skip", ()))
-        resume = frame.get("resume", 0)
+        header = msg.view(frame, msg.WorkerChunk)
+        chunk, start, count = header["chunk"], header["start"], header["count"]
+        job = self.jobs[header["job"]]
+        skip = set(header.get("skip", ()))
+        resume = header.get("resume", 0)
         stop_on_error = bool(job.get("stop_on_error"))
-        call = job.get("call", "one")
-        self.state.job = frame["job"]
+        call: msg.CallMode = job.get("call", "one")
+        self.state.job = header["job"]
         batch = Batch(start)
         began = time.perf_counter()
         stage = "function"
@@ -210,36 +210,36 @@ class Worker:
             for offset in range(resume, count):
                 if offset not in skip:
                     batch.add_problem(offset, ser.FAILED, error)
-            self.send_result(frame, batch, count, began, final=True)
+            self.send_result(header, batch, count, began, final=True)
             return
         # After a crash, or with a per-item timeout, every item is marked in the slot; otherwise
         # items run through map() in runs of SUB_BATCH, a fifth of the cost per item.
-        careful = bool(skip) or bool(job.get("timeout")) or bool(frame.get("careful")) or call == "kwargs"
-        run = ChunkRun(self, frame, batch, began)
-        self.slot_time[3] = 0.0
-        self.slot_ints[0], self.slot_ints[1], self.slot_ints[2] = chunk, resume, 1
+        careful = bool(skip) or bool(job.get("timeout")) or bool(header.get("careful")) or call == "kwargs"
+        run = ChunkRun(self, header, batch, began)
+        self.slot.write(started=0.0, chunk=chunk, offset=resume, width=1)
         if careful:
             upto = self.run_careful(run, fn, items, call, resume, skip, stop_on_error, bool(job.get("timeout")))
         else:
             upto = self.run_fast(run, fn, items, call == "star", resume, stop_on_error)
         self.state.clear()
         flush_std()
-        self.slot_ints[1], self.slot_ints[2] = count, 1  # past the last item: a death now is no item's fault
-        self.send_result(frame, run.batch, upto, began, final=True)
-        self.slot_ints[0], self.slot_ints[1] = -1, -1
+        self.slot.write(offset=count, width=1)  # past the last item: a death now is no item's fault
+        self.send_result(header, run.batch, upto, began, final=True)
+        self.slot.write(chunk=-1, offset=-1)
 
-    def run_careful(self, run: ChunkRun, fn: Callable[..., Any], items: list[Any], call: str, resume: int,
+    def run_careful(self, run: ChunkRun, fn: Callable[..., Any], items: list[Any], call: msg.CallMode, resume: int,
                     skip: set[int], stop_on_error: bool, timed: bool) -> int:
         """One item at a time, each marked in the slot (and timed, for the sidecar's timeout)."""
-        # Item assignment through typed views is the cheapest write (this runs once per item).
-        slot_ints, slot_time, state, monotonic = self.slot_ints, self.slot_time, self.state, time.monotonic
+        # Item assignment through the slot's typed views is the cheapest write (this runs once per
+        # item; Slot.write costs twice as much): the start time first, as Slot.write orders them.
+        ints, times, state, monotonic = self.slot.ints, self.slot.times, self.state, time.monotonic
         count = len(items)
         for offset in range(resume, count):
             if offset in skip:
                 continue
             if timed:
-                slot_time[3] = monotonic()
-            slot_ints[1] = offset
+                times[STARTED] = monotonic()
+            ints[OFFSET] = offset
             state.index = run.start + offset
             try:
                 item = items[offset]
@@ -268,7 +268,7 @@ class Worker:
         count, state = len(items), self.state
         for first in range(resume, count, SUB_BATCH):
             last = min(first + SUB_BATCH, count)
-            self.slot_ints[1], self.slot_ints[2] = first, last - first
+            self.slot.write(offset=first, width=last - first)
             pending = iter(items[first:last])
             at = first  # the offset of the next item ``pending`` yields
             while at < last:
@@ -290,17 +290,10 @@ class Worker:
             run.flush_if_due(last)
         return count
 
-    def send_result(self, frame: Frame, batch: Batch, upto: int, began: float, *, final: bool) -> None:
-        header = {
-            "op": "result",
-            "job": frame["job"],
-            "chunk": frame["chunk"],
-            "upto": upto,
-            "n": len(batch.offsets) + len(batch.problems),
-            "failed": len(batch.problems),
-            "elapsed": time.perf_counter() - began,
-            "final": final,
-        }
+    def send_result(self, chunk: msg.WorkerChunk, batch: Batch, upto: int, began: float, *, final: bool) -> None:
+        header = msg.worker_result(job=chunk["job"], chunk=chunk["chunk"], upto=upto,
+                                   n=len(batch.offsets) + len(batch.problems), failed=len(batch.problems),
+                                   elapsed=time.perf_counter() - began, final=final)
         packed = batch.pickle()
         try:
             if packed.specs:
@@ -349,7 +342,7 @@ def main(argv: list[str]) -> None:
     _die_with_parent(sidecar_pid)
     sock = socket.socket(fileno=fd)
     sock.setblocking(True)
-    slot = mmap.mmap(slot_fd, SLOT.size)
+    slot = Slot.attach(slot_fd)
     os.close(slot_fd)
     conn = Connection(sock)
     worker = Worker(conn, slot)
@@ -360,5 +353,5 @@ def main(argv: list[str]) -> None:
             importlib.import_module(name)
         except Exception as exc:
             print(f"nbparallel: preload of {name!r} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-    conn.send({"op": "hello", "version": PROTOCOL_VERSION, "pid": os.getpid()})
+    conn.send(msg.worker_hello(pid=os.getpid()))
     worker.serve()

@@ -1,0 +1,422 @@
+"""Every message of the protocol: one ``TypedDict`` for its header and one builder (docs/protocol.md).
+
+Senders build headers only through the builders here; receivers read a frame's header through its
+type (``view(frame, Result)``). A builder takes the message's required fields as keyword arguments;
+its optional fields are sent only when passed (a receiver reads a missing field as its default).
+The framing fields (``sizes``, ``fds``) are added and removed by frames.py, never seen here.
+
+The registries at the end (``TO_RUNNER``, ``TO_KERNEL``, ``TO_WORKER``, ``FROM_WORKER``) list each
+direction's ops with their type and builder; tests/unit/test_messages.py checks them against the
+tables in docs/protocol.md. Only the standard library: the sidecar imports this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, TypeVar, cast, get_args
+
+from .frames import PROTOCOL_VERSION, Frame
+
+if TYPE_CHECKING:  # PEP 692 keyword types: typing has Unpack from Python 3.11 on, mypy knows it anyway
+    from typing_extensions import Unpack
+
+#: How a worker calls the function on an item: ``fn(item)``, ``fn(*item)``, or ``fn(*args, **kwargs)``
+#: for submit's ``(args, kwargs)``.
+CallMode = Literal["one", "star", "kwargs"]
+CALL_MODES: tuple[CallMode, ...] = get_args(CallMode)
+
+#: Where an out-of-band buffer sits among a frame's descriptors (payload/shm.py makes them):
+#: ``{"fd", "offset", "size", "writable"}``, and ``"stream": true`` for a pickle stream sent that way.
+Segments = list[dict[str, Any]]
+
+M = TypeVar("M", bound=Mapping[str, Any])
+
+
+def view(frame: Frame, kind: type[M]) -> M:
+    """``frame``'s header, read as the message ``kind`` (no copy, no check: the op says which)."""
+    return cast(M, frame.header)
+
+
+# -- kernel -> runner (the sidecar, or the Dask bridge) ----------------------------------------------
+
+
+class Hello(TypedDict):
+    op: Literal["hello"]
+    version: int
+
+
+def hello() -> Hello:
+    """The kernel's first frame."""
+    return {"op": "hello", "version": PROTOCOL_VERSION}
+
+
+class Configure(TypedDict):
+    op: Literal["configure"]
+    workers: int
+    preload: list[str]
+    env: dict[str, str]
+    max_tasks_per_worker: int | None
+
+
+def configure(*, workers: int, preload: list[str], env: dict[str, str],
+              max_tasks_per_worker: int | None) -> Configure:
+    """The pool's size, the modules every worker imports, their extra environment, their lifetime."""
+    return {"op": "configure", "workers": workers, "preload": preload, "env": env,
+            "max_tasks_per_worker": max_tasks_per_worker}
+
+
+class JobOptional(TypedDict, total=False):
+    stop_on_error: bool
+    group: Any  # jobs of one Executor share its max_workers
+    timeout: float | None
+    retries: int
+    memory_limit: int | None
+    oob: Segments
+
+
+class Job(JobOptional):
+    op: Literal["job"]
+    job: int
+    key: str
+    call: CallMode
+    limit: int | None
+    cwd: str | None
+    path: list[str]
+
+
+def job(*, job: int, key: str, call: CallMode, limit: int | None, cwd: str | None, path: list[str],
+        **optional: Unpack[JobOptional]) -> Job:
+    """A new call; its payload is the pickled function (``oob``: its out-of-band buffers)."""
+    return {"op": "job", "job": job, "key": key, "call": call, "limit": limit, "cwd": cwd, "path": path,
+            **optional}
+
+
+class ChunkOptional(TypedDict, total=False):
+    oob: Segments
+
+
+class Chunk(ChunkOptional):
+    op: Literal["chunk"]
+    job: int
+    chunk: int
+    start: int
+    count: int
+
+
+def chunk(*, job: int, chunk: int, start: int, count: int, **optional: Unpack[ChunkOptional]) -> Chunk:
+    """Items ``start..start+count-1`` of a job; the payload is their pickled list."""
+    return {"op": "chunk", "job": job, "chunk": chunk, "start": start, "count": count, **optional}
+
+
+class Cancel(TypedDict):
+    op: Literal["cancel"]
+    job: int
+
+
+def cancel(*, job: int) -> Cancel:
+    """Drop the job's queued chunks and kill the workers running its chunks."""
+    return {"op": "cancel", "job": job}
+
+
+class End(TypedDict):
+    op: Literal["end"]
+    job: int
+
+
+def end(*, job: int) -> End:
+    """The kernel (or, to a worker, the sidecar) is done with the job."""
+    return {"op": "end", "job": job}
+
+
+class StatusRequest(TypedDict):
+    op: Literal["status"]
+    req: int
+
+
+def status_request(*, req: int) -> StatusRequest:
+    """Ask for the pool's state; the answer carries the same ``req``."""
+    return {"op": "status", "req": req}
+
+
+class Shutdown(TypedDict):
+    op: Literal["shutdown"]
+
+
+def shutdown() -> Shutdown:
+    """Kill the workers and exit."""
+    return {"op": "shutdown"}
+
+
+# -- runner -> kernel ------------------------------------------------------------------------------
+
+
+class HelloReplyOptional(TypedDict, total=False):  # from the Dask bridge
+    runner: str
+    cluster: str
+    dashboard: str | None
+    workers: int
+    window: int
+
+
+class HelloReply(HelloReplyOptional):
+    op: Literal["hello"]
+    version: int
+    pid: int
+
+
+def hello_reply(*, pid: int, **optional: Unpack[HelloReplyOptional]) -> HelloReply:
+    """The runner's answer to ``hello``."""
+    return {"op": "hello", "version": PROTOCOL_VERSION, "pid": pid, **optional}
+
+
+class ResultOptional(TypedDict, total=False):
+    oob: Segments
+
+
+class Result(ResultOptional):
+    op: Literal["result"]
+    job: int
+    chunk: int
+    start: int
+    upto: int
+    n: int
+    failed: int
+    elapsed: float
+    final: bool
+    pid: int
+
+
+def result(*, job: int, chunk: int, start: int, upto: int, n: int, failed: int, elapsed: float, final: bool,
+           pid: int, **optional: Unpack[ResultOptional]) -> Result:
+    """Outcomes of a chunk's items up to offset ``upto``; ``final``: the chunk's last."""
+    return {"op": "result", "job": job, "chunk": chunk, "start": start, "upto": upto, "n": n, "failed": failed,
+            "elapsed": elapsed, "final": final, "pid": pid, **optional}
+
+
+class CrashedOptional(TypedDict, total=False):
+    reason: Literal["timeout", "memory"]  # the sidecar killed the worker for a limit...
+    limit: float  # ...this one (seconds, or bytes)
+    cause: str  # from the Dask bridge: what Dask reported
+    worker: str | None  # from the Dask bridge: the last Dask worker's address
+
+
+class Crashed(CrashedOptional):
+    op: Literal["crashed"]
+    job: int
+    chunk: int
+    indices: list[int]
+    pid: int
+    exitcode: int | None
+    memory: int | None
+    attempts: int
+
+
+def crashed(*, job: int, chunk: int, indices: list[int], pid: int, exitcode: int | None, memory: int | None,
+            attempts: int, **optional: Unpack[CrashedOptional]) -> Crashed:
+    """The worker running these items died; they are failed."""
+    return {"op": "crashed", "job": job, "chunk": chunk, "indices": indices, "pid": pid, "exitcode": exitcode,
+            "memory": memory, "attempts": attempts, **optional}
+
+
+class Output(TypedDict):
+    op: Literal["output"]
+    job: int | None
+    index: int | None
+    stream: str
+    text: str
+    pid: int
+
+
+def output(*, job: int | None, index: int | None, stream: str, text: str, pid: int) -> Output:
+    """Text a worker printed while it ran item ``index``."""
+    return {"op": "output", "job": job, "index": index, "stream": stream, "text": text, "pid": pid}
+
+
+class Cancelled(TypedDict):
+    op: Literal["cancelled"]
+    job: int
+
+
+def cancelled(*, job: int) -> Cancelled:
+    """The cancellation of the job is done: nothing more about it follows."""
+    return {"op": "cancelled", "job": job}
+
+
+class StatusOptional(TypedDict, total=False):
+    pid: int
+    rss: int
+    rss_peak: int
+    size: int
+    queued: int
+    jobs: int
+    tmpdir: str | None  # the sidecar's private directory (None where memfd exists)
+    runner: str  # the Dask bridge: "dask"...
+    cluster: str
+    dashboard: str | None
+    scattered: int
+    bytes_scattered: int
+    problem: str  # ...and why it could not ask its scheduler
+
+
+class Status(StatusOptional):
+    op: Literal["status"]
+    req: int | None
+    workers: list[dict[str, Any]]
+
+
+def status(*, req: int | None, workers: list[dict[str, Any]], **optional: Unpack[StatusOptional]) -> Status:
+    """The answer to ``status``: the runner's state, one entry per worker."""
+    return {"op": "status", "req": req, "workers": workers, **optional}
+
+
+class ErrorOptional(TypedDict, total=False):
+    fatal: bool
+
+
+class Error(ErrorOptional):
+    op: Literal["error"]
+    message: str
+
+
+def error(*, message: str, **optional: Unpack[ErrorOptional]) -> Error:
+    """An internal error in the runner; ``fatal``: the reason it is about to exit."""
+    return {"op": "error", "message": message, **optional}
+
+
+def unknown_op(op: str, runner: str) -> Error:
+    """The protocol error a runner answers a frame with when the kernel may not send its op."""
+    return error(message=f"protocol error: the kernel sent op {op!r}, which the {runner} does not take (it takes "
+                         f"{', '.join(sorted(TO_RUNNER))}); are the kernel and the {runner} from different installs?")
+
+
+# -- sidecar -> worker (also ``job`` and ``end``, as above) -------------------------------------------
+
+
+class WorkerChunkOptional(TypedDict, total=False):
+    resume: int
+    skip: list[int]
+    careful: bool
+    oob: Segments
+
+
+class WorkerChunk(WorkerChunkOptional):
+    op: Literal["chunk"]
+    job: int
+    chunk: int
+    start: int
+    count: int
+
+
+def worker_chunk(*, job: int, chunk: int, start: int, count: int,
+                 **optional: Unpack[WorkerChunkOptional]) -> WorkerChunk:
+    """Run items ``resume..count-1`` of the chunk except the offsets in ``skip``."""
+    return {"op": "chunk", "job": job, "chunk": chunk, "start": start, "count": count, **optional}
+
+
+class Forget(TypedDict):
+    op: Literal["forget"]
+    key: str
+
+
+def forget(*, key: str) -> Forget:
+    """Drop a cached function."""
+    return {"op": "forget", "key": key}
+
+
+class Exit(TypedDict):
+    op: Literal["exit"]
+
+
+def exit() -> Exit:  # named for its op; nothing here needs the builtin
+    """Exit now."""
+    return {"op": "exit"}
+
+
+# -- worker -> sidecar -----------------------------------------------------------------------------
+
+
+class WorkerHello(TypedDict):
+    op: Literal["hello"]
+    version: int
+    pid: int
+
+
+def worker_hello(*, pid: int) -> WorkerHello:
+    """A worker's first frame: it is ready."""
+    return {"op": "hello", "version": PROTOCOL_VERSION, "pid": pid}
+
+
+class WorkerResultOptional(TypedDict, total=False):
+    oob: Segments
+
+
+class WorkerResult(WorkerResultOptional):
+    op: Literal["result"]
+    job: int
+    chunk: int
+    upto: int
+    n: int
+    failed: int
+    elapsed: float
+    final: bool
+
+
+def worker_result(*, job: int, chunk: int, upto: int, n: int, failed: int, elapsed: float, final: bool,
+                  **optional: Unpack[WorkerResultOptional]) -> WorkerResult:
+    """Outcomes of the chunk's items up to offset ``upto`` (the sidecar adds ``start`` and ``pid``)."""
+    return {"op": "result", "job": job, "chunk": chunk, "upto": upto, "n": n, "failed": failed,
+            "elapsed": elapsed, "final": final, **optional}
+
+
+class WorkerOutput(TypedDict):
+    op: Literal["output"]
+    job: int | None
+    index: int | None
+    stream: str
+    text: str
+
+
+def worker_output(*, job: int | None, index: int | None, stream: str, text: str) -> WorkerOutput:
+    """Text printed while item ``index`` ran (the sidecar adds ``pid``)."""
+    return {"op": "output", "job": job, "index": index, "stream": stream, "text": text}
+
+
+# -- the registries: each direction's ops, their header type and their builder ------------------------
+
+Message = tuple[type[Mapping[str, Any]], Callable[..., Mapping[str, Any]]]
+
+#: What the kernel sends; the sidecar's and the bridge's handler tables take exactly these ops.
+TO_RUNNER: dict[str, Message] = {
+    "hello": (Hello, hello),
+    "configure": (Configure, configure),
+    "job": (Job, job),
+    "chunk": (Chunk, chunk),
+    "cancel": (Cancel, cancel),
+    "end": (End, end),
+    "status": (StatusRequest, status_request),
+    "shutdown": (Shutdown, shutdown),
+}
+#: What the sidecar (or the Dask bridge) sends the kernel.
+TO_KERNEL: dict[str, Message] = {
+    "hello": (HelloReply, hello_reply),
+    "result": (Result, result),
+    "crashed": (Crashed, crashed),
+    "output": (Output, output),
+    "cancelled": (Cancelled, cancelled),
+    "status": (Status, status),
+    "error": (Error, error),
+}
+#: What the sidecar sends a worker (``job`` is the kernel's header, forwarded).
+TO_WORKER: dict[str, Message] = {
+    "job": (Job, job),
+    "chunk": (WorkerChunk, worker_chunk),
+    "end": (End, end),
+    "forget": (Forget, forget),
+    "exit": (Exit, exit),
+}
+#: What a worker sends the sidecar.
+FROM_WORKER: dict[str, Message] = {
+    "hello": (WorkerHello, worker_hello),
+    "result": (WorkerResult, worker_result),
+    "output": (WorkerOutput, worker_output),
+}
