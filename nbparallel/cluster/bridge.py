@@ -39,7 +39,7 @@ import traceback
 
 import psutil
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from . import frames
@@ -48,6 +48,7 @@ from .frames import Chunk, Job
 from .submit import DaskSide
 from .task import Preload
 from ..errors import NbParallelError, ProtocolError
+from ..wire import messages as msg
 from ..wire.frames import PROTOCOL_VERSION, Buffer, Frame, close_fds, read_frame, send_frame
 
 WATCH_INTERVAL = 0.5  # seconds between checks that the kernel is still alive
@@ -94,24 +95,24 @@ class Bridge(DaskSide):
     def start(self) -> bool:
         """Answer the kernel's hello once the cluster is reachable (or say why it is not)."""
         hello = read_frame(self.sock)
-        if hello.op != "hello" or hello.get("version") != PROTOCOL_VERSION:
-            raise ProtocolError(f"the kernel began with {hello.op!r}, protocol version {hello.get('version')}")
+        version = msg.view(hello, msg.Hello).get("version")
+        if hello.op != "hello" or version != PROTOCOL_VERSION:
+            raise ProtocolError(f"the kernel began with {hello.op!r}, protocol version {version}")
         try:
             self.client, self.cluster = frames.connect(self.address, int(self.options.get("workers") or 1),
                                                       float(self.options.get("connect_timeout") or
                                                             frames.CONNECT_TIMEOUT))
         except Exception as exc:
             where = "start a local Dask cluster" if self.address == "local" else f"reach the Dask scheduler at {self.address}"
-            self.send({"op": "error", "fatal": True,
-                       "message": f"could not {where}: {type(exc).__name__}: {exc}"})
+            self.send(msg.error(message=f"could not {where}: {type(exc).__name__}: {exc}", fatal=True))
             return False
         for target, name in ((self.collect, "collector"), (self.answer_status, "status"),
                              (self.watch_kernel, "watch-kernel")):
             threading.Thread(target=target, name=f"nbparallel-bridge-{name}", daemon=True).start()
         info = self.client.scheduler_info()
-        self.send({"op": "hello", "version": PROTOCOL_VERSION, "pid": os.getpid(), "runner": "dask", "window": WINDOW,
-                   "cluster": info.get("address") or self.address, "dashboard": self.dashboard(),
-                   "workers": sum(int(w.get("nthreads") or 0) for w in info.get("workers", {}).values())})
+        self.send(msg.hello_reply(pid=os.getpid(), runner="dask", window=WINDOW,
+                                  cluster=info.get("address") or self.address, dashboard=self.dashboard(),
+                                  workers=sum(int(w.get("nthreads") or 0) for w in info.get("workers", {}).values())))
         return True
 
     def dashboard(self) -> str | None:
@@ -127,11 +128,12 @@ class Bridge(DaskSide):
                 frame = read_frame(self.sock)
             except (EOFError, OSError, ProtocolError):
                 return  # the kernel has gone
-            handler = getattr(self, "on_" + frame.op, None)
+            handler = KERNEL_OPS.get(frame.op)
             try:
-                if handler is None:
-                    raise ProtocolError(f"unknown op {frame.op!r}")
-                handler(frame)
+                if handler is None:  # only the kernel's ops: never a method of the bridge's own
+                    self.send(msg.unknown_op(frame.op, "Dask bridge"))
+                    continue
+                handler(self, frame)
                 queued += frame.op == "chunk"
                 # Chunks that arrive together go to the scheduler together: one graph update for
                 # many tasks costs Dask far less than one each.
@@ -139,7 +141,7 @@ class Bridge(DaskSide):
                     queued = 0
                     self.submit_all()
             except Exception:  # a bug here is reported, and the bridge goes on
-                self.send({"op": "error", "message": traceback.format_exc()})
+                self.send(msg.error(message=traceback.format_exc()))
             finally:
                 close_fds(frame.fds)  # a handler that kept them took them off the frame
             if frame.op == "shutdown":
@@ -153,8 +155,8 @@ class Bridge(DaskSide):
             if os.getppid() != self.kernel_pid:  # the kernel died, even by SIGKILL
                 self.stop()
             if self.client.status in ("closing", "closed"):  # Dask gave up reconnecting to the scheduler
-                self.send({"op": "error", "fatal": True,
-                           "message": f"lost the Dask scheduler at {self.address}; the next call connects again"})
+                self.send(msg.error(message=f"lost the Dask scheduler at {self.address}; the next call connects again",
+                                    fatal=True))
                 self.stop()
             time.sleep(WATCH_INTERVAL)
 
@@ -182,7 +184,7 @@ class Bridge(DaskSide):
             sys.stderr.flush()
             os._exit(0)
 
-    def send(self, header: dict[str, Any], buffers: Sequence[Buffer] = (), fds: Sequence[int] = (),
+    def send(self, header: Mapping[str, Any], buffers: Sequence[Buffer] = (), fds: Sequence[int] = (),
              *, owned: bool = False) -> None:
         """Queue a frame for the kernel (``owned``: close ``fds`` once sent). No thread of ours ever
         blocks on the socket: the kernel's reader may itself be sending to us (the joblib backend
@@ -204,17 +206,18 @@ class Bridge(DaskSide):
     def on_configure(self, frame: Frame) -> None:
         # A cluster keeps its own environment and worker lifetimes: ``env``, ``limit_threads`` and
         # ``max_tasks_per_worker`` apply to local workers only (see README, "Beyond one machine").
-        workers = frame.get("workers")
+        header = msg.view(frame, msg.Configure)
+        workers = header.get("workers")
         if self.cluster is not None and workers and len(self.cluster.workers) != int(workers):
             self.cluster.scale(int(workers))
-        preload = list(frame.get("preload") or [])
+        preload = list(header.get("preload") or [])
         if preload != self.preload:
 
             self.preload = preload
             self.client.register_plugin(Preload(preload), name=Preload.name)
 
     def on_job(self, frame: Frame) -> None:
-        header = dict(frame.header)
+        header = msg.view(frame, msg.Job)
         function: Any = frames.payload_from(frame)
         if frames.size_of(function) > frames.SCATTER_ABOVE:
             function = self.scatter(function, broadcast=True)
@@ -222,33 +225,34 @@ class Bridge(DaskSide):
             self.jobs[header["job"]] = Job(header, function, frames.unsupported(header))
 
     def on_chunk(self, frame: Frame) -> None:
+        header = msg.view(frame, msg.Chunk)
         items = frames.payload_from(frame)
         with self.lock:
-            job = self.jobs.get(frame["job"])
+            job = self.jobs.get(header["job"])
             if job is None or job.cancelled:
                 return
-            chunk = Chunk(frame["job"], frame["chunk"], frame["start"], frame["count"], items)
+            chunk = Chunk(header["job"], header["chunk"], header["start"], header["count"], items)
             if job.refusal is not None:  # a limit Dask cannot keep: say so rather than ignore it
                 self.send_failure(chunk, NbParallelError(job.refusal), job)
                 return
             job.waiting.append(chunk)  # serve() submits it, with the others that came along
 
     def on_cancel(self, frame: Frame) -> None:
-        job_id = frame["job"]
+        job_id = msg.view(frame, msg.Cancel)["job"]
         with self.lock:
             job = self.jobs.get(job_id)
             futures = self.forget_tasks(job) if job is not None else []
             with self.out_lock:
                 if job is not None:
                     job.cancelled = True
-                self.send({"op": "cancelled", "job": job_id})
+                self.send(msg.cancelled(job=job_id))
         if futures:
             self.client.cancel(futures, force=True)
         self.submit_all()  # the call's places in its group are free for the others
 
     def on_end(self, frame: Frame) -> None:
         with self.lock:
-            job = self.jobs.pop(frame["job"], None)
+            job = self.jobs.pop(msg.view(frame, msg.End)["job"], None)
             futures = self.forget_tasks(job) if job is not None else []
         if futures:
             self.client.cancel(futures, force=True)
@@ -257,7 +261,7 @@ class Bridge(DaskSide):
         self.submit_all()
 
     def on_status(self, frame: Frame) -> None:
-        self.status_requests.put(frame.get("req"))
+        self.status_requests.put(msg.view(frame, msg.StatusRequest).get("req"))
 
     def on_hello(self, frame: Frame) -> None:
         raise ProtocolError("a second hello")
@@ -267,7 +271,7 @@ class Bridge(DaskSide):
 
     # -- status ------------------------------------------------------------------------------------
 
-    def status_reply(self) -> dict[str, Any]:
+    def status_reply(self, req: int | None) -> msg.Status:
         """The answer to ``status``; a worker's pid is asked of the worker once, when first seen."""
         info = self.client.scheduler_info()
         processing = self.client.processing()
@@ -285,20 +289,33 @@ class Bridge(DaskSide):
             jobs = len(self.jobs)
         rss = psutil.Process().memory_info().rss
         self.rss_peak = max(self.rss_peak, rss)
-        return {"pid": os.getpid(), "rss": rss, "rss_peak": self.rss_peak, "runner": "dask",
-                "size": sum(int(w.get("threads") or 0) for w in workers), "workers": workers, "queued": queued,
-                "jobs": jobs, "cluster": info.get("address") or self.address, "dashboard": self.dashboard(),
-                "scattered": self.scattered, "bytes_scattered": self.bytes_scattered}
+        return msg.status(req=req, pid=os.getpid(), rss=rss, rss_peak=self.rss_peak, runner="dask",
+                          size=sum(int(w.get("threads") or 0) for w in workers), workers=workers, queued=queued,
+                          jobs=jobs, cluster=info.get("address") or self.address, dashboard=self.dashboard(),
+                          scattered=self.scattered, bytes_scattered=self.bytes_scattered)
 
     def answer_status(self) -> None:
         # On a thread of its own: the scheduler's answer takes a round trip, and a cancel must not
         # wait behind it.
         for req in iter(self.status_requests.get, None):
             try:
-                reply = self.status_reply()
+                reply = self.status_reply(req)
             except Exception as exc:
-                reply = {"workers": [], "problem": f"{type(exc).__name__}: {exc}"}
-            self.send({"op": "status", "req": req, **reply})
+                reply = msg.status(req=req, workers=[], problem=f"{type(exc).__name__}: {exc}")
+            self.send(reply)
+
+
+#: The kernel's ops and their handlers: the kernel can address these and nothing else.
+KERNEL_OPS: dict[str, Callable[[Bridge, Frame], None]] = {
+    "hello": Bridge.on_hello,
+    "configure": Bridge.on_configure,
+    "job": Bridge.on_job,
+    "chunk": Bridge.on_chunk,
+    "cancel": Bridge.on_cancel,
+    "end": Bridge.on_end,
+    "status": Bridge.on_status,
+    "shutdown": Bridge.on_shutdown,
+}
 
 
 def main(argv: list[str]) -> None:

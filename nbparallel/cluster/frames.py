@@ -3,7 +3,7 @@
 Frames from the kernel carry large buffers as shared-memory descriptors (shm.py). Those cannot
 cross machines, so the bridge copies each into bytes once (``payload_from``) and Dask carries the
 bytes; results come back as bytes and are put into fresh shared-memory segments for the kernel
-(``outcome_frame``), which maps them as it does a local worker's. Nothing here unpickles a user's
+(``outcome_segments``), which maps them as it does a local worker's. Nothing here unpickles a user's
 value: streams and buffers are routed as they are.
 """
 
@@ -20,6 +20,7 @@ from typing import Any
 from ..payload import pickling as ser
 from ..payload import shm
 from ..errors import NbParallelError
+from ..wire import messages as msg
 from ..wire.frames import Frame, close_fds
 from ..payload.outcomes import Batch
 
@@ -43,7 +44,7 @@ class Chunk:
 
 @dataclass
 class Job:
-    header: dict[str, Any]
+    header: msg.Job
     function: Any  # a payload, or the Dask future it was scattered to
     refusal: str | None  # why the job's limits cannot be kept here
     waiting: deque[Chunk] = field(default_factory=deque)  # held back by ``limit``
@@ -97,10 +98,10 @@ def size_of(payload: Payload) -> int:
     return len(payload[0]) + sum(len(b) for b in payload[1])
 
 
-def outcome_frame(stream: bytes, buffers: list[Any]) -> tuple[dict[str, Any], list[int]]:
+def outcome_segments(buffers: list[Any]) -> tuple[msg.Segments, list[int]]:
     """The ``oob`` header field and the descriptors for a result's buffers (each in a new segment).
     The caller sends them and then closes the descriptors."""
-    specs: list[dict[str, Any]] = []
+    specs: msg.Segments = []
     fds: list[int] = []
     try:
         for buffer in buffers:
@@ -110,26 +111,27 @@ def outcome_frame(stream: bytes, buffers: list[Any]) -> tuple[dict[str, Any], li
     except BaseException:
         close_fds(fds)
         raise
-    return ({"oob": specs} if specs else {}), fds
+    return specs, fds
 
 
-def failed_result(chunk: Chunk, error: NbParallelError) -> tuple[dict[str, Any], shm.Packed]:
+def failed_result(chunk: Chunk, error: NbParallelError) -> tuple[msg.Result, shm.Packed]:
     """A ``result`` frame that fails every item of the chunk with ``error`` (made by the bridge:
     our own error type, the only thing it ever pickles)."""
     batch = Batch(chunk.start)
     for offset in range(chunk.count):
         batch.add_problem(offset, ser.FAILED, error)
     packed = batch.pickle()
-    header = {"op": "result", "job": chunk.job, "chunk": chunk.id, "start": chunk.start, "upto": chunk.count,
-              "n": chunk.count, "failed": chunk.count, "elapsed": 0.0, "final": True, "pid": 0}
+    header = msg.result(job=chunk.job, chunk=chunk.id, start=chunk.start, upto=chunk.count, n=chunk.count,
+                        failed=chunk.count, elapsed=0.0, final=True, pid=0)
     if packed.specs:
         header["oob"] = packed.specs
     return header, packed
 
 
-def unsupported(header: dict[str, Any]) -> str | None:
+def unsupported(header: msg.Job) -> str | None:
     """Why a job's limits cannot be kept on a Dask cluster, or None."""
-    names = [name for name in ("timeout", "memory_limit") if header.get(name)]
+    limits = {"timeout": header.get("timeout"), "memory_limit": header.get("memory_limit")}
+    names = [name for name, value in limits.items() if value]
     if not names:
         return None
     return (f"{' and '.join(f'{name}=' for name in names)} cannot be enforced on a Dask cluster: Dask cannot stop "
@@ -138,7 +140,7 @@ def unsupported(header: dict[str, Any]) -> str | None:
 
 
 def failure_frame(chunk: Chunk, error: BaseException | None, cancelled: bool, pids: dict[str, int]
-                  ) -> tuple[dict[str, Any], NbParallelError | None]:
+                  ) -> msg.Crashed | NbParallelError:
     """What to tell the kernel about a chunk whose task did not finish: a ``crashed`` header when its
     workers died (KilledWorker) or Dask dropped it, else the error that fails its items."""
     indices = list(range(chunk.start, chunk.start + chunk.count))
@@ -152,25 +154,24 @@ def failure_frame(chunk: Chunk, error: BaseException | None, cancelled: bool, pi
                  "os._exit or the worker's memory limit are the usual causes; the worker logs say which")
         if cancelled:
             cause = "Dask cancelled its task: the connection to the scheduler was lost, or the scheduler restarted"
-        return {"op": "crashed", "job": chunk.job, "chunk": chunk.id, "indices": indices,
-                "pid": pids.get(address or "", 0), "exitcode": None, "memory": None, "attempts": attempts,
-                "cause": cause, "worker": address}, None
+        return msg.crashed(job=chunk.job, chunk=chunk.id, indices=indices, pid=pids.get(address or "", 0),
+                           exitcode=None, memory=None, attempts=attempts, cause=cause, worker=address)
     text = f"{type(error).__name__}: {error}"
-    return {}, NbParallelError(f"the Dask task running items {indices[0]}..{indices[-1]} failed outside the "
+    return NbParallelError(f"the Dask task running items {indices[0]}..{indices[-1]} failed outside the "
                                f"function: {text}. Is nbparallel (the same version) installed on the Dask workers?")
 
 
-def result_frames(chunk: Chunk, result: Any) -> tuple[list[dict[str, Any]], dict[str, Any], bytes, list[int]]:
+def result_frames(chunk: Chunk, result: Any) -> tuple[list[msg.Output], msg.Result, bytes, list[int]]:
     """A finished task's ``output`` headers, its ``result`` header, payload and descriptors (each
     large buffer in a new segment; the caller closes them once sent)."""
     meta, lines, stream, buffers = result
     pid = int(meta.get("pid") or 0)
-    outputs = [{"op": "output", "job": chunk.job, "index": index, "stream": name, "text": text, "pid": pid}
-               for index, name, text in lines]
-    extra, fds = outcome_frame(stream, buffers)
-    header = {"op": "result", "job": chunk.job, "chunk": chunk.id, "start": chunk.start, "upto": meta["upto"],
-              "n": meta["n"], "failed": meta["failed"], "elapsed": meta["elapsed"], "final": True, "pid": pid,
-              **extra}
+    outputs = [msg.output(job=chunk.job, index=index, stream=name, text=text, pid=pid) for index, name, text in lines]
+    specs, fds = outcome_segments(buffers)
+    header = msg.result(job=chunk.job, chunk=chunk.id, start=chunk.start, upto=meta["upto"], n=meta["n"],
+                        failed=meta["failed"], elapsed=meta["elapsed"], final=True, pid=pid)
+    if specs:
+        header["oob"] = specs
     return outputs, header, stream, fds
 
 

@@ -13,13 +13,14 @@ import queue
 import threading
 import traceback
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from . import frames
 from .frames import Chunk, Job
 from ..errors import NbParallelError
 from .task import run_chunk
+from ..wire import messages as msg
 from ..wire.frames import Buffer, close_fds
 
 
@@ -37,7 +38,7 @@ class DaskSide:
     lock: threading.RLock
     out_lock: threading.Lock
 
-    def send(self, header: dict[str, Any], buffers: Sequence[Buffer] = (), fds: Sequence[int] = (),
+    def send(self, header: Mapping[str, Any], buffers: Sequence[Buffer] = (), fds: Sequence[int] = (),
              *, owned: bool = False) -> None:
         raise NotImplementedError
 
@@ -109,7 +110,7 @@ class DaskSide:
             try:
                 self.collect_batch(batch)
             except Exception:
-                self.send({"op": "error", "message": traceback.format_exc()})
+                self.send(msg.error(message=traceback.format_exc()))
 
     def collect_batch(self, futures: list[Any]) -> None:
         with self.lock:  # a future we no longer know of was cancelled, or its job ended
@@ -176,13 +177,13 @@ class DaskSide:
             job = self.finish_task(chunk)
             if job is None:
                 return
-            crashed, problem = frames.failure_frame(chunk, error, future.status == "cancelled", self.pids)
-        if problem is not None:
-            self.send_failure(chunk, problem, job)
+            failure = frames.failure_frame(chunk, error, future.status == "cancelled", self.pids)
+        if isinstance(failure, NbParallelError):
+            self.send_failure(chunk, failure, job)
             return
         with self.out_lock:
             if not job.cancelled:
-                self.send(crashed)
+                self.send(failure)
 
     def send_failure(self, chunk: Chunk, error: NbParallelError, job: Job) -> None:
         """Fail every item of the chunk with ``error`` (a ``result`` frame the bridge makes itself)."""

@@ -32,6 +32,7 @@ from ..payload import pickling as ser
 from ..errors import SerializationError
 from ..payload.shm import OUT_OF_BAND_MIN
 from ..payload.outcomes import Batch
+from ..wire.messages import CallMode
 
 FUNCTION_CACHE = 16  # unpickled functions a Dask worker process keeps, by the job's key...
 FUNCTION_CACHE_BYTES = 256 * 2**20  # ...and at most this much of their pickles (a closure's arrays live on)
@@ -144,7 +145,7 @@ def _function(key: str, payload: Payload) -> Callable[..., Any]:
     return fn
 
 
-def _call(fn: Callable[..., Any], call: str, item: Any) -> Any:
+def _call(fn: Callable[..., Any], call: CallMode, item: Any) -> Any:
     # The same three conventions as worker.py's loop (kept inline there: it is the hot path).
     __tracebackhide__ = True  # our plumbing: remote tracebacks start at the user's function
     if call == "one":
@@ -214,7 +215,8 @@ def run_chunk(function: Payload, job: str, start: int, count: int, items: Payloa
     _install_router()
     began = time.perf_counter()
     spec = _job_spec(job)
-    call, stop_on_error = spec.get("call", "one"), bool(spec.get("stop_on_error"))
+    call: CallMode = spec.get("call", "one")
+    stop_on_error = bool(spec.get("stop_on_error"))
     out_of_band = bool(spec.get("out_of_band", True))
     batch = Batch(start)
     upto = count

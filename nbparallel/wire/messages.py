@@ -266,7 +266,7 @@ class Status(StatusOptional):
 
 def status(*, req: int | None, workers: list[dict[str, Any]], **optional: Unpack[StatusOptional]) -> Status:
     """The answer to ``status``: the runner's state, one entry per worker."""
-    return {"op": "status", "req": req, "workers": workers, **optional}
+    return {"op": "status", "req": req, **optional, "workers": workers}  # the long list last
 
 
 class ErrorOptional(TypedDict, total=False):
