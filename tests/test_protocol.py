@@ -1,13 +1,18 @@
-"""The wire format, without processes: framing round trips, partial reads, bad input."""
+"""The wire format: framing round trips, partial reads, bad input (without processes); and a real
+sidecar answering an op the kernel may not send."""
 
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 
 import pytest
 
 from nbparallel.errors import ProtocolError
+from nbparallel.wire import messages as msg
 from nbparallel.wire.frames import PREFIX, PROTOCOL_VERSION, Frame, FrameParser, check_hello, encode, read_frame, send_frame
 
 
@@ -104,3 +109,31 @@ def test_blocking_socket_round_trip_with_large_payload() -> None:
     finally:
         left.close()
         right.close()
+
+
+def test_the_sidecar_takes_only_the_kernels_ops(script_env: dict[str, str]) -> None:
+    """An op the kernel may not send (here, the name of one of the sidecar's own handlers) is a
+    protocol error, answered as one; the sidecar goes on."""
+    mine, theirs = socket.socketpair()
+    sidecar = subprocess.Popen([sys.executable, "-m", "nbparallel.sidecar", str(theirs.fileno()), str(os.getpid())],
+                               pass_fds=(theirs.fileno(),), env=script_env, start_new_session=True)
+    theirs.close()
+    try:
+        mine.settimeout(30)
+        send_frame(mine, msg.hello())
+        check_hello(read_frame(mine), "sidecar")
+        for op in ("worker_exit", "worker_result", "bogus"):
+            send_frame(mine, {"op": op, "job": 1})
+            reply = read_frame(mine)
+            assert reply.op == "error"
+            assert f"protocol error: the kernel sent op {op!r}" in msg.view(reply, msg.Error)["message"]
+        send_frame(mine, msg.status_request(req=7))
+        status = msg.view(read_frame(mine), msg.Status)
+        assert status["req"] == 7 and status["pid"] == sidecar.pid
+        send_frame(mine, msg.shutdown())
+        assert sidecar.wait(timeout=10) == 0
+    finally:
+        mine.close()
+        if sidecar.poll() is None:
+            sidecar.kill()
+            sidecar.wait()
