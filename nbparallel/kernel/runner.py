@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -153,17 +153,26 @@ class Client:
             self.jobs.pop(job_id, None)
 
     def request(self, header: Mapping[str, Any], timeout: float = 5.0) -> Frame:
-        """Send a request and wait for the reply that carries the same ``req``."""
+        """Send a request and wait for the reply that carries the same ``req`` (``header`` without it)."""
+        return self.ask(lambda req: {**header, "req": req}, timeout)
+
+    def ask_status(self, timeout: float = 5.0) -> msg.Status:
+        """The runner's ``status`` reply."""
+        return msg.view(self.ask(lambda req: msg.status_request(req=req), timeout), msg.Status)
+
+    def ask(self, build: Callable[[int], Mapping[str, Any]], timeout: float) -> Frame:
+        """Send the request ``build(req)`` and wait for the reply that carries the same ``req``."""
         req = next(self.request_ids)
         event = threading.Event()
         box: list[Frame] = []
         self.replies[req] = (event, box)
         try:
-            self.send({**header, "req": req})
+            header = build(req)
+            self.send(header)
             if not event.wait(timeout):
                 if self.dead is not None:
                     raise self.dead
-                raise TimeoutError(f"the sidecar did not answer {header['op']!r} within {timeout} s")
+                raise TimeoutError(f"the {self.kind} did not answer {header['op']!r} within {timeout} s")
             return box[0]
         finally:
             self.replies.pop(req, None)
