@@ -12,7 +12,7 @@ from .workers import Breach, WorkerProcess
 
 # Functions a worker keeps, most recently used last. The sidecar mirrors the list and tells the
 # worker which to forget, so both always agree on what the worker has.
-FUNCTION_CACHE = 16
+WORKER_FUNCTIONS = 16
 PREFETCH = 2  # chunks queued per worker: one running, one waiting so the worker never idles
 # A second chunk waits behind the first, so prefetching helps only when chunks are short (the round
 # trip is then a large share of the time) and hurts when an item is slow (its neighbour waits).
@@ -60,9 +60,9 @@ def limit_breached(worker: WorkerProcess, job: Job | None, now: float) -> Breach
 
 
 def functions_to_forget(worker: WorkerProcess, jobs: dict[int, Job]) -> list[str]:
-    """The worker's oldest cached functions past FUNCTION_CACHE, never one a live job still needs."""
+    """The worker's oldest cached functions past WORKER_FUNCTIONS, never one a live job still needs."""
     in_use = {jobs[j].header["key"] for j in worker.jobs if j in jobs}
-    excess = len(worker.keys) - FUNCTION_CACHE
+    excess = len(worker.keys) - WORKER_FUNCTIONS
     return [key for key in worker.keys if key not in in_use][: max(0, excess)]
 
 
