@@ -19,7 +19,7 @@ from .payload import pickling as ser
 from .kernel.runner import get_client
 from .errors import NbParallelError, SerializationError, SidecarDied, make_task_error
 from .kernel.jobspec import caller_context, crash_error, function_key
-from .kernel.output import Sink, capture_sink, flush_std
+from .kernel.output import CellTarget, flush_std
 from .progress.tracking import track_future
 from .wire.frames import Frame
 
@@ -50,8 +50,8 @@ class Task:
     """One submitted call: its job in the sidecar and the Future it settles."""
 
     def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-                 limit: int, group: int | None, *, sink: Sink | None = None, label: str | None = None) -> None:
-        """``sink``: where worker output goes (default: the cell running now); ``label``: how errors
+                 limit: int, group: int | None, *, target: CellTarget | None = None, label: str | None = None) -> None:
+        """``target``: where worker output goes (default: the cell running now); ``label``: how errors
         name the task (default: its arguments). The joblib backend sets both: it submits from the
         client's reader thread, on behalf of the cell that started the joblib call."""
         function = ser.dumps_function(fn)  # before the sidecar is even started: fail fast
@@ -69,7 +69,7 @@ class Task:
         self.item = label or _call_label(fn, args, kwargs)
         self.future = TaskFuture()
         self.future._task = self
-        self.sink = sink or capture_sink()
+        self.target = target or CellTarget.capture()
         self.job = client.new_job_id()
         self.settled = threading.Lock()
         self.ended = False
@@ -91,7 +91,7 @@ class Task:
 
     def on_frame(self, frame: Frame) -> None:
         if frame.op == "output":
-            self.sink(frame.get("stream", "stdout"), frame.get("text", ""))
+            self.target.stream(frame.get("stream", "stdout"), frame.get("text", ""))
             return
         if frame.op == "result":
             try:

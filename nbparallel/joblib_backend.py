@@ -25,7 +25,7 @@ from joblib._parallel_backends import (AutoBatchingMixin, FallbackToBackend, Par
                                        SequentialBackend)
 
 from . import config, futures
-from .kernel.output import capture_sink
+from .kernel.output import CellTarget
 from .kernel.runner import get_client, settings
 from .progress.driver import choose_display
 from .progress.tracking import FutureGroup
@@ -56,7 +56,7 @@ class NbParallelBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore
         self.group: int | None = None
         self.pending: set[cf.Future[Any]] = set()
         self.lock = threading.Lock()
-        self.sink: Any = None
+        self.target: CellTarget | None = None
         self.display: FutureGroup | None = None
         self.parallel: Any = None
 
@@ -83,7 +83,7 @@ class NbParallelBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore
     def start_call(self) -> None:
         # On the caller's thread, in the cell that runs the call: later batches are submitted from
         # the reader thread, and their output and widget must still land here.
-        self.sink = capture_sink()
+        self.target = CellTarget.capture()
         self.display = None
         if self.progress is not False and choose_display(force=self.progress is True) == "widget":
             group = FutureGroup("joblib", force=self.progress is True)  # named after the first batch
@@ -103,7 +103,7 @@ class NbParallelBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore
     def submit(self, func: Any, callback: Any = None) -> cf.Future[Any]:
         """Run one batch (a joblib ``BatchedCalls``) as a task; ``callback`` when it is done."""
         calls = len(func) if hasattr(func, "__len__") else 1
-        task = futures.Task(func, (), {}, self.limit, self.group, sink=self.sink, label=_describe(func, calls))
+        task = futures.Task(func, (), {}, self.limit, self.group, target=self.target, label=_describe(func, calls))
         future: cf.Future[Any] = task.future
         with self.lock:
             self.pending.add(future)

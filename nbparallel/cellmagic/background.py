@@ -1,7 +1,7 @@
 """``%%parallel --bg`` jobs: the cell's future, its status line, and its names coming back.
 
 No IPython here. A job publishes into the cell that started it, from the client's reader thread,
-the way ``kernel/output.py`` routes worker prints: iopub messages with that cell's parent header.
+through that cell's ``CellTarget`` (kernel/output.py), as the workers' prints do.
 """
 
 from __future__ import annotations
@@ -17,34 +17,27 @@ from types import SimpleNamespace
 from typing import Any
 
 from ..payload import pickling as ser
-from ..kernel.output import current_parent, kernel_shell, capture_sink
+from ..kernel.output import CellTarget
 
 
 class CellOutput:
     """Publishes into the cell that was running when this was made, from any thread later.
 
-    In a kernel it sends iopub messages with that cell's parent header (the way ``kernel/output.py``
-    routes worker prints); elsewhere (terminal IPython, a script) it prints.
+    In a kernel it goes to that cell (its ``CellTarget``); elsewhere (terminal IPython, a script)
+    it prints.
     """
 
     def __init__(self) -> None:
-        shell = kernel_shell()
-        self.kernel = shell.kernel if shell is not None else None
-        self.parent = current_parent(shell) if shell is not None else None
+        self.target = CellTarget.capture()
         self.display_id = uuid.uuid4().hex
-        self.stream = capture_sink()  # (name, text): the same route as the workers' prints
 
-    def _send(self, msg_type: str, content: dict[str, Any]) -> bool:
-        if self.kernel is None or self.parent is None:
-            return False
-        self.kernel.session.send(self.kernel.iopub_socket, msg_type, content, parent=self.parent,
-                                 ident=msg_type.encode())
-        return True
+    def stream(self, name: str, text: str) -> None:
+        """Lines on stdout or stderr: the same route as the workers' prints."""
+        self.target.stream(name, text)
 
     def status(self, text: str, *, update: bool = False) -> None:
         """Show (or replace) this cell's one-line status."""
-        content = {"data": {"text/plain": text}, "metadata": {}, "transient": {"display_id": self.display_id}}
-        if not self._send("update_display_data" if update else "display_data", content):
+        if not self.target.display({"text/plain": text}, {}, self.display_id, update=update):
             print(text, flush=True)
 
     def error(self, error: BaseException) -> None:
@@ -52,8 +45,7 @@ class CellOutput:
         render = getattr(error, "_render_traceback_", None)
         lines = render() if render is not None else traceback.format_exception_only(type(error), error)
         original = _original(error)
-        content = {"ename": type(original).__name__, "evalue": str(original), "traceback": lines}
-        if not self._send("error", content):
+        if not self.target.error(type(original).__name__, str(original), lines):
             print("\n".join(line.rstrip("\n") for line in lines), file=sys.stderr, flush=True)
 
 

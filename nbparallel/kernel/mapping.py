@@ -22,7 +22,7 @@ from .chunking import ChunkSizer, iterate, known_length
 from .runner import Client, get_client, settings
 from ..errors import NbParallelError, SerializationError, SidecarDied, make_task_error
 from .jobspec import Limits, caller_context, crash_error, function_key
-from .output import Sink, capture_sink, flush_std, tag_lines
+from .output import CellTarget, flush_std, tag_lines
 from ..wire.frames import Frame
 from ..payload.retrying import ATTEMPTS_ATTR, RetryOn
 
@@ -99,7 +99,7 @@ class MapRun:
         self.window = int(getattr(self.client, "info", {}).get("window") or config.CHUNKS_IN_FLIGHT_PER_WORKER)
         self.stop_on_error = stop_on_error
         self.events: queue.SimpleQueue[Frame | SidecarDied] = queue.SimpleQueue()
-        self.sink: Sink  # captured when the run starts: an imap may be iterated in a later cell
+        self.target: CellTarget  # captured when the run starts: an imap may be iterated in a later cell
         self.job = self.client.new_job_id()
         self.next_index = 0
         self.exhausted = False
@@ -132,11 +132,11 @@ class MapRun:
         if self.output_bytes > settings.max_output_bytes:
             if not self.output_dropped:
                 self.output_dropped = True
-                self.sink("stderr", f"[nbparallel: the workers printed more than {settings.max_output_bytes:,} "
+                self.target.stream("stderr", f"[nbparallel: the workers printed more than {settings.max_output_bytes:,} "
                                     "bytes; the rest of this call's output is dropped (configure(max_output_bytes=...))]\n")
         else:
             text = tag_lines(raw, frame.get("index")) if settings.tag_output else raw
-            self.sink(frame.get("stream", "stdout"), text)
+            self.target.stream(frame.get("stream", "stdout"), text)
         if self.observer is not None:
             self.observer.output(self, frame.get("stream", "stdout"), raw, frame.get("index"))
 
@@ -148,7 +148,7 @@ class MapRun:
     def batches(self) -> Generator[Batch, None, None]:
         """Outcomes as they arrive, until every item has one."""
         flush_std()
-        self.sink = capture_sink()  # output goes to the cell that consumes the results
+        self.target = CellTarget.capture()  # output goes to the cell that consumes the results
         self.client.register(self.job, self)
         try:
             self.client.send_packed(

@@ -1,21 +1,86 @@
-"""Where a worker's printed lines go: the cell that started the call, or this process's stdout/stderr.
+"""Where output for the caller goes: one ``CellTarget`` for everything sent to the caller's cell.
 
-Worker output reaches the kernel on the client's reader thread. ipykernel 7 routes output from a
-thread to the most recent cell unless told otherwise, so in a kernel we capture the parent header of
-the cell when the call starts and publish each stream message with that parent explicitly. IPython is
-never imported here: we only look at what the process already loaded.
+Worker output, progress displays and a background cell's status and error all reach the kernel on
+other threads (the client's reader thread, a progress thread) and often after the cell that started
+the call has ended. ipykernel 7 routes output from a thread to the most recent cell unless told
+otherwise, so in a kernel a ``CellTarget`` captures the parent header of the cell when the call
+starts and publishes each iopub message with that parent explicitly. Outside a kernel it writes to
+this process's stdout/stderr, and says so to the senders that have a fallback of their own.
+IPython is never imported here: we only look at what the process already loaded.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from typing import Any
 
-Sink = Callable[[str, str], None]  # (stream name, text)
+
+class CellTarget:
+    """The cell that was running when ``capture()`` was called; usable from any thread later."""
+
+    def __init__(self, shell: Any = None, parent: dict[str, Any] | None = None) -> None:
+        self.shell = shell  # the kernel's InteractiveShell, or None outside a kernel
+        self.parent = parent  # the parent header of the cell's execute request
+
+    @classmethod
+    def capture(cls) -> CellTarget:
+        """The place output belongs to now: the running cell, or the std streams."""
+        shell = _kernel_shell()
+        return cls(shell, _current_parent(shell) if shell is not None else None)
+
+    @property
+    def key(self) -> str | None:
+        """The message id of the cell's execute request: what the calls of one cell share."""
+        header = (self.parent or {}).get("header") or {}
+        msg_id = header.get("msg_id")
+        return str(msg_id) if msg_id else None
+
+    @property
+    def in_cell(self) -> bool:
+        """True in a kernel, where messages reach the cell; False where only std streams exist."""
+        kernel = getattr(self.shell, "kernel", None)
+        return self.parent is not None and hasattr(kernel, "session") and hasattr(kernel, "iopub_socket")
+
+    def send(self, msg_type: str, content: dict[str, Any], *, ident: bytes | None = None,
+             running_cell: bool = False) -> bool:
+        """Publish one iopub message to the cell; False (nothing sent) outside a kernel.
+
+        ``running_cell``: with the parent of the cell running *now* if there is one (a display's
+        final update: nbclient records only messages about the cell it is executing)."""
+        if not self.in_cell:
+            return False
+        parent = self.parent
+        if running_cell:
+            parent = _current_parent(self.shell) or parent
+        kernel = self.shell.kernel
+        kernel.session.send(kernel.iopub_socket, msg_type, content, parent=parent,
+                            ident=ident if ident is not None else msg_type.encode())
+        return True
+
+    def stream(self, name: str, text: str) -> None:
+        """Lines on stdout or stderr (``name``): in the cell, else on this process's stream."""
+        name = "stderr" if name == "stderr" else "stdout"
+        if self.send("stream", {"name": name, "text": text}, ident=f"stream.{name}".encode()):
+            return
+        target = sys.stderr if name == "stderr" else sys.stdout
+        try:
+            target.write(text)
+            target.flush()
+        except Exception:  # a closed stream at interpreter exit must not kill the reader
+            pass
+
+    def display(self, data: dict[str, Any], metadata: dict[str, Any], display_id: str, *,
+                update: bool = False, running_cell: bool = False) -> bool:
+        """Show (``update``: replace) the display ``display_id``; False outside a kernel."""
+        content = {"data": data, "metadata": metadata, "transient": {"display_id": display_id}}
+        return self.send("update_display_data" if update else "display_data", content, running_cell=running_cell)
+
+    def error(self, ename: str, evalue: str, traceback: list[str]) -> bool:
+        """An error output, as a cell that raised shows it; False outside a kernel."""
+        return self.send("error", {"ename": ename, "evalue": evalue, "traceback": traceback})
 
 
-def kernel_shell() -> Any:
+def _kernel_shell() -> Any:
     ipython = sys.modules.get("IPython")
     if ipython is None or "ipykernel" not in sys.modules:
         return None
@@ -28,7 +93,7 @@ def kernel_shell() -> Any:
     return shell
 
 
-def current_parent(shell: Any) -> dict[str, Any] | None:
+def _current_parent(shell: Any) -> dict[str, Any] | None:
     attempts: list[tuple[Any, tuple[Any, ...]]] = [
         (getattr(shell, "get_parent", None), ()),  # ipykernel 7
         (getattr(shell.kernel, "get_parent", None), ("shell",)),  # ipykernel 6
@@ -42,37 +107,6 @@ def current_parent(shell: Any) -> dict[str, Any] | None:
             return dict(parent)
     parent = getattr(shell, "parent_header", None)
     return dict(parent) if parent else None
-
-
-def capture_sink() -> Sink:
-    """A sink bound to the place output belongs to now (the running cell, or std streams)."""
-    shell = kernel_shell()
-    if shell is not None:
-        parent = current_parent(shell)
-        kernel = shell.kernel
-        if parent is not None and hasattr(kernel, "session") and hasattr(kernel, "iopub_socket"):
-
-            def to_cell(stream: str, text: str) -> None:
-                name = "stderr" if stream == "stderr" else "stdout"
-                kernel.session.send(
-                    kernel.iopub_socket,
-                    "stream",
-                    {"name": name, "text": text},
-                    parent=parent,
-                    ident=f"stream.{name}".encode(),
-                )
-
-            return to_cell
-
-    def to_std(stream: str, text: str) -> None:
-        target = sys.stderr if stream == "stderr" else sys.stdout
-        try:
-            target.write(text)
-            target.flush()
-        except Exception:  # a closed stream at interpreter exit must not kill the reader
-            pass
-
-    return to_std
 
 
 def tag_lines(text: str, index: int | None) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..config import resolve_workers
 from ..crashes import WorkerCrashed
-from ..kernel.output import current_parent, kernel_shell
+from ..kernel.output import CellTarget
 from ..kernel.runner import current_client, settings
 from .driver import Driver, check_progress, choose_display, make_renderer, poll_workers, progress_after
 from .model import LaneBook, ProgressModel
@@ -139,14 +139,6 @@ class FutureGroup:
         self.model.set_lanes(self.lanes.update(workers, classify))
 
 
-def _cell_key() -> str | None:
-    shell = kernel_shell()
-    parent = current_parent(shell) if shell is not None else None
-    header = (parent or {}).get("header") or {}
-    msg_id = header.get("msg_id")
-    return str(msg_id) if msg_id else None
-
-
 def track(future: cf.Future[Any], description: str | None = None, *,
           progress: bool | None = None) -> FutureGroup | None:
     """See ``progress.track_future``."""
@@ -159,7 +151,7 @@ def track(future: cf.Future[Any], description: str | None = None, *,
         return None
     if progress is False or choose_display(force=progress is True) != "widget":
         return None
-    key = _cell_key()
+    key = CellTarget.capture().key  # the cell tracking it: its futures share one widget
     while True:
         with _groups_lock:
             group = _groups.get(key)

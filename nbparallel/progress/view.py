@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ..kernel.output import current_parent, kernel_shell
+from ..kernel.output import CellTarget
 
 if TYPE_CHECKING:
     from .model import Snapshot
@@ -33,16 +33,13 @@ class Publisher:
     nbclient records only messages about the cell it is executing.
     """
 
-    def __init__(self) -> None:
-        self.shell = kernel_shell()
-        self.kernel = getattr(self.shell, "kernel", None)
-        self.parent = current_parent(self.shell) if self.shell is not None else None
+    def __init__(self, target: CellTarget | None = None) -> None:
+        self.target = target or CellTarget.capture()
         self.display_id = uuid.uuid4().hex
 
     def publish(self, widget: ProgressWidget | None, update: bool) -> None:
         """Send the widget (None: an empty output, for a display that was never revealed)."""
-        kernel = self.kernel
-        if kernel is None or self.parent is None or not hasattr(kernel, "iopub_socket"):
+        if not self.target.in_cell:
             from IPython.display import display, update_display  # outside a kernel: only IPython draws it
 
             shown: Any = widget if widget is not None else {"text/plain": ""}
@@ -52,17 +49,9 @@ class Publisher:
             else:
                 display(shown, display_id=self.display_id, raw=raw)  # type: ignore[no-untyped-call]
             return
-        parent = self.parent
-        if update:
-            parent = current_parent(self.shell) or parent
         bundle = widget._repr_mimebundle_() if widget is not None else ({"text/plain": ""}, {})
         data, metadata = bundle if isinstance(bundle, tuple) else (bundle, {})
-        kernel.session.send(
-            kernel.iopub_socket,
-            "update_display_data" if update else "display_data",
-            {"data": data, "metadata": metadata or {}, "transient": {"display_id": self.display_id}},
-            parent=parent,
-        )
+        self.target.display(data or {}, metadata or {}, self.display_id, update=update, running_cell=update)
 
 
 class WidgetView:
@@ -70,8 +59,8 @@ class WidgetView:
 
     wants_lanes = True
 
-    def __init__(self, on_cancel: Callable[[], None] | None = None) -> None:
-        self.publisher = Publisher()  # made on the caller's thread, so it knows the cell
+    def __init__(self, on_cancel: Callable[[], None] | None = None, target: CellTarget | None = None) -> None:
+        self.publisher = Publisher(target)  # made on the caller's thread, so it knows the cell
         self.on_cancel = on_cancel
         self.widget: ProgressWidget | None = None
         self.versions: tuple[int, ...] = ()
