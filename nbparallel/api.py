@@ -1,19 +1,20 @@
-"""The public calls: map, imap, configure, status, shutdown (submit and Executor live in futures.py)."""
+"""The public calls: map, imap, configure, status, shutdown (submit and Executor live in futures.py).
+
+A map call is a ``MapRun`` (kernel/mapping.py) whose outcomes kernel/collect.py gathers."""
 
 from __future__ import annotations
 
-import concurrent.futures as cf
-import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from .kernel import runner as _client
 from . import config
-from .progress import driver as _progress
-from .errors import Interrupted, NbParallelError
-from .errors import TaskTimeout
+from .errors import NbParallelError
+from .kernel import collect
+from .kernel import runner as _client
+from .kernel import sweep as _sweep
 from .kernel.jobspec import Limits
-from .kernel.mapping import Batch, MapRun
+from .kernel.mapping import MapRun
+from .progress import driver as _progress
 
 _ERRORS = ("raise", "return")
 _UNSET: Any = object()
@@ -37,6 +38,7 @@ def map(
     retries: int = 0,
     retry_on: type[BaseException] | tuple[type[BaseException], ...] = (),
     memory_limit: int | str | None = None,
+    checkpoint: Any = None,
 ) -> list[Any]:
     """Apply ``fn`` to every item in the workers and return the results as a list.
 
@@ -62,6 +64,10 @@ def map(
             exceptions are never retried.
         memory_limit: per worker, e.g. ``"2GB"``: a worker past it is killed before the machine
             runs short, and its item fails with ``MemoryLimitExceeded``.
+        checkpoint: a journal file (``"runs/sweep.db"``, or a ``nbparallel.checkpoint.Checkpoint``):
+            each outcome is written there as it arrives, and the same call run again (after a crash,
+            a kernel restart, in another process) runs only the items it has no value for; see
+            ``nbparallel.checkpoint``. A changed function raises ``CheckpointMismatch``.
 
     Raises:
         TaskError: ``fn`` raised (the object is also an instance of the original exception type).
@@ -70,52 +76,16 @@ def map(
         Interrupted: Ctrl-C or the stop button; ``err.completed`` holds the finished results.
     """
     _check_errors(errors)
+    if checkpoint is not None:  # a durable sweep: kernel/sweep.py calls this map on what the journal lacks
+        return _sweep.run_map(map, fn, iterables, checkpoint, errors=errors, ordered=ordered, workers=workers,
+                              chunksize=chunksize, progress=progress, timeout=timeout, total_timeout=total_timeout,
+                              retries=retries, retry_on=retry_on, memory_limit=memory_limit)
     observer = _progress.for_call(progress, fn, "map")
     limits = Limits.make(timeout, retries, retry_on, memory_limit)
     run = MapRun(fn, iterables, workers=workers, chunksize=chunksize, stop_on_error=errors == "raise",
-                 limits=limits, observer=observer)
-    run.deadline = _deadline(total_timeout)
-    spans: list[tuple[int, list[Any]]] = []  # (first index, values) for contiguous batches
-    singles: dict[int, Any] = {}
-    arrival: list[Any] = []
-    batches = run.batches()
-    try:
-        for batch in batches:
-            if errors == "raise" and batch.errors:
-                _keep(batch, spans, singles)
-                raise _stop(run, batch, spans, singles)
-            _keep(batch, spans, singles)
-            if not ordered:
-                arrival.extend(batch.values)
-                arrival.extend(batch.errors.values())
-    except KeyboardInterrupt:
-        raise _interrupted(run, spans, singles) from None
-    except cf.TimeoutError:
-        if errors == "raise":
-            raise _call_timeout(run, total_timeout, _completed(run, spans, singles)) from None
-        for late in run.late:
-            _keep(late, spans, singles)
-        for index in range(run.next_index):
-            singles.setdefault(index, TaskTimeout(
-                f"item {index} did not finish before the call's total_timeout of {total_timeout:g} s",
-                index=index, limit=total_timeout))
-        _mark_unfinished(spans, singles)
-        if not ordered:
-            arrival.extend(v for v in singles.values() if isinstance(v, TaskTimeout))
-    except NbParallelError as error:
-        if not error.completed:
-            error.completed = _completed(run, spans, singles)
-        raise
-    finally:
-        batches.close()
-    if not ordered:
-        return arrival
-    results: list[Any] = [None] * run.next_index
-    for start, values in spans:
-        results[start : start + len(values)] = values
-    for index, value in singles.items():
-        results[index] = value
-    return results
+                 limits=limits, observer=_sweep.recording(observer))
+    run.deadline = collect.deadline_after(total_timeout)
+    return collect.gather(run, ordered=ordered, errors=errors, total_timeout=total_timeout)
 
 
 def imap(
@@ -131,6 +101,7 @@ def imap(
     retries: int = 0,
     retry_on: type[BaseException] | tuple[type[BaseException], ...] = (),
     memory_limit: int | str | None = None,
+    checkpoint: Any = None,
 ) -> Iterator[Any]:
     """Like ``map``, but yield results while the work goes on; input is read lazily.
 
@@ -138,136 +109,20 @@ def imap(
     flight, so an endless generator works. Stopping the iteration (or ``close()``) cancels the rest.
     On a failure with ``errors="raise"``, ``err.completed`` holds the results not yet yielded.
     ``progress`` as in ``map``; the widget's Cancel button stops an imap consumed across cells.
+    ``checkpoint`` as in ``map``: an item the journal holds is yielded from it, in its place.
     """
     _check_errors(errors)
+    if checkpoint is not None:  # a durable sweep, as in map
+        return _sweep.run_imap(imap, fn, iterables, checkpoint, errors=errors, ordered=ordered, workers=workers,
+                               chunksize=chunksize, progress=progress, timeout=timeout, total_timeout=total_timeout,
+                               retries=retries, retry_on=retry_on, memory_limit=memory_limit)
     observer = _progress.for_call(progress, fn, "imap", cancellable=True)
     limits = Limits.make(timeout, retries, retry_on, memory_limit)
     run = MapRun(fn, iterables, workers=workers, chunksize=chunksize, stop_on_error=errors == "raise",
-                 limits=limits, observer=observer)
-    return _progress.attach(observer, _imap(run, ordered=ordered, errors=errors, deadline=_deadline(total_timeout),
-                                            total_timeout=total_timeout))
-
-
-def _imap(run: MapRun, *, ordered: bool, errors: str, deadline: float | None = None,
-          raise_in_order: bool = False, total_timeout: float | None = None) -> Iterator[Any]:
-    waiting: dict[int, Any] = {}  # ordered: finished but not yet yielded
-    failed: dict[int, NbParallelError] = {}
-    run.backlog = waiting.__len__
-    run.deadline = deadline
-    next_index = 0
-    batches = run.batches()
-    try:
-        while True:
-            batch = next(batches, None)
-            if batch is None:
-                break
-            if batch.errors and errors == "raise" and not raise_in_order:
-                run.cancel("failed")
-                batches.close()
-                error = next(iter(batch.errors.values()))
-                waiting.update(zip(batch.indices, batch.values))
-                for late in run.late:
-                    waiting.update(zip(late.indices, late.values))
-                error.completed = dict(waiting)
-                raise error
-            if not ordered:
-                yield from batch.values
-                yield from batch.errors.values()
-                continue
-            waiting.update(zip(batch.indices, batch.values))
-            if raise_in_order:
-                failed.update(batch.errors)
-            waiting.update(batch.errors)
-            while next_index in waiting:
-                value = waiting.pop(next_index)
-                if next_index in failed:
-                    batches.close()
-                    raise value
-                next_index += 1
-                yield value
-    except KeyboardInterrupt:
-        batches.close()
-        completed = dict(waiting)
-        for late in run.late:
-            completed.update(zip(late.indices, late.values))
-        raise Interrupted(_interrupt_message(run), completed) from None
-    except cf.TimeoutError:
-        if total_timeout is None:
-            raise  # Executor.map's own timeout: concurrent.futures semantics
-        completed = {i: v for i, v in waiting.items() if not isinstance(v, NbParallelError)}
-        for late in run.late:
-            completed.update(zip(late.indices, late.values))
-        raise _call_timeout(run, total_timeout, completed) from None
-    finally:
-        batches.close()
-
-
-def imap_in_order(fn: Callable[..., Any], iterables: tuple[Iterable[Any], ...], *, workers: int | None,
-                   chunksize: int | str, timeout: float | None) -> Iterator[Any]:
-    """concurrent.futures semantics: in order; an item's exception raised when it is reached."""
-    run = MapRun(fn, iterables, workers=workers, chunksize=chunksize, stop_on_error=False)
-    deadline = None if timeout is None else time.monotonic() + timeout
-    return _imap(run, ordered=True, errors="return", deadline=deadline, raise_in_order=True)
-
-
-def _deadline(total_timeout: float | None) -> float | None:
-    if total_timeout is None:
-        return None
-    if isinstance(total_timeout, bool) or not isinstance(total_timeout, (int, float)) or total_timeout <= 0:
-        raise ValueError(f"total_timeout must be a positive number of seconds, got {total_timeout!r}")
-    return time.monotonic() + total_timeout
-
-
-def _call_timeout(run: MapRun, total_timeout: float | None, completed: dict[int, Any]) -> TaskTimeout:
-    error = TaskTimeout(
-        f"the call ran past its total_timeout of {total_timeout:g} s with {run.done} items finished; it was "
-        "cancelled (the finished results are in err.completed). Raise total_timeout, or pass "
-        'errors="return" to get the finished results in place.', limit=total_timeout)
-    error.completed = completed
-    return error
-
-
-def _mark_unfinished(spans: list[tuple[int, list[Any]]], singles: dict[int, Any]) -> None:
-    """Spans win over placeholders for the indices they cover."""
-    for start, values in spans:
-        for index in range(start, start + len(values)):
-            singles.pop(index, None)
-
-
-def _keep(batch: Batch, spans: list[tuple[int, list[Any]]], singles: dict[int, Any]) -> None:
-    if isinstance(batch.indices, range) and batch.values:
-        spans.append((batch.indices.start, batch.values))
-    else:
-        singles.update(zip(batch.indices, batch.values))
-    singles.update(batch.errors)
-
-
-def _completed(run: MapRun, spans: list[tuple[int, list[Any]]], singles: dict[int, Any]) -> dict[int, Any]:
-    completed: dict[int, Any] = {}
-    for start, values in spans:
-        completed.update(zip(range(start, start + len(values)), values))
-    completed.update((i, v) for i, v in singles.items() if not isinstance(v, NbParallelError))
-    for late in run.late:
-        completed.update(zip(late.indices, late.values))
-    return completed
-
-
-def _stop(run: MapRun, batch: Batch, spans: list[tuple[int, list[Any]]], singles: dict[int, Any]) -> NbParallelError:
-    run.cancel("failed")
-    error = min(batch.errors.items())[1]
-    error.completed = _completed(run, spans, singles)
-    return error
-
-
-def _interrupt_message(run: MapRun) -> str:
-    total = run.next_index if run.exhausted else run.total
-    return (f"nbparallel: cancelled after {run.done} of {total if total is not None else 'an unknown number of'} "
-            "items finished; the finished results are in err.completed")
-
-
-def _interrupted(run: MapRun, spans: list[tuple[int, list[Any]]], singles: dict[int, Any]) -> Interrupted:
-    run.cancel()
-    return Interrupted(_interrupt_message(run), _completed(run, spans, singles))
+                 limits=limits, observer=_sweep.recording(observer))
+    iterator = collect.stream(run, ordered=ordered, errors=errors, deadline=collect.deadline_after(total_timeout),
+                              total_timeout=total_timeout)
+    return _progress.attach(observer, iterator)
 
 
 def configure(

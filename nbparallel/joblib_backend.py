@@ -2,7 +2,7 @@
 scikit-learn's ``n_jobs``, on nbparallel's workers (or its Dask cluster), with the progress widget,
 worker output in the cell and the interrupt guarantees.
 
-Each batch joblib dispatches becomes one task (``futures.Task``, as ``nbparallel.submit`` makes),
+Each batch joblib dispatches becomes one task (``kernel.tasks.Task``, as ``nbparallel.submit`` makes),
 so the kernel never forks and functions defined in the notebook travel by value. joblib's contract
 (joblib 1.3+): ``submit`` returns a future-like object and calls ``callback`` when it is done (here on
 the client's reader thread, which then dispatches joblib's next batch); ``retrieve_result_callback``
@@ -24,9 +24,10 @@ from typing import Any
 from joblib._parallel_backends import (AutoBatchingMixin, FallbackToBackend, ParallelBackendBase,
                                        SequentialBackend)
 
-from . import config, futures
+from . import config
 from .kernel.output import CellTarget
 from .kernel.runner import get_client, settings
+from .kernel.tasks import Task, new_group
 from .progress.driver import choose_display
 from .progress.tracking import FutureGroup
 
@@ -77,7 +78,7 @@ class NbParallelBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore
             raise FallbackToBackend(SequentialBackend(nesting_level=self.nesting_level))
         self.parallel = parallel
         self.limit = n_jobs
-        self.group = futures.new_group()  # the call's tasks share its n_jobs cap, as an Executor's do
+        self.group = new_group()  # the call's tasks share its n_jobs cap, as an Executor's do
         return n_jobs
 
     def start_call(self) -> None:
@@ -103,7 +104,7 @@ class NbParallelBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore
     def submit(self, func: Any, callback: Any = None) -> cf.Future[Any]:
         """Run one batch (a joblib ``BatchedCalls``) as a task; ``callback`` when it is done."""
         calls = len(func) if hasattr(func, "__len__") else 1
-        task = futures.Task(func, (), {}, self.limit, self.group, target=self.target, label=_describe(func, calls))
+        task = Task(func, (), {}, self.limit, self.group, target=self.target, label=_describe(func, calls))
         future: cf.Future[Any] = task.future
         with self.lock:
             self.pending.add(future)

@@ -1,5 +1,5 @@
 """What a call tells the sidecar beyond its function and items: limits, the caller's context, the
-function's cache key; and how a ``crashed`` report becomes the right error."""
+function's cache key."""
 
 from __future__ import annotations
 
@@ -10,9 +10,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import config
-from ..crashes import MemoryLimitExceeded, WorkerCrashed
-from ..errors import NbParallelError, TaskTimeout
-from ..wire.frames import Frame
 
 
 @dataclass(frozen=True)
@@ -38,9 +35,6 @@ class Limits:
         memory = None if memory_limit is None else config.parse_size(memory_limit)
         return Limits(None if timeout is None else float(timeout), retries, retry_on, memory)
 
-    def header(self) -> dict[str, Any]:
-        return {"timeout": self.timeout, "retries": self.retries, "memory_limit": self.memory_limit}
-
 
 def function_key(packed: Any) -> str:
     """Workers cache functions by this key. A function whose closure holds arrays in shared
@@ -49,19 +43,6 @@ def function_key(packed: Any) -> str:
     if packed.specs:
         digest.update(os.urandom(16))
     return digest.hexdigest()
-
-
-def crash_error(frame: Frame, index: int | None, item: str) -> NbParallelError:
-    """The error for an item whose worker died (a ``crashed`` frame), by the reason it died."""
-    reason, attempts, pid = frame.get("reason"), frame.get("attempts", 1), frame.get("pid")
-    if reason == "timeout":
-        return TaskTimeout(index=index, item=item, limit=frame["limit"], attempts=attempts)
-    if reason == "memory":
-        return MemoryLimitExceeded(index=index, item=item, pid=pid, limit=frame["limit"],
-                                   memory=frame["memory"], attempts=attempts)
-    return WorkerCrashed(index=index, item=item, pid=pid, exitcode=frame.get("exitcode"),
-                         memory=frame.get("memory"), attempts=attempts, cause=frame.get("cause"),
-                         worker=frame.get("worker"))
 
 
 def caller_context() -> dict[str, Any]:

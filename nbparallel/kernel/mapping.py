@@ -1,8 +1,9 @@
-"""One map call on the kernel side: feed chunks lazily, collect outcomes, cancel on demand.
+"""One map call on the kernel side: feed chunks lazily, hand on outcomes, cancel on demand.
 
 The caller's own thread drives the run: it pickles the next chunks while fewer than the window are
 in flight, then waits for the reader thread to hand it a result. So a generator of ten million
 items is read only as fast as the workers consume it, and Ctrl-C lands in the thread that waits.
+The job itself (opening it, reading its outcomes) is jobs.py's; collecting them is collect.py's.
 """
 
 from __future__ import annotations
@@ -16,26 +17,19 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .. import config
-from ..payload import tracebacks
+from ..errors import NbParallelError, SidecarDied
 from ..payload import pickling as ser
-from .chunking import ChunkSizer, iterate, known_length
-from .runner import Client, get_client, settings
-from ..errors import NbParallelError, SerializationError, SidecarDied, make_task_error
-from .jobspec import Limits, caller_context, crash_error, function_key
-from .output import CellTarget, flush_std, tag_lines
+from ..payload.retrying import RetryOn
+from ..wire import messages as msg
 from ..wire.frames import Frame
-from ..payload.retrying import ATTEMPTS_ATTR, RetryOn
+from .chunking import ChunkSizer, iterate, known_length
+from .jobs import Batch as Batch  # what a run yields; the progress observer reads it from here
+from .jobs import Job
+from .jobspec import Limits
+from .output import CellTarget, flush_std, tag_lines
+from .runner import Client, get_client, settings
 
 WAIT_SLICE = 0.25  # seconds: the caller re-checks its state at least this often while waiting
-
-
-@dataclass
-class Batch:
-    """Outcomes of some items: ``values[k]`` belongs to ``indices[k]``; ``errors`` are the failures."""
-
-    indices: range | list[int]
-    values: list[Any]
-    errors: dict[int, NbParallelError]
 
 
 class Observer(Protocol):
@@ -63,6 +57,9 @@ class _InFlight:
     def is_settled(self, index: int) -> bool:
         return any(index in indices for indices in self.settled)
 
+    def describe(self, index: int) -> str:
+        return ser.describe(self.items[index - self.start])
+
 
 class MapRun:
     """The state of one map/imap call. Iterate ``batches()`` to drive it."""
@@ -84,13 +81,14 @@ class MapRun:
         self.limits = limits or Limits()
         if self.limits.retry_on:
             fn = RetryOn(fn, self.limits.retries, self.limits.retry_on)
-        self.function = ser.dumps_function(fn)  # before anything runs: fail fast, name the culprit
-        self.sources = tracebacks.SourceIndex(fn)  # writes remote tracebacks out with the cells' lines
+        self.star = len(iterables) > 1
+        self.engine = Job(fn, call="star" if self.star else "one")  # pickles fn now: fails fast
         self.total = known_length(iterables)
         self.items = iterate(iterables)
-        self.star = len(iterables) > 1
         self.limit = config.resolve_workers(workers) if workers is not None else 0
         self.client = client or get_client()
+        self.engine.connect(self.client)
+        self.job = self.engine.id
         # On a Dask cluster the pool is the cluster's threads, as the bridge counted them.
         pool = self.client.size or config.resolve_workers(settings.workers)
         self.workers = self.limit or pool
@@ -100,7 +98,6 @@ class MapRun:
         self.stop_on_error = stop_on_error
         self.events: queue.SimpleQueue[Frame | SidecarDied] = queue.SimpleQueue()
         self.target: CellTarget  # captured when the run starts: an imap may be iterated in a later cell
-        self.job = self.client.new_job_id()
         self.next_index = 0
         self.exhausted = False
         self.in_flight: dict[int, _InFlight] = {}
@@ -127,7 +124,8 @@ class MapRun:
             self.events.put(frame)
 
     def on_output(self, frame: Frame) -> None:
-        raw = frame.get("text", "")
+        out = msg.view(frame, msg.Output)
+        raw = out.get("text", "")
         self.output_bytes += len(raw)
         if self.output_bytes > settings.max_output_bytes:
             if not self.output_dropped:
@@ -135,10 +133,10 @@ class MapRun:
                 self.target.stream("stderr", f"[nbparallel: the workers printed more than {settings.max_output_bytes:,} "
                                     "bytes; the rest of this call's output is dropped (configure(max_output_bytes=...))]\n")
         else:
-            text = tag_lines(raw, frame.get("index")) if settings.tag_output else raw
-            self.target.stream(frame.get("stream", "stdout"), text)
+            text = tag_lines(raw, out.get("index")) if settings.tag_output else raw
+            self.target.stream(out.get("stream", "stdout"), text)
         if self.observer is not None:
-            self.observer.output(self, frame.get("stream", "stdout"), raw, frame.get("index"))
+            self.observer.output(self, out.get("stream", "stdout"), raw, out.get("index"))
 
     def on_died(self, error: SidecarDied) -> None:
         self.events.put(error)
@@ -149,21 +147,9 @@ class MapRun:
         """Outcomes as they arrive, until every item has one."""
         flush_std()
         self.target = CellTarget.capture()  # output goes to the cell that consumes the results
-        self.client.register(self.job, self)
+        self.engine.route(self)
         try:
-            self.client.send_packed(
-                {
-                    "op": "job",
-                    "job": self.job,
-                    "key": function_key(self.function),
-                    "stop_on_error": self.stop_on_error,
-                    "call": "star" if self.star else "one",
-                    "limit": self.limit,
-                    **caller_context(),
-                    **self.limits.header(),
-                },
-                self.function,
-            )
+            self.engine.open(limit=self.limit, stop_on_error=self.stop_on_error, limits=self.limits)
             if self.observer is not None:
                 self.observer.started(self)
             while True:
@@ -201,11 +187,7 @@ class MapRun:
             payload = ser.dumps_items(items, self.next_index)
             size = len(payload.data) + sum(s["size"] for s in payload.specs)
             self.sizer.observe_bytes(len(items), size)
-            chunk = self.client.new_chunk_id()
-            self.client.send_packed(
-                {"op": "chunk", "job": self.job, "chunk": chunk, "start": self.next_index, "count": len(items)},
-                payload,
-            )
+            chunk = self.engine.send_chunk(self.next_index, len(items), payload)
             self.in_flight[chunk] = _InFlight(self.next_index, items, len(items), size)
             self.bytes_in_flight += size
             self.next_index += len(items)
@@ -238,41 +220,24 @@ class MapRun:
         return None
 
     def _result(self, frame: Frame) -> Batch:
-        flight = self.in_flight[frame["chunk"]]
+        result = msg.view(frame, msg.Result)
+        flight = self.in_flight[result["chunk"]]
         try:
-            offsets, values, problems = ser.unpack(frame, private=True)
+            batch = self.engine.outcomes(frame, flight.start, flight.describe)
         except Exception as exc:  # e.g. a result of a class the kernel cannot import
-            return self._unreadable(frame["chunk"], exc)
-        if frame["final"] and frame.get("n"):
-            self.sizer.observe_time(frame["n"], frame["elapsed"])
-        start = flight.start
-        indices: range | list[int]
-        if isinstance(offsets, range):
-            indices = range(start + offsets.start, start + offsets.stop)
-        else:
-            indices = [start + o for o in offsets]
-        errors: dict[int, NbParallelError] = {}
-        for offset, (status, value) in problems.items():
-            index = start + offset
-            if status == ser.RAISED:
-                exception, trace = value
-                errors[index] = make_task_error(exception, self.sources.render(trace), index,
-                                                ser.describe(flight.items[offset]))
-                errors[index].attempts = getattr(exception, ATTEMPTS_ATTR, 1)
-            else:
-                value.index, value.item = index, ser.describe(flight.items[offset])
-                errors[index] = value
-        flight.settled.append(indices)
-        flight.settled.append(list(errors))
-        self._resolve(frame["chunk"], len(indices) + len(errors))
-        self.done += len(indices)
-        self.failed += len(errors)
-        return Batch(indices, values, errors)
+            return self._unreadable(result["chunk"], exc)
+        if result["final"] and result.get("n"):
+            self.sizer.observe_time(result["n"], result["elapsed"])
+        flight.settled.append(batch.indices)
+        flight.settled.append(list(batch.errors))
+        self._resolve(result["chunk"], len(batch.indices) + len(batch.errors))
+        self.done += len(batch.indices)
+        self.failed += len(batch.errors)
+        return batch
 
     def _crashed(self, frame: Frame) -> Batch:
         flight = self.in_flight[frame["chunk"]]
-        errors = {index: crash_error(frame, index, ser.describe(flight.items[index - flight.start]))
-                  for index in frame["indices"]}
+        errors = self.engine.crashed(frame, flight.describe)
         flight.settled.append(list(errors))
         self._resolve(frame["chunk"], len(errors))
         self.failed += len(errors)
@@ -281,13 +246,9 @@ class MapRun:
     def _unreadable(self, chunk: int, exc: Exception) -> Batch:
         """Fail what is left of a chunk whose results the kernel could not unpickle."""
         flight = self.in_flight[chunk]
-        errors: dict[int, NbParallelError] = {}
-        for offset, item in enumerate(flight.items):
-            if not flight.is_settled(flight.start + offset):
-                errors[flight.start + offset] = SerializationError(
-                    f"the results for item {flight.start + offset} could not be unpickled here: "
-                    f"{type(exc).__name__}: {exc}. Is everything the function returns importable in the "
-                    "kernel?", index=flight.start + offset, item=ser.describe(item))
+        errors: dict[int, NbParallelError] = {
+            index: self.engine.unreadable(exc, index, flight.describe)
+            for index in range(flight.start, flight.start + len(flight.items)) if not flight.is_settled(index)}
         self.unresolved -= flight.left
         self.bytes_in_flight -= flight.size
         del self.in_flight[chunk]
@@ -310,9 +271,7 @@ class MapRun:
         if self.cancelled or self.client.dead is not None:
             return
         self.cancelled = True
-        try:
-            self.client.send({"op": "cancel", "job": self.job})
-        except SidecarDied:
+        if not self.engine.cancel():
             return
         deadline = time.monotonic() + config.CANCEL_WAIT
         try:
@@ -335,11 +294,7 @@ class MapRun:
             self.state = "done" if self.finished else "cancelled"
         if self.observer is not None:
             self.observer.finished(self, self.state)
-        self.client.unregister(self.job)
-        try:
-            self.client.send({"op": "end", "job": self.job})
-        except SidecarDied:
-            pass
+        self.engine.end()
 
 
 def _with_completed(error: NbParallelError, completed: dict[int, Any]) -> NbParallelError:

@@ -1,0 +1,196 @@
+"""Collecting a map run's outcomes: into a list (``map``), or as they come (``imap``, ``Executor.map``).
+
+Whatever stops a call (its first error, Ctrl-C, ``total_timeout``), every result that had arrived
+is kept: the error raised carries them as ``err.completed`` ({index: result}), including the late
+batches that arrived while the run was being cancelled.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from ..errors import Interrupted, NbParallelError, TaskTimeout
+from .mapping import Batch, MapRun
+
+
+class Kept:
+    """The outcomes of a run by index: contiguous runs of values as spans (no dict entry per item
+    for a million results), the rest one by one; errors in the items' places."""
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[int, list[Any]]] = []  # (first index, values) for contiguous batches
+        self.singles: dict[int, Any] = {}
+
+    def keep(self, batch: Batch) -> None:
+        if isinstance(batch.indices, range) and batch.values:
+            self.spans.append((batch.indices.start, batch.values))
+        else:
+            self.singles.update(zip(batch.indices, batch.values))
+        self.singles.update(batch.errors)
+
+    def completed(self, run: MapRun) -> dict[int, Any]:
+        """``{index: result}`` of what finished, the run's late batches included."""
+        completed: dict[int, Any] = {}
+        for start, values in self.spans:
+            completed.update(zip(range(start, start + len(values)), values))
+        completed.update((i, v) for i, v in self.singles.items() if not isinstance(v, NbParallelError))
+        for late in run.late:
+            completed.update(zip(late.indices, late.values))
+        return completed
+
+    def mark_unfinished(self, run: MapRun, total_timeout: float | None) -> list[TaskTimeout]:
+        """A ``TaskTimeout`` in the place of every item sent that has no outcome; returns them."""
+        for late in run.late:
+            self.keep(late)
+        for index in range(run.next_index):
+            self.singles.setdefault(index, TaskTimeout(
+                f"item {index} did not finish before the call's total_timeout of {total_timeout:g} s",
+                index=index, limit=total_timeout))
+        for start, values in self.spans:  # spans win over placeholders for the indices they cover
+            for index in range(start, start + len(values)):
+                self.singles.pop(index, None)
+        return [v for v in self.singles.values() if isinstance(v, TaskTimeout)]
+
+    def as_list(self, length: int) -> list[Any]:
+        results: list[Any] = [None] * length
+        for start, values in self.spans:
+            results[start : start + len(values)] = values
+        for index, value in self.singles.items():
+            results[index] = value
+        return results
+
+
+def gather(run: MapRun, *, ordered: bool, errors: str, total_timeout: float | None) -> list[Any]:
+    """Drive ``run`` to the end and return its results: in input order, or as they finished.
+    ``errors``: ``"raise"`` stops at the first failure, ``"return"`` puts it in its item's place."""
+    kept = Kept()
+    arrival: list[Any] = []
+    batches = run.batches()
+    try:
+        for batch in batches:
+            if errors == "raise" and batch.errors:
+                kept.keep(batch)
+                raise _stop(run, batch, kept)
+            kept.keep(batch)
+            if not ordered:
+                arrival.extend(batch.values)
+                arrival.extend(batch.errors.values())
+    except KeyboardInterrupt:
+        run.cancel()
+        raise Interrupted(interrupt_message(run), kept.completed(run)) from None
+    except cf.TimeoutError:
+        if errors == "raise":
+            raise call_timeout(run, total_timeout, kept.completed(run)) from None
+        unfinished = kept.mark_unfinished(run, total_timeout)
+        if not ordered:
+            arrival.extend(unfinished)
+    except NbParallelError as error:
+        if not error.completed:
+            error.completed = kept.completed(run)
+        raise
+    finally:
+        batches.close()
+    return arrival if not ordered else kept.as_list(run.next_index)
+
+
+def stream(run: MapRun, *, ordered: bool, errors: str, deadline: float | None = None,
+           raise_in_order: bool = False, total_timeout: float | None = None) -> Iterator[Any]:
+    """Yield ``run``'s results while the work goes on: in input order, or as they finished.
+
+    ``raise_in_order`` (concurrent.futures semantics): an item's error is raised when its place is
+    reached, not when it arrives. ``deadline``: ``time.monotonic()`` past which waiting raises
+    ``TimeoutError`` (with ``total_timeout``: our ``TaskTimeout``)."""
+    waiting: dict[int, Any] = {}  # ordered: finished but not yet yielded
+    failed: dict[int, NbParallelError] = {}
+    run.backlog = waiting.__len__
+    run.deadline = deadline
+    next_index = 0
+    batches = run.batches()
+    try:
+        while True:
+            batch = next(batches, None)
+            if batch is None:
+                break
+            if batch.errors and errors == "raise" and not raise_in_order:
+                run.cancel("failed")
+                batches.close()
+                error = next(iter(batch.errors.values()))
+                waiting.update(zip(batch.indices, batch.values))
+                for late in run.late:
+                    waiting.update(zip(late.indices, late.values))
+                error.completed = dict(waiting)
+                raise error
+            if not ordered:
+                yield from batch.values
+                yield from batch.errors.values()
+                continue
+            waiting.update(zip(batch.indices, batch.values))
+            if raise_in_order:
+                failed.update(batch.errors)
+            waiting.update(batch.errors)
+            while next_index in waiting:
+                value = waiting.pop(next_index)
+                if next_index in failed:
+                    batches.close()
+                    raise value
+                next_index += 1
+                yield value
+    except KeyboardInterrupt:
+        batches.close()
+        completed = dict(waiting)
+        for late in run.late:
+            completed.update(zip(late.indices, late.values))
+        raise Interrupted(interrupt_message(run), completed) from None
+    except cf.TimeoutError:
+        if total_timeout is None:
+            raise  # Executor.map's own timeout: concurrent.futures semantics
+        completed = {i: v for i, v in waiting.items() if not isinstance(v, NbParallelError)}
+        for late in run.late:
+            completed.update(zip(late.indices, late.values))
+        raise call_timeout(run, total_timeout, completed) from None
+    finally:
+        batches.close()
+
+
+def imap_in_order(fn: Callable[..., Any], iterables: tuple[Iterable[Any], ...], *, workers: int | None,
+                  chunksize: int | str, timeout: float | None) -> Iterator[Any]:
+    """concurrent.futures semantics (``Executor.map``): in order; an item's exception raised when
+    it is reached; ``timeout`` counts from this call."""
+    run = MapRun(fn, iterables, workers=workers, chunksize=chunksize, stop_on_error=False)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    return stream(run, ordered=True, errors="return", deadline=deadline, raise_in_order=True)
+
+
+def deadline_after(total_timeout: float | None) -> float | None:
+    """The ``time.monotonic()`` at which a call of ``total_timeout`` seconds must stop (checked)."""
+    if total_timeout is None:
+        return None
+    if isinstance(total_timeout, bool) or not isinstance(total_timeout, (int, float)) or total_timeout <= 0:
+        raise ValueError(f"total_timeout must be a positive number of seconds, got {total_timeout!r}")
+    return time.monotonic() + total_timeout
+
+
+def call_timeout(run: MapRun, total_timeout: float | None, completed: dict[int, Any]) -> TaskTimeout:
+    """The error of a call that ran past ``total_timeout``, carrying what had finished."""
+    error = TaskTimeout(
+        f"the call ran past its total_timeout of {total_timeout:g} s with {run.done} items finished; it was "
+        "cancelled (the finished results are in err.completed). Raise total_timeout, or pass "
+        'errors="return" to get the finished results in place.', limit=total_timeout)
+    error.completed = completed
+    return error
+
+
+def interrupt_message(run: MapRun) -> str:
+    total = run.next_index if run.exhausted else run.total
+    return (f"nbparallel: cancelled after {run.done} of {total if total is not None else 'an unknown number of'} "
+            "items finished; the finished results are in err.completed")
+
+
+def _stop(run: MapRun, batch: Batch, kept: Kept) -> NbParallelError:
+    run.cancel("failed")
+    error = min(batch.errors.items())[1]
+    error.completed = kept.completed(run)
+    return error

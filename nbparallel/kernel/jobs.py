@@ -1,0 +1,161 @@
+"""One job in the runner, as the kernel sees it: open it, send its chunks, read its outcomes.
+
+The one engine under every kind of call: map and imap (mapping.py) send many chunks; submit,
+``Executor.submit`` and the joblib backend (tasks.py) send one item. Either way the function is
+pickled before anything starts (fail fast, name the culprit), the job frame says how to call it,
+and each ``result`` or ``crashed`` frame becomes values and errors by item index: a task's own
+exception as a ``TaskError`` with its remote traceback written out with the notebook's cells, the
+machinery's failures and crashed workers as the right ``NbParallelError``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..crashes import MemoryLimitExceeded, WorkerCrashed
+from ..errors import NbParallelError, SerializationError, SidecarDied, TaskTimeout, make_task_error
+from ..payload import pickling as ser
+from ..payload import tracebacks
+from ..payload.retrying import ATTEMPTS_ATTR
+from ..wire import messages as msg
+from ..wire.frames import Frame
+from .jobspec import Limits, caller_context, function_key
+from .runner import Client, JobHandle
+
+#: How errors name the item at an index (``ser.describe`` of it, or a submitted call's label).
+Describe = Callable[[int], str]
+
+
+@dataclass
+class Batch:
+    """Outcomes of some items: ``values[k]`` belongs to ``indices[k]``; ``errors`` are the failures."""
+
+    indices: range | list[int]
+    values: list[Any]
+    errors: dict[int, NbParallelError]
+
+
+class Job:
+    """A call's job in the runner: its pickled function, its id, and what its frames mean.
+
+    ``call`` is how a worker calls the function on an item: ``"one"`` (``fn(item)``), ``"star"``
+    (``fn(*item)``) or ``"kwargs"`` (submit's ``(args, kwargs)``). ``numbered``: errors carry the
+    item's index (map) or not (a submitted call, named by its label alone).
+    """
+
+    def __init__(self, fn: Callable[..., Any], *, call: msg.CallMode, numbered: bool = True) -> None:
+        self.function = ser.dumps_function(fn)  # before anything runs: fail fast, name the culprit
+        self.sources = tracebacks.SourceIndex(fn)  # writes remote tracebacks out with the cells' lines
+        self.call = call
+        self.numbered = numbered
+        self.client: Client
+        self.id = 0
+
+    def connect(self, client: Client) -> None:
+        """Take a job id of ``client``'s (the runner this job will run in)."""
+        self.client = client
+        self.id = client.new_job_id()
+
+    def discard(self) -> None:
+        """Release the pickled function of a job that will never be opened."""
+        self.function.close()
+
+    # -- sending --------------------------------------------------------------------------------
+
+    def route(self, handle: JobHandle) -> None:
+        """Have the client's reader thread hand ``handle`` every frame about this job."""
+        self.client.register(self.id, handle)
+
+    def open(self, *, limit: int, group: int | None = None, stop_on_error: bool = False,
+             limits: Limits | None = None) -> None:
+        """Send the job (the function travels with it). ``limit`` caps how many workers run it at
+        once (0: no cap), shared by the jobs of ``group``."""
+        limits = limits or Limits()
+        context = caller_context()
+        header = msg.job(job=self.id, key=function_key(self.function), call=self.call, limit=limit,
+                         cwd=context["cwd"], path=context["path"], stop_on_error=stop_on_error,
+                         timeout=limits.timeout, retries=limits.retries, memory_limit=limits.memory_limit)
+        if group is not None:
+            header["group"] = group
+        self.client.send_packed(header, self.function)
+
+    def send_chunk(self, start: int, count: int, payload: Any) -> int:
+        """Send items ``start..start+count-1`` (``payload``: their ``ser.pack``-ed list); the chunk's id."""
+        chunk = self.client.new_chunk_id()
+        self.client.send_packed(msg.chunk(job=self.id, chunk=chunk, start=start, count=count), payload)
+        return chunk
+
+    def cancel(self) -> bool:
+        """Ask the runner to drop the job's queued chunks and kill its running workers; False if
+        it is gone (nothing to cancel, and no ``cancelled`` will come)."""
+        if self.client.dead is not None:
+            return False
+        try:
+            self.client.send(msg.cancel(job=self.id))
+        except SidecarDied:
+            return False
+        return True
+
+    def end(self, *, send: bool = True) -> None:
+        """Stop routing the job's frames; ``send``: tell the runner to forget the job."""
+        self.client.unregister(self.id)
+        if send and self.client.dead is None:
+            try:
+                self.client.send(msg.end(job=self.id))
+            except SidecarDied:
+                pass
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def outcomes(self, frame: Frame, start: int, describe: Describe) -> Batch:
+        """The values and errors a ``result`` frame carries for the chunk that starts at ``start``.
+        Raises what unpickling raised (e.g. a result of a class the kernel cannot import)."""
+        offsets, values, problems = ser.unpack(frame, private=True)
+        indices: range | list[int]
+        if isinstance(offsets, range):
+            indices = range(start + offsets.start, start + offsets.stop)
+        else:
+            indices = [start + o for o in offsets]
+        errors: dict[int, NbParallelError] = {}
+        for offset, (status, value) in problems.items():
+            index = start + offset
+            if status == ser.RAISED:
+                exception, trace = value
+                error = make_task_error(exception, self.sources.render(trace), index if self.numbered else None,
+                                        describe(index))
+                error.attempts = getattr(exception, ATTEMPTS_ATTR, 1)
+            else:  # the machinery's own error, e.g. a result that could not be pickled
+                error = value
+                if self.numbered:
+                    error.index, error.item = index, describe(index)
+            errors[index] = error
+        return Batch(indices, values, errors)
+
+    def crashed(self, frame: Frame, describe: Describe) -> dict[int, NbParallelError]:
+        """The errors for the items a ``crashed`` frame names, by the reason their worker died."""
+        crash = msg.view(frame, msg.Crashed)
+        return {index: crash_error(crash, index if self.numbered else None, describe(index))
+                for index in crash["indices"]}
+
+    def unreadable(self, exc: Exception, index: int, describe: Describe) -> SerializationError:
+        """The error for an item whose result came back but could not be unpickled here."""
+        why = f"{type(exc).__name__}: {exc}"
+        if not self.numbered:
+            return SerializationError(f"the result of {describe(index)} could not be unpickled here: {why}")
+        return SerializationError(f"the results for item {index} could not be unpickled here: {why}. Is everything "
+                                  "the function returns importable in the kernel?", index=index, item=describe(index))
+
+
+def crash_error(crash: msg.Crashed, index: int | None, item: str) -> NbParallelError:
+    """The error for an item whose worker died (a ``crashed`` frame), by the reason it died."""
+    reason, attempts, pid = crash.get("reason"), crash.get("attempts", 1), crash.get("pid")
+    if reason == "timeout":
+        return TaskTimeout(index=index, item=item, limit=crash["limit"], attempts=attempts)
+    if reason == "memory":
+        return MemoryLimitExceeded(index=index, item=item, pid=pid, limit=int(crash["limit"]),
+                                   memory=int(crash["memory"] or 0), attempts=attempts)
+    return WorkerCrashed(index=index, item=item, pid=pid, exitcode=crash.get("exitcode"),
+                         memory=crash.get("memory"), attempts=attempts, cause=crash.get("cause"),
+                         worker=crash.get("worker"))

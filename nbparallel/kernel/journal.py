@@ -1,0 +1,508 @@
+"""The journal of a durable sweep: an SQLite file that outlives the kernel.
+
+One file per sweep (``runs/sweep.db``), in WAL mode with ``synchronous=NORMAL``: a committed
+transaction survives the death of the process that wrote it (SIGKILL included), and the file stays
+consistent whatever moment that happens at; only an OS crash or a power cut can take back the latest
+commits. A writer thread commits at most ``COMMIT_INTERVAL`` apart, so a killed kernel loses at
+most about the last second of results, and the caller's thread only pickles.
+
+Beside it, nothing but what SQLite keeps (``-wal``, ``-shm``) and, when needed:
+
+- ``sweep.db-blobs/``: large buffers (numpy arrays and the like, ``OUT_OF_BAND`` bytes or more), one
+  file each, so a big value is written once and is not a giant row. A file is written before the
+  row that names it is committed, and checked by size when read: one lost in an OS crash makes its
+  items run again, never wrong values. Files no row names (a write cut short) are removed on open.
+- ``sweep.db-lock``: an ``flock`` held while a sweep writes; a second writer, in this process or
+  another, is refused (``CheckpointBusy``). The lock goes with the process that held it.
+
+Tables: ``calls`` (one per function that wrote results: its digest, name and source), ``outcomes``
+(a batch of values for some indices, or one failure), ``meta`` (the format). Items are known by their
+position and their value: a batch keeps its items pickled as one list (compared as bytes on resume;
+cheap), or for big items a digest of each (identity.py). The newest outcome of an index wins.
+"""
+
+from __future__ import annotations
+
+import array
+import atexit
+import functools
+import json
+import os
+import pickle
+import socket
+import sqlite3
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from queue import Empty, SimpleQueue
+from typing import Any
+
+import cloudpickle
+
+from ..errors import NbParallelError
+from .identity import DIGEST_SIZE, FunctionId, item_digest
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; two writers are then the user's to avoid
+    fcntl = None  # type: ignore[assignment]
+
+FORMAT = "1"
+COMMIT_INTERVAL = 1.0  # seconds between commits at most: what a killed kernel can lose
+OUT_OF_BAND = 256 * 2**10  # bytes: a value's buffer this big goes to a file of its own
+ITEMS_INLINE = 2**20  # bytes: a batch's items pickled bigger than this are kept as digests
+ON_CHANGE = ("error", "restart", "keep")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS calls (
+    id INTEGER PRIMARY KEY, digest TEXT NOT NULL, name TEXT NOT NULL, source TEXT, exact INTEGER NOT NULL,
+    started REAL NOT NULL, pid INTEGER, host TEXT, python TEXT);
+CREATE TABLE IF NOT EXISTS outcomes (
+    id INTEGER PRIMARY KEY, call INTEGER NOT NULL, failed INTEGER NOT NULL,
+    first INTEGER NOT NULL, count INTEGER NOT NULL, indices BLOB,
+    items BLOB, digests BLOB, value BLOB, buffers TEXT, message TEXT, finished REAL NOT NULL);
+"""
+_INSERT = ("INSERT INTO outcomes (call, failed, first, count, indices, items, digests, value, buffers, message, "
+           "finished) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+
+
+# Connections of journals this process wrote and closed, kept open (with the file's identity) for
+# the next call on the same journal: closing the last connection checkpoints the WAL into the file
+# with an fsync, tens of milliseconds that a sweep run again should not pay. Closed at exit.
+_IDLE: dict[Path, tuple[sqlite3.Connection, tuple[int, int]]] = {}
+_IDLE_LOCK = threading.Lock()
+
+
+class CheckpointError(NbParallelError):
+    """The journal of a checkpointed call cannot be used as asked."""
+
+
+class CheckpointBusy(CheckpointError):
+    """Another sweep is writing this journal now (in this process or another)."""
+
+
+class CheckpointMismatch(CheckpointError, ValueError):
+    """The journal holds results of a different function; ``on_change=`` says what to do."""
+
+    def __init__(self, message: str, *, stored: str, current: str) -> None:
+        super().__init__(message)
+        self.stored = stored
+        self.current = current
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where a sweep keeps its journal, and what to do with what it finds there.
+
+    ``on_change``: when the function differs from the one that wrote the journal, ``"error"``
+    (the default) raises ``CheckpointMismatch``; ``"restart"`` deletes the old results and starts
+    over; ``"keep"`` keeps them and runs only the missing items with the new function.
+    ``rerun_failed``: run the items that failed last time again (the default), or keep their failure.
+    """
+
+    path: str | os.PathLike[str]
+    on_change: str = "error"
+    rerun_failed: bool = True
+
+    def __post_init__(self) -> None:
+        if self.on_change not in ON_CHANGE:
+            raise ValueError(f'on_change must be "error", "restart" or "keep", got {self.on_change!r}')
+        if not isinstance(self.path, (str, os.PathLike)) or not os.fspath(self.path):
+            raise TypeError(f"a checkpoint is a file path, got {self.path!r}")
+
+
+def as_checkpoint(value: Any) -> Checkpoint:
+    """``checkpoint=`` as given (a path or a Checkpoint) made a Checkpoint."""
+    return value if isinstance(value, Checkpoint) else Checkpoint(value)
+
+
+class Row:
+    """One stored outcome: values for ``indices``, or (``failed``) one failure."""
+
+    def __init__(self, journal: Journal, raw: tuple[Any, ...]) -> None:
+        (self.id, self.call, failed, first, count, indices, self.items, self.digests, self.value, buffers,
+         self.message, self.finished) = raw
+        self.failed = bool(failed)
+        self.indices: Sequence[int] = (range(first, first + count) if indices is None
+                                       else memoryview(indices).cast("q").tolist())
+        self.buffers: list[tuple[str, int]] = json.loads(buffers) if buffers else []
+        self.journal = journal
+        self.decoded: list[Any] | None = None
+        self.stored_items: list[Any] | None = None
+
+    def outcomes(self) -> list[Any]:
+        """The values (a failure: a one-element list with the exception); raises if unreadable."""
+        if self.decoded is None:
+            if self.failed:
+                error = pickle.loads(self.value) if self.value is not None else None
+                self.decoded = [error if isinstance(error, BaseException) else CheckpointError(self.message or "")]
+            else:
+                self.decoded = pickle.loads(self.value, buffers=[self.journal.read_blob(n, s) for n, s in self.buffers])
+        return self.decoded
+
+    def same_items(self, current: list[Any]) -> bool:
+        """Whether ``current`` (the items now at ``indices``) are the items stored, all of them."""
+        if self.items is None:
+            return False
+        try:
+            return bool(pickle.dumps(current, protocol=5) == self.items)
+        except Exception:  # an item plain pickle refuses: compare one by one
+            return False
+
+    def same_item(self, offset: int, item: Any) -> bool:
+        """Whether ``item`` is the one stored at ``offset`` (the slow path: a digest each)."""
+        if self.digests is not None:
+            return bool(self.digests[offset * DIGEST_SIZE:(offset + 1) * DIGEST_SIZE] == item_digest(item))
+        if self.stored_items is None:
+            try:
+                self.stored_items = pickle.loads(self.items)
+            except Exception:  # e.g. a class the stored items need is not defined here
+                self.stored_items = []
+        if offset >= len(self.stored_items):
+            return False
+        stored = self.stored_items[offset]
+        try:
+            if pickle.dumps(stored, protocol=5) == pickle.dumps(item, protocol=5):
+                return True
+        except Exception:
+            pass
+        return item_digest(stored) == item_digest(item)
+
+
+class Journal:
+    """An open journal. ``Journal.open(path)`` takes the writer's lock; ``write=False`` only reads."""
+
+    def __init__(self, path: Path, connection: sqlite3.Connection, lock: Any) -> None:
+        self.path = path
+        self.blobs = path.with_name(path.name + "-blobs")
+        self.db = connection
+        self.lock = lock
+        # Rows, or what makes one (record(now=False)); an Event asks for a commit; None ends it.
+        self.queue: SimpleQueue[tuple[Any, ...] | Callable[[], tuple[Any, ...]] | threading.Event | None] = \
+            SimpleQueue()
+        self.writer: threading.Thread | None = None
+        self.failure: BaseException | None = None  # what stopped the writer thread
+        self.call = 0
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], *, write: bool = True) -> Journal:
+        where = Path(path).expanduser().absolute()
+        if where.is_dir():
+            raise CheckpointError(f"the checkpoint {os.fspath(path)!r} is a directory; give a file path such as "
+                                  "'runs/sweep.db'")
+        if not write and not where.exists():
+            raise FileNotFoundError(f"no checkpoint journal at {os.fspath(path)!r}")
+        lock = None
+        if write:
+            where.parent.mkdir(parents=True, exist_ok=True)
+            lock = _lock(where, os.fspath(path))
+        try:
+            db = _idle_connection(where) if write else None
+            if db is None:
+                db = sqlite3.connect(where, timeout=30, isolation_level=None, check_same_thread=False)
+                try:
+                    _prepare(db, where, write)
+                except BaseException:
+                    db.close()
+                    raise
+        except sqlite3.DatabaseError as exc:
+            _unlock(lock)
+            raise CheckpointError(f"{os.fspath(path)!r} is not a usable nbparallel journal: {exc}") from None
+        except BaseException:
+            _unlock(lock)
+            raise
+        journal = cls(where, db, lock)
+        if write:
+            journal.remove_orphans()
+        return journal
+
+    # -- the call -----------------------------------------------------------------------------
+
+    def begin(self, fid: FunctionId, on_change: str, source: Callable[[], str | None] = lambda: None) -> int:
+        """Check ``fid`` against the function that wrote the journal (see ``Checkpoint``); return
+        the call's id, under which this run's outcomes are written (``source()``: its text, kept
+        for people when the function is new to the journal)."""
+        latest = self.db.execute("SELECT id, digest, name FROM calls ORDER BY id DESC LIMIT 1").fetchone()
+        if latest is not None and latest[1] != fid.digest:
+            count, last = self.db.execute("SELECT SUM(count), MAX(finished) FROM outcomes WHERE failed = 0").fetchone()
+            if count and on_change == "error":
+                raise _mismatch(self, latest[2], latest[1], fid, count, last)
+            if on_change == "restart":
+                self.clear()
+                latest = None
+        if latest is not None and latest[1] == fid.digest:
+            self.call = int(latest[0])
+        else:
+            self.call = int(self.db.execute(
+                "INSERT INTO calls (digest, name, source, exact, started, pid, host, python) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (fid.digest, fid.name, fid.source or source(), int(fid.exact), time.time(), os.getpid(), socket.gethostname(),
+                 sys.version.split()[0])).lastrowid or 0)
+        return self.call
+
+    def clear(self) -> None:
+        """Forget every result (``on_change="restart"``)."""
+        self.db.execute("BEGIN IMMEDIATE")
+        self.db.execute("DELETE FROM outcomes")
+        self.db.execute("DELETE FROM calls")
+        self.db.execute("COMMIT")
+        self.remove_orphans()
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def rows(self, newest_first: bool = True) -> list[Row]:
+        order = "DESC" if newest_first else "ASC"
+        return [Row(self, raw) for raw in self.db.execute(
+            "SELECT id, call, failed, first, count, indices, items, digests, value, buffers, message, finished "
+            f"FROM outcomes ORDER BY id {order}")]
+
+    def calls(self) -> list[tuple[Any, ...]]:
+        return self.db.execute("SELECT id, digest, name, source, exact, started, pid, host, python FROM calls "
+                               "ORDER BY id").fetchall()
+
+    def read_blob(self, name: str, size: int) -> bytearray:
+        data = bytearray(size)
+        with open(self.blobs / name, "rb") as file:
+            if file.readinto(data) != size:
+                raise CheckpointError(f"the large value {name} beside the journal is cut short")
+        return data
+
+    # -- writing (the caller's thread pickles; the writer thread writes) -----------------------
+
+    def record(self, indices: Sequence[int], items: list[Any], values: list[Any], *, now: bool = True) -> None:
+        """Queue the values of ``items`` at ``indices`` (a range or ascending list). ``now=False``
+        pickles them on the writer thread, while the caller waits for results: only for values
+        nobody can change before ``close`` (a ``map``'s, not an ``imap``'s, which the consumer has)."""
+        if not indices:
+            return
+        if now:
+            self.put(self._values_row(indices, items, values, time.time()))
+        else:
+            self.put(functools.partial(self._values_row, indices, items, values, time.time()))
+
+    def _values_row(self, indices: Sequence[int], items: list[Any], values: list[Any], finished: float
+                    ) -> tuple[Any, ...]:
+        large: list[pickle.PickleBuffer] = []
+
+        def out_of_band(buffer: pickle.PickleBuffer) -> bool:
+            if buffer.raw().nbytes < OUT_OF_BAND:
+                return True  # small: inside the row
+            large.append(buffer)
+            return False
+
+        value = cloudpickle.dumps(values, protocol=5, buffer_callback=out_of_band)
+        buffers = json.dumps([self.write_blob(buffer) for buffer in large]) if large else None
+        first, count, packed = _pack_indices(indices)
+        stored, digests = _identify(items)
+        return (self.call, 0, first, count, packed, stored, digests, value, buffers, None, finished)
+
+    def record_failure(self, index: int, item: Any, error: BaseException) -> None:
+        try:
+            value: bytes | None = cloudpickle.dumps(error, protocol=5)
+        except Exception:  # an exception that cannot be pickled: its message is kept
+            value = None
+        stored, digests = _identify([item])
+        self.put((self.call, 1, index, 1, None, stored, digests, value, None, str(error)[:20_000], time.time()))
+
+    def write_blob(self, buffer: pickle.PickleBuffer) -> list[Any]:
+        self.blobs.mkdir(exist_ok=True)
+        name = f"{uuid.uuid4().hex}.bin"
+        with buffer.raw() as raw, open(self.blobs / name, "wb") as file:
+            file.write(raw)
+            return [name, raw.nbytes]
+
+    def put(self, row: tuple[Any, ...] | Callable[[], tuple[Any, ...]]) -> None:
+        if self.failure is not None:
+            raise CheckpointError(f"the checkpoint {self.path} could not be written: "
+                                  f"{type(self.failure).__name__}: {self.failure}") from self.failure
+        if self.writer is None:
+            self.writer = threading.Thread(target=self._write, name="nbparallel-journal", daemon=True)
+            self.writer.start()
+        self.queue.put(row)
+
+    def flush(self) -> None:
+        """Wait until everything queued so far is committed."""
+        if self.writer is not None and self.writer.is_alive():
+            done = threading.Event()
+            self.queue.put(done)
+            while not done.wait(0.1) and self.writer.is_alive():
+                pass
+
+    def _write(self) -> None:
+        deadline: float | None = None  # when the open transaction must be committed
+        try:
+            while True:
+                try:
+                    wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+                    row = self.queue.get(timeout=wait)
+                except Empty:
+                    row = threading.Event()  # time to commit
+                if callable(row):
+                    row = row()
+                if isinstance(row, tuple):
+                    if deadline is None:
+                        self.db.execute("BEGIN")
+                        deadline = time.monotonic() + COMMIT_INTERVAL
+                    self.db.execute(_INSERT, row)
+                    continue
+                if deadline is not None:
+                    self.db.execute("COMMIT")
+                    deadline = None
+                if row is None:
+                    return
+                row.set()
+        except BaseException as exc:  # a full disk, say: the next record() raises it
+            self.failure = exc
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+
+    def close(self) -> None:
+        """Commit what is queued, then release the lock (a writer's connection stays open, idle,
+        for the next call on this journal: see ``_IDLE``)."""
+        try:
+            if self.writer is not None:
+                self.queue.put(None)
+                self.writer.join()
+        finally:
+            if self.lock is not None and self.failure is None:
+                _keep_idle(self.path, self.db)
+            else:
+                self.db.close()
+            _unlock(self.lock)
+            self.lock = None
+        if self.failure is not None:
+            print(f"nbparallel: the checkpoint {self.path} could not be written: {type(self.failure).__name__}: "
+                  f"{self.failure}", file=sys.stderr)
+
+    def remove_orphans(self) -> None:
+        if not self.blobs.is_dir():
+            return
+        named = {name for (text,) in self.db.execute("SELECT buffers FROM outcomes WHERE buffers IS NOT NULL")
+                 for name, _ in json.loads(text)}
+        for entry in self.blobs.iterdir():
+            if entry.name not in named:
+                entry.unlink(missing_ok=True)
+
+
+def _prepare(db: sqlite3.Connection, where: Path, write: bool) -> None:
+    tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if tables and "outcomes" not in tables:
+        raise CheckpointError(f"{where} is an SQLite database but not an nbparallel journal; give another path")
+    if not write:
+        return
+    # Setting up syncs nothing: a journal whose creation an OS crash undoes is simply made again.
+    db.execute("PRAGMA synchronous = OFF")
+    db.execute("PRAGMA journal_mode = WAL")
+    if not tables:
+        db.executescript(f"BEGIN; {_SCHEMA} INSERT INTO meta (key, value) VALUES ('format', '{FORMAT}'); COMMIT;")
+    db.execute("PRAGMA synchronous = NORMAL")  # with WAL: a process crash loses nothing committed
+    found = db.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
+    if found is None or found[0] != FORMAT:
+        raise CheckpointError(f"{where} was written by another version of nbparallel (journal format "
+                              f"{found[0] if found else '?'}, this one reads {FORMAT})")
+
+
+def _file_id(where: Path) -> tuple[int, int]:
+    found = os.stat(where)
+    return found.st_dev, found.st_ino
+
+
+def _idle_connection(where: Path) -> sqlite3.Connection | None:
+    """The connection this process left open on the journal, if the file is still the same one."""
+    with _IDLE_LOCK:
+        idle = _IDLE.pop(where, None)
+    if idle is None:
+        return None
+    try:
+        if _file_id(where) == idle[1]:
+            return idle[0]
+    except OSError:  # the journal was deleted (or moved) since: start a new one
+        pass
+    idle[0].close()
+    return None
+
+
+def _keep_idle(where: Path, db: sqlite3.Connection) -> None:
+    try:
+        identity = _file_id(where)
+    except OSError:
+        db.close()
+        return
+    with _IDLE_LOCK:
+        if not _IDLE:
+            atexit.register(_close_idle)
+        previous = _IDLE.pop(where, None)
+        _IDLE[where] = (db, identity)
+    if previous is not None:
+        previous[0].close()
+
+
+def _close_idle() -> None:
+    with _IDLE_LOCK:
+        idle = list(_IDLE.values())
+        _IDLE.clear()
+    for db, _ in idle:
+        try:
+            db.close()
+        except sqlite3.Error:
+            pass
+
+
+def _lock(where: Path, shown: str) -> Any:
+    if fcntl is None:
+        return None
+    file = open(where.with_name(where.name + "-lock"), "a+b")
+    try:
+        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        file.seek(0)
+        holder = file.read().decode(errors="replace").split()
+        file.close()
+        who = "this process" if holder and holder[0] == str(os.getpid()) else (
+            f"process {holder[0]} on {holder[1]}" if len(holder) >= 2 else "another process")
+        raise CheckpointBusy(f"the checkpoint {shown!r} is being written by another sweep ({who}); wait for it to "
+                             "finish (or stop it), or give this call another path") from None
+    # Who holds it, for the message above; written in place (a truncate costs milliseconds here).
+    os.pwrite(file.fileno(), f"{os.getpid()} {socket.gethostname()}".ljust(80).encode()[:80] + b"\n", 0)
+    return file
+
+
+def _unlock(lock: Any) -> None:
+    if lock is not None:
+        lock.close()  # closing the descriptor releases the flock
+
+
+def _pack_indices(indices: Sequence[int]) -> tuple[int, int, bytes | None]:
+    first, count = indices[0], len(indices)
+    if isinstance(indices, range) or indices[-1] - first == count - 1:  # ascending: contiguous
+        return first, count, None
+    return first, count, array.array("q", indices).tobytes()
+
+
+def _identify(items: list[Any]) -> tuple[bytes | None, bytes | None]:
+    """The items of a batch as stored: pickled as one list (small items), or a digest each."""
+    oversized: list[pickle.PickleBuffer] = []
+    try:
+        stored = pickle.dumps(items, protocol=5, buffer_callback=oversized.append)
+        if not oversized and len(stored) <= ITEMS_INLINE:
+            return stored, None
+    except Exception:  # an item plain pickle refuses (a lambda, say): digests instead
+        pass
+    return None, b"".join(item_digest(item) for item in items)
+
+
+def _mismatch(journal: Journal, name: str, stored: str, fid: FunctionId, count: int, last: float | None) -> CheckpointMismatch:
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(last)) if last else "?"
+    shown = os.fspath(journal.path)
+    return CheckpointMismatch(
+        f"the checkpoint {shown!r} holds {count:,} results of a different function: {name} (digest {stored[:8]}, "
+        f"last result {when}); this call's {fid.name} is not the same (digest {fid.digest[:8]}): its code, a "
+        "default, its closure or a global it reads changed. Choose one: pass "
+        f"checkpoint=nbparallel.checkpoint.Checkpoint({shown!r}, on_change=\"restart\") to start over (the old "
+        "results are deleted), on_change=\"keep\" to keep the old results and run only the missing items with this "
+        "function, or give a new path (in %%parallel: --on-change restart|keep, or another --checkpoint).",
+        stored=stored, current=fid.digest)
