@@ -85,9 +85,12 @@ def test_asking_for_more_workers_than_the_pool_grows_it() -> None:
 def test_sidecar_stays_small(script_env: dict[str, str]) -> None:
     import subprocess
 
+    # The standard library's pickle module is loaded (SerializationError is a pickle.PicklingError);
+    # what must never load is what unpickles user values or weighs: cloudpickle, numpy, IPython.
     code = (
         "import sys\nimport nbparallel.sidecar.loop\n"
-        "print([m for m in ('cloudpickle', 'pickle', 'numpy', 'IPython', 'ipykernel', 'nbparallel.payload.pickling')"
+        "print([m for m in ('cloudpickle', 'numpy', 'IPython', 'ipykernel', 'nbparallel.payload.pickling',"
+        " 'concurrent.futures.process')"
         " if m in sys.modules])"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=script_env, timeout=60)
