@@ -71,6 +71,8 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
+    if name == "checkpoint":  # a submodule: nbparallel.checkpoint.load(path) without importing it first
+        return importlib.import_module(".checkpoint", __name__)
     module = _WHERE.get(name)
     if module is None:
         raise AttributeError(f"module 'nbparallel' has no attribute {name!r}")

@@ -233,6 +233,10 @@ class RunProgress:
     def output(self, run: MapRun, stream: str, text: str, index: int | None) -> None:
         self.model.add_output(stream, text, index)
 
+    def note_restored(self, count: int) -> None:
+        """A checkpointed call (kernel/sweep.py): ``count`` items came from its journal, not from a run."""
+        self.model.note_restored(count)
+
     def finished(self, run: MapRun, state: str) -> None:
         self.model.set_counts(run.done, run.failed, run.next_index if run.exhausted else run.total)
         if self.driver is not None and self.driver.shown and self.driver.poll is not None:

@@ -96,6 +96,7 @@ class ProgressModel:
         self.partial: dict[tuple[int | None, str], str] = {}  # a line a worker has not ended yet
         self.lanes: list[dict[str, Any]] = []
         self.cancel_requested = False
+        self.restored = 0  # a checkpointed call: items its journal held, which did not run
         self.version = 0  # bumped on every change, so the driver can skip idle redraws
         self.versions = [0, 0, 0]
         self.samples: deque[tuple[float, int]] = deque()
@@ -154,6 +155,12 @@ class ProgressModel:
             self.versions[0] += 1
             self.version += 1
 
+    def note_restored(self, count: int) -> None:
+        with self.lock:
+            if count != self.restored:
+                self.restored = count
+                self.version += 1
+
     def request_cancel(self) -> None:
         with self.lock:
             self.cancel_requested = True
@@ -192,8 +199,11 @@ class ProgressModel:
             eta = None
             if self.state == "running" and self.total is not None and rate > 0:
                 eta = max(0.0, (self.total - finished) / rate)
+            description = self.description
+            if self.restored:  # the widget's head and the text bar both show the description
+                description += f" · {format_count(self.restored)} restored"
             return Snapshot(
-                description=self.description, state=self.state, done=self.done, failed=self.failed,
+                description=description, state=self.state, done=self.done, failed=self.failed,
                 total=self.total, elapsed=elapsed, rate=rate, eta=eta, workers=self.workers,
                 lanes=tuple(dict(lane) for lane in self.lanes), errors=tuple(self.errors),
                 error_count=self.error_count, output=tuple(self.output), output_count=self.output_count,

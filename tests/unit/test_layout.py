@@ -21,7 +21,7 @@ LAYERS: list[set[str]] = [
     {"payload"},
     {"sidecar", "worker", "cluster", "kernel"},
     {"progress"},
-    {"results", "api", "futures", "joblib_backend", "joblib_hook", "__main__"},
+    {"results", "api", "futures", "joblib_backend", "joblib_hook", "__main__", "checkpoint"},
     {"cellmagic"},
 ]
 SEPARATE = {"sidecar", "worker", "cluster", "kernel"}
