@@ -11,6 +11,7 @@ import keyword
 from collections.abc import Mapping
 from typing import Any
 
+from ..kernel.journal import Checkpoint
 from ..payload import pickling as ser
 from .cellcode import CellError
 
@@ -96,3 +97,12 @@ def combine(params: list[tuple[str, list[Any]]], *, zipped: bool) -> tuple[tuple
         listed = ", ".join(f"{name} has {n}" for name, n in lengths.items())
         raise CellError(f"--zip needs the same number of values for every --map: {listed}")
     return names, list(zip(*columns))
+
+
+def checkpoint_option(path: str | None, on_change: str | None) -> Checkpoint | None:
+    """``--checkpoint PATH`` (and ``--on-change``) as ``checkpoint=`` of map and submit."""
+    if path is None:
+        if on_change is not None:
+            raise CellError("--on-change says what to do with a --checkpoint journal: give --checkpoint PATH too")
+        return None
+    return Checkpoint(path, on_change=on_change or "error")

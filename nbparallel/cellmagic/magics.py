@@ -19,9 +19,10 @@ from IPython.core.magic_arguments import argument, magic_arguments
 from .. import api, config
 from . import background, cellcode
 from ..payload import tracebacks
-from .cellargs import combine, evaluate_maps, split_line
+from .cellargs import checkpoint_option, combine, evaluate_maps, split_line
 from ..errors import Interrupted, NbParallelError, SerializationError
 from ..futures import submit
+from .. import checkpoint as durable
 from ..progress.tracking import track_future
 from ..results import MISSING, Result, Results
 
@@ -43,6 +44,11 @@ OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
     (("--no-progress",), dict(action="store_true", help="show no progress display")),
     (("--bg",), dict(action="store_true",
                      help="run the cell once, in the background; its variables come back when it finishes")),
+    (("--checkpoint",), dict(metavar="PATH", help="write each run's result to the journal PATH as it finishes; "
+                             "run again, only the runs it lacks run (nbparallel.checkpoint)")),
+    (("--on-change",), dict(choices=("error", "restart", "keep"), default=None,
+                            help="when the cell or the values it reads changed since PATH was written: "
+                                 "error (default), restart (discard the old results) or keep them")),
 ]
 
 
@@ -91,6 +97,11 @@ class ParallelMagics(Magics):
         ``--bg``: the cell runs once, in a worker, and this cell returns at once. When it ends, the
         names it assigned are copied into the notebook (or into VAR as a SimpleNamespace); its
         output and any traceback appear under this cell. See ``%nbparallel jobs | cancel | wait``.
+
+        ``--checkpoint PATH``: each run's result is written to the journal PATH as it finishes; the
+        cell run again (after a kernel restart, say) runs only what PATH lacks, and with ``--bg``
+        not at all if PATH holds its names. ``--on-change restart|keep`` when the cell or what it
+        reads changed since (see ``nbparallel.checkpoint``).
         """
         args = self._parse(line)
         assert self.shell is not None
@@ -127,6 +138,10 @@ class ParallelMagics(Magics):
                 config.resolve_workers(args.workers)
             except ValueError as exc:
                 raise UsageError(f"%%parallel: -n {args.workers}: {exc}") from None
+        try:
+            args.checkpoint = checkpoint_option(args.checkpoint, args.on_change)
+        except cellcode.CellError as exc:
+            raise UsageError(f"%%parallel: {exc}") from None
         return args
 
     def _map(self, args: Any, code: cellcode.CellCode) -> Results | None:
@@ -142,7 +157,10 @@ class ParallelMagics(Magics):
 
         try:
             # The engine pickles the runner first, before it starts anything.
-            values = api.map(runner, items, workers=args.workers, errors=args.errors, progress=progress)
+            values = api.map(runner, items, workers=args.workers, errors=args.errors, progress=progress,
+                             checkpoint=args.checkpoint)
+        except durable.CheckpointError:  # the journal refused the call: nothing ran, nothing to keep
+            raise
         except (Interrupted, NbParallelError) as error:
             _explain_unpicklable(error, runner)
             kept = dict(error.completed)
@@ -160,7 +178,12 @@ class ParallelMagics(Magics):
         captured = cellcode.capture(code, self.namespace)
         runner = cellcode.CellRunner(code.source, code.filename, (), captured, mode="names", assigns=code.assigns)
         try:
-            future = submit(runner)
+            if args.checkpoint is None:
+                future = submit(runner)
+            else:  # done at once when the journal holds this very cell's names
+                future = durable.submit(args.checkpoint, runner)
+                if getattr(future, "restored", False):
+                    print(f"nbparallel: restored from {args.checkpoint.path} (the cell did not run again)")
         except SerializationError as error:
             _explain_unpicklable(error, runner)
             raise
