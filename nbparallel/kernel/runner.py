@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 from .. import config
 from ..errors import ClusterUnavailable, ProtocolError, SidecarDied
+from ..payload import placement
 from ..wire import messages as msg
 from ..wire.frames import Buffer, Frame, check_hello, close_fds, read_frame, send_frame
 
@@ -77,6 +78,7 @@ class Client:
         self.sock = parent
         self.send_lock = threading.Lock()
         self.jobs: dict[int, JobHandle] = {}
+        self.scopes: dict[int, tuple[str, int]] = {}  # job -> the call it belongs to (placement.py)
         self.jobs_lock = threading.Lock()
         self.job_ids = itertools.count(1)
         self.chunk_ids = itertools.count(1)
@@ -119,9 +121,16 @@ class Client:
             raise self._mark_dead() from exc
 
     def send_packed(self, header: Mapping[str, Any], packed: Any) -> None:
-        """Send a value made by ``serialization.pack``; its own shared-memory segments are then
+        """Send a value made by ``serialization.pack``. Its large buffers are placed in shared memory
+        now, once per call (payload/placement.py: the jobs of one joblib call or Executor are one
+        call), and stay pinned until the job is unregistered; segments made for it alone are then
         the sidecar's to keep (our descriptors are closed)."""
         try:
+            job = int(header["job"])
+            if header.get("op") == "job":
+                group = header.get("group")
+                self.scopes[job] = ("group", group) if group is not None else ("job", job)
+            packed.place(self.scopes.get(job, ("job", job)), (self.pid, job))
             if packed.specs:
                 header = {**header, "oob": packed.specs}
             self.send(header, [packed.data], packed.fds)
@@ -151,6 +160,8 @@ class Client:
     def unregister(self, job_id: int) -> None:
         with self.jobs_lock:
             self.jobs.pop(job_id, None)
+            self.scopes.pop(job_id, None)
+        placement.release((self.pid, job_id))  # its segments may be reused once nobody maps them
 
     def request(self, header: Mapping[str, Any], timeout: float = 5.0) -> Frame:
         """Send a request and wait for the reply that carries the same ``req`` (``header`` without it)."""
@@ -227,6 +238,7 @@ class Client:
                 handle.on_died(self.dead)
             for event, _ in list(self.replies.values()):
                 event.set()
+            placement.release_all()  # the runner and its workers are gone: nothing is in flight
         return self.dead
 
     # -- stopping -----------------------------------------------------------------------------
@@ -247,6 +259,8 @@ class Client:
         except subprocess.TimeoutExpired:
             self._kill()
         self.sock.close()
+        placement.release_all()
+        placement.clear()  # give the pooled segments back
         if self.reader.is_alive() and self.reader is not threading.current_thread():
             self.reader.join(timeout)
 

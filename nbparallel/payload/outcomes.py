@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 
 from . import pickling as ser
 from . import shm
-from ..errors import SerializationError
+from ..errors import NbParallelError, SerializationError
 
 _Packed = TypeVar("_Packed")
 
@@ -30,8 +30,9 @@ class Batch:
         self.problems[offset] = (status, value)
 
     def pickle(self) -> shm.Packed:
-        """The outcomes for the wire: large buffers in shared memory (see shm.py)."""
-        return self.pack_with(ser.pack)
+        """The outcomes for the wire: each large buffer in a fresh segment (see shm.py), which the
+        kernel keeps exactly as long as it keeps the result."""
+        return self.pack_with(shm.dumps)
 
     def pack_with(self, pack: Callable[[Any], _Packed]) -> _Packed:
         """The outcomes pickled by ``pack`` (a Dask worker keeps its buffers as bytes instead,
@@ -41,6 +42,10 @@ class Batch:
             offsets = range(self.offsets[0], self.offsets[-1] + 1)
         try:
             return pack((offsets, self.values, self.problems))
+        except shm.SharedMemoryLimit as exc:  # no room for the results: each item says which limit
+            every = {offset: (ser.FAILED, NbParallelError(f"the result could not be sent back: {exc}"))
+                     for offset in [*self.offsets, *self.problems]}
+            return pack((range(0), [], every))
         except Exception:
             pass
         # One value spoils the batch: pickle each alone and fail only those that cannot travel.

@@ -64,8 +64,9 @@ def why(error: Exception) -> str:
 
 
 def pack(value: Any) -> shm.Packed:
-    """Pickle a value for the wire, its large buffers in shared memory."""
-    return shm.dumps(value)
+    """Pickle a value for the kernel to send: its large buffers are placed in shared memory when the
+    runner sends the frame (``Packed.place``), once per call however often they appear."""
+    return shm.dumps(value, deferred=True)
 
 
 def unpack(frame: Frame, *, private: bool = False) -> Any:
@@ -86,6 +87,8 @@ def dumps_function(fn: Callable[..., Any]) -> shm.Packed:
         raise TypeError(f"nbparallel needs a callable to run, got {describe(fn)} ({type(fn).__name__})")
     try:
         return pack(fn)
+    except shm.SharedMemoryLimit:
+        raise  # it names the limit; blaming pickling would mislead
     except Exception as exc:
         culprit = find_unpicklable(fn)
         where = f": {culprit}" if culprit else ""
@@ -100,6 +103,8 @@ def dumps_items(items: list[Any], first_index: int) -> shm.Packed:
     """Pickle a chunk of input items, naming the item that cannot be pickled."""
     try:
         return pack(items)
+    except shm.SharedMemoryLimit:
+        raise  # it names the limit; blaming an item would mislead
     except Exception as exc:
         for offset, item in enumerate(items):
             item_error = pickling_error(item)

@@ -3,30 +3,44 @@
 Pickle protocol 5 hands us each large contiguous buffer (a numpy array's data, a pandas column)
 through ``buffer_callback``. Instead of copying it into the pickle stream and through the sockets,
 we put it in an anonymous shared-memory file (Linux ``memfd_create``) and pass the file descriptor
-with the frame (SCM_RIGHTS). The receiver maps it: the array it unpickles *is* that memory.
+with the frame (SCM_RIGHTS). The receiver maps it: the array it unpickles *is* that memory, and the
+mapping keeps no descriptor (segments.py), so kept results cost no open files.
+
+In the kernel a buffer is placed when its frame is sent (``Packed.place``, by the runner): once per
+buffer, in a segment reused from a pool where it can be (placement.py). Workers put their results
+in fresh segments of their own.
+
+``shared_array`` allocates an array in a segment to begin with, and ``share`` places a value there
+once. Such an array, and every view of it (contiguous or strided, any size, empty ones too),
+travels as a reference to the segment: workers get a view of the same memory, writable for a
+``shared_array``, so what they write is seen by everyone. Read-only (``share``, or an array marked
+read-only), a write raises instead of going to a private copy.
 
 No segment has a name, so nothing can be left in /dev/shm: a segment lives exactly as long as some
 process holds its descriptor or a mapping of it, and the sidecar (which holds the descriptors
 between the kernel and the workers, never mapping them) closes its copies when the job ends.
-
-``shared_array`` allocates an array in such a segment to begin with: passing it, or a slice of it,
-copies nothing at all, and workers map it writable, so they can fill their part in place.
-Where ``memfd_create`` does not exist (macOS) everything travels in band, as before.
+Where ``memfd_create`` does not exist (macOS) everything travels in band.
 """
 
 from __future__ import annotations
 
+import bisect
+import io
 import mmap
 import os
 import pickle
+import sys
 import threading
 import weakref
-from dataclasses import dataclass
 from typing import Any
 
 import cloudpickle
 
+from . import placement, segments
+from .segments import SharedMemoryLimit
 from ..wire.frames import MAX_FDS, close_fds
+
+__all__ = ["Packed", "SharedMemoryLimit", "Shared", "dumps", "loads", "share", "shared_array", "segment_with"]
 
 OUT_OF_BAND_MIN = 1 << 20  # smaller buffers are cheaper inline than as a segment of their own
 # A pickle stream this large (big bytes or strings, many small objects) goes into a segment of its
@@ -35,118 +49,251 @@ STREAM_OUT_OF_BAND_MIN = 4 << 20
 AVAILABLE = hasattr(os, "memfd_create")
 
 
-@dataclass
 class Packed:
     """A pickled value: the stream, the descriptors of its out-of-band buffers, and where each
-    buffer sits in them (``specs``: fd index, offset, size, writable)."""
+    buffer sits in them (``specs``: fd index, offset, size, writable).
 
-    data: bytes
-    fds: list[int]
-    specs: list[dict[str, Any]]
-    owned: list[int]  # descriptors made for this value alone: close them once sent
+    Buffers of a value pickled with ``deferred=True`` are placed when ``place`` is called (the
+    runner does, as it sends the frame); reading ``fds`` first places them in a fresh segment."""
+
+    def __init__(self, data: bytes, specs: list[dict[str, Any]], fds: list[int], owned: list[int],
+                 requests: list[placement.Request], fd_index: dict[int, int]) -> None:
+        self.data, self.specs, self._fds = data, specs, fds
+        self.owned = owned  # descriptors made for this value alone: closed once sent
+        self.requests = requests
+        self.fd_index = fd_index
+
+    @property
+    def fds(self) -> list[int]:
+        if self.requests:
+            self.place()
+        return self._fds
+
+    def place(self, scope: Any = None, job: Any = None) -> None:
+        """Put the pending buffers in shared memory. With a ``scope`` (the call) and a ``job``,
+        through the kernel's placements (placement.py); without, in one fresh segment of their own."""
+        requests, self.requests = self.requests, []
+        if not requests:
+            return
+        if scope is not None:
+            placement.place(requests, scope, job, self._fds, self.fd_index, MAX_FDS)
+            return
+        size = 0
+        for request in requests:
+            size = placement.aligned(size + request.raw.nbytes)
+        fd = segments.new_segment(size)
+        self.owned.append(fd)
+        at = 0
+        for request in requests:
+            segments.write(fd, request.raw, at)
+            request.spec["fd"], request.spec["offset"] = len(self._fds), at
+            at = placement.aligned(at + request.raw.nbytes)
+        self._fds.append(fd)
 
     def close(self) -> None:
         close_fds(self.owned)
         self.owned = []
+        self.requests = []
 
 
-# Segments made by shared_array and share, by the address range of their mapping.
-_segments: dict[int, tuple[int, int, bool, mmap.mmap]] = {}  # start -> (end, fd, writable, mapping)
-_segments_lock = threading.Lock()
+# Segments made by shared_array and share, by the address range of our mapping of them.
+class _Registered:
+    __slots__ = ("fd", "start", "end", "writable", "view")
+
+    def __init__(self, fd: int, start: int, view: memoryview, writable: bool) -> None:
+        self.fd, self.start, self.end, self.view, self.writable = fd, start, start + view.nbytes, view, writable
 
 
-def _address(view: memoryview) -> int:
-    import ctypes  # only for a read-only buffer's address, rarely
-
-    if view.readonly:
-        import numpy  # optional: only here when the buffer came from numpy
-
-        return int(numpy.frombuffer(view, dtype=numpy.uint8).__array_interface__["data"][0])
-    return ctypes.addressof(ctypes.c_char.from_buffer(view))
+_registered: dict[int, _Registered] = {}
+_starts: list[int] = []  # sorted keys of _registered
+_registered_lock = threading.Lock()
 
 
-def _find_segment(view: memoryview) -> tuple[int, int, bool] | None:
-    """(fd, offset) if ``view`` lies inside a shared_array segment."""
-    if not _segments:
-        return None
-    start = _address(view)
-    with _segments_lock:
-        for seg_start, (seg_end, fd, writable, _) in _segments.items():
-            if seg_start <= start and start + view.nbytes <= seg_end:
-                return fd, start - seg_start, writable
-    return None
+def _register(fd: int, view: memoryview, *, writable: bool) -> int:
+    start = segments.address(view)
+    assert start is not None
+    with _registered_lock:
+        _registered[start] = _Registered(fd, start, view, writable)
+        bisect.insort(_starts, start)
+    return start
 
 
-def _new_segment(size: int, name: str) -> tuple[int, mmap.mmap]:
-    fd = os.memfd_create(name, os.MFD_CLOEXEC)
-    try:
-        os.ftruncate(fd, max(size, 1))
-        return fd, mmap.mmap(fd, max(size, 1))
-    except BaseException:
-        os.close(fd)
-        raise
+def _forget(start: int) -> None:
+    with _registered_lock:
+        entry = _registered.pop(start, None)
+        if entry is not None:
+            del _starts[bisect.bisect_left(_starts, start)]
+    if entry is not None:
+        close_fds([entry.fd])
 
 
-def segment_with(raw: memoryview) -> int:
-    """A new segment holding a copy of ``raw``. Written with pwrite: the kernel fills fresh pages
-    faster than page faults through a mapping would."""
-    fd = os.memfd_create("nbparallel-buffer", os.MFD_CLOEXEC)
-    try:
-        view, at = raw.cast("B"), 0
-        while at < view.nbytes:
-            at += os.pwrite(fd, view[at:], at)
-        return fd
-    except BaseException:
-        os.close(fd)
-        raise
+def _segment_at(start: int, end: int) -> _Registered | None:
+    """The registered segment holding bytes ``start..end`` (``start == end``: an empty array there)."""
+    with _registered_lock:
+        at = bisect.bisect_right(_starts, start) - 1
+        if at < 0:
+            return None
+        found = _registered[_starts[at]]
+    return found if end <= found.end else None
 
 
-def dumps(value: Any) -> Packed:
-    """Pickle ``value``, moving large buffers into shared memory."""
-    fds: list[int] = []
-    owned: list[int] = []
-    specs: list[dict[str, Any]] = []
-    fd_index: dict[int, int] = {}
+def _rebuild_view(buffer: Any, dtype: Any, shape: tuple[int, ...], strides: tuple[int, ...], offset: int) -> Any:
+    """In the receiver: a view of a shared segment, laid out as the sender's array was."""
+    import numpy  # only arrays from a shared segment come here, so numpy is there
 
-    def place(buffer: pickle.PickleBuffer) -> bool:
+    return numpy.ndarray(shape, dtype, buffer=buffer, offset=offset, strides=strides)
+
+
+class _Packer:
+    """What one ``dumps`` call collects: descriptors, specs, and buffers waiting to be placed."""
+
+    def __init__(self, deferred: bool) -> None:
+        self.deferred = deferred
+        self.fds: list[int] = []
+        self.fd_index: dict[int, int] = {}
+        self.specs: list[dict[str, Any]] = []
+        self.owned: list[int] = []
+        self.requests: list[placement.Request] = []
+        self.known: dict[int, tuple[_Registered, int, bool]] = {}  # id(PickleBuffer) -> where it lies
+        self.made: list[pickle.PickleBuffer] = []  # keeps those ids unique while pickling
+        self.ndarray = getattr(sys.modules.get("numpy"), "ndarray", None)
+
+    def place(self, buffer: pickle.PickleBuffer) -> bool:
+        """pickle's ``buffer_callback``: False sends the buffer out of band."""
+        known = self.known.pop(id(buffer), None)
+        if known is not None:
+            segment, offset, writable = known
+            self.reference(segment, offset, buffer.raw().nbytes, writable)
+            return False
         try:
             raw = buffer.raw()
         except BufferError:  # not contiguous: let pickle copy it inline
             return True
-        if raw.nbytes < OUT_OF_BAND_MIN or len(fds) >= MAX_FDS:
+        if raw.nbytes == 0:
             return True
-        found = _find_segment(raw)
-        if found is not None:
-            fd, offset, writable = found
+        if _registered:
+            start = segments.address(raw)
+            found = None if start is None else _segment_at(start, start + raw.nbytes)
+            if found is not None and start is not None:
+                self.reference(found, start - found.start, raw.nbytes, found.writable and not raw.readonly)
+                return False
+        if raw.nbytes < OUT_OF_BAND_MIN:
+            return True
+        spec: dict[str, Any] = {"size": raw.nbytes, "writable": False}
+        if self.deferred:
+            owner, start = self.owner(raw)
+            self.requests.append(placement.Request(raw.cast("B"), spec, owner, start))
         else:
+            if len(self.fds) >= MAX_FDS:
+                return True
             fd = segment_with(raw)  # the one copy: into memory every worker can map
-            owned.append(fd)
-            offset, writable = 0, False
-        if fd not in fd_index:
-            fd_index[fd] = len(fds)
-            fds.append(fd)
-        spec = {"fd": fd_index[fd], "offset": offset, "size": raw.nbytes, "writable": writable}
-        if found is not None:
-            spec["keep"] = True  # a long-lived segment: receivers may keep the mapping for next time
-        specs.append(spec)
+            self.owned.append(fd)
+            spec.update(fd=len(self.fds), offset=0)
+            self.fds.append(fd)
+        self.specs.append(spec)
         return False
 
+    def owner(self, raw: memoryview) -> tuple[Any, int | None]:
+        """The array that owns a numpy buffer's memory (views of one base share it), and the
+        buffer's address; (None, None) for anything else."""
+        array = raw.obj
+        if self.ndarray is None or not isinstance(array, self.ndarray):
+            return None, None
+        start = int(array.__array_interface__["data"][0])
+        while isinstance(array.base, self.ndarray):
+            array = array.base
+        return array, start
+
+    def reference(self, segment: _Registered, offset: int, size: int, writable: bool) -> None:
+        """A spec for bytes of a registered segment: no copy, the receiver maps the segment."""
+        if segment.fd not in self.fd_index:
+            if len(self.fds) >= MAX_FDS - 1:
+                raise pickle.PicklingError(f"more than {MAX_FDS - 1} shared arrays in one message: send fewer at once")
+            self.fd_index[segment.fd] = len(self.fds)
+            self.fds.append(segment.fd)
+        # keep: a long-lived segment, so receivers keep their mapping of it for the next time
+        self.specs.append({"fd": self.fd_index[segment.fd], "offset": offset, "size": size, "writable": writable,
+                           "keep": True})
+
+    def shared_view(self, array: Any) -> Any:
+        """How an array inside a registered segment pickles: a reference to its bytes there, and
+        its layout (any strides, empty included). None: not in one."""
+        if array.dtype.hasobject:
+            return None
+        start, end = placement.extent(array)
+        segment = _segment_at(start, end)
+        if segment is None:
+            return None
+        buffer = pickle.PickleBuffer(segment.view[start - segment.start : end - segment.start])
+        self.made.append(buffer)
+        self.known[id(buffer)] = (segment, start - segment.start, segment.writable and bool(array.flags.writeable))
+        first = int(array.__array_interface__["data"][0])
+        return (_rebuild_view, (buffer, array.dtype, array.shape, array.strides, first - start))
+
+
+class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle is untyped
+    """cloudpickle, with arrays that live in a registered segment sent as references to it."""
+
+    def __init__(self, file: io.BytesIO, packer: _Packer) -> None:
+        super().__init__(file, protocol=5, buffer_callback=packer.place)
+        self.packer = packer
+        self.ndarray = packer.ndarray
+
+    def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is self.ndarray:  # exactly ndarray: subclasses keep their own pickling
+            reduced = self.packer.shared_view(obj)
+            if reduced is not None:
+                return reduced
+        return super().reducer_override(obj)
+
+
+def dumps(value: Any, *, deferred: bool = False) -> Packed:
+    """Pickle ``value``, moving large buffers into shared memory. ``deferred``: leave the large
+    buffers to ``Packed.place`` (the kernel's runner places them as it sends the frame)."""
+    packer = _Packer(deferred)
     try:
-        data = cloudpickle.dumps(value, protocol=5, buffer_callback=place if AVAILABLE else None)
-        if AVAILABLE and len(data) >= STREAM_OUT_OF_BAND_MIN and len(fds) < MAX_FDS:
-            fd = segment_with(memoryview(data))
-            owned.append(fd)
-            specs.append({"fd": len(fds), "offset": 0, "size": len(data), "writable": False, "stream": True})
-            fds.append(fd)
-            data = b""
+        if not AVAILABLE:
+            data = cloudpickle.dumps(value, protocol=5)
+        elif _registered and packer.ndarray is not None:
+            with io.BytesIO() as file:
+                _Pickler(file, packer).dump(value)
+                data = file.getvalue()
+        else:
+            data = cloudpickle.dumps(value, protocol=5, buffer_callback=packer.place)
+        if AVAILABLE and len(data) >= STREAM_OUT_OF_BAND_MIN:
+            spec: dict[str, Any] = {"size": len(data), "writable": False, "stream": True}
+            if deferred:
+                packer.requests.append(placement.Request(memoryview(data), spec))
+                packer.specs.append(spec)
+                data = b""
+            elif len(packer.fds) < MAX_FDS:
+                fd = segment_with(memoryview(data))
+                packer.owned.append(fd)
+                spec.update(fd=len(packer.fds), offset=0)
+                packer.fds.append(fd)
+                packer.specs.append(spec)
+                data = b""
     except BaseException:
-        close_fds(owned)
+        close_fds(packer.owned)
         raise
-    return Packed(data, fds, specs, owned)
+    return Packed(data, packer.specs, packer.fds, packer.owned, packer.requests, packer.fd_index)
+
+
+def segment_with(raw: memoryview) -> int:
+    """A new segment holding a copy of ``raw`` (its descriptor, for the caller to close)."""
+    view = raw.cast("B") if raw.ndim != 1 or raw.format != "B" else raw
+    fd = segments.new_segment(view.nbytes)
+    try:
+        segments.write(fd, view, 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def loads(data: Any, fds: list[int], specs: list[dict[str, Any]], *, private: bool = False) -> Any:
-    """Unpickle, mapping the out-of-band buffers. Closes ``fds`` (the mappings keep the memory).
+    """Unpickle, mapping the out-of-band buffers. Closes ``fds`` (the mappings keep the memory and
+    hold no descriptor).
 
     ``private``: map copy-on-write, so the receiver may change the arrays without touching anyone
     else's (used for results, which belong to the caller alone). Otherwise buffers are mapped
@@ -156,53 +303,60 @@ def loads(data: Any, fds: list[int], specs: list[dict[str, Any]], *, private: bo
     try:
         if not specs:
             return pickle.loads(data)
-        maps: dict[tuple[int, int], mmap.mmap] = {}
+        maps: dict[tuple[int, int], memoryview] = {}
         buffers: list[memoryview] = []
+        where = (0, 0)
         for spec in specs:
             fd = fds[spec["fd"]]
+            offset, size = spec["offset"], spec["size"]
             if spec.get("stream"):  # the pickle stream itself (see STREAM_OUT_OF_BAND_MIN)
-                stream = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+                try:
+                    stream = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)  # unmapped as soon as it is read
+                except OSError as exc:
+                    raise segments.limit_error(exc, "could not map a shared-memory segment") from None
+                where = (offset, size)
                 continue
-            access = mmap.ACCESS_COPY if private else (mmap.ACCESS_WRITE if spec["writable"] else mmap.ACCESS_READ)
+            access = segments.COPY if private else (segments.WRITE if spec["writable"] else segments.READ)
             key = (spec["fd"], access)
             if key not in maps:
-                maps[key] = _kept_map(fd, access) if spec.get("keep") and not private else mmap.mmap(fd, 0, access=access)
-            view = memoryview(maps[key])[spec["offset"] : spec["offset"] + spec["size"]]
-            buffers.append(view)
+                keep = spec.get("keep") and not private
+                maps[key] = _kept_map(fd, access) if keep else segments.map_fd(fd, os.fstat(fd).st_size, access)
+            buffers.append(maps[key][offset : offset + size])
         if stream is None:
             return pickle.loads(data, buffers=buffers)
-        with memoryview(stream) as view:  # unpickling copies out what it keeps: unmap it after
-            return pickle.loads(view, buffers=buffers)
+        with memoryview(stream) as whole, whole[where[0] : where[0] + where[1]] as part:
+            return pickle.loads(part, buffers=buffers)  # unpickling copies out what it keeps
     finally:
         if stream is not None:
             stream.close()
         close_fds(fds)
 
 
-_kept: dict[tuple[int, int, int], mmap.mmap] = {}  # (device, inode, access) -> mapping, oldest first
+_kept: dict[tuple[int, int, int], memoryview] = {}  # (device, inode, access) -> mapping, oldest first
 _KEPT_MAPS = 8
 
 
-def _kept_map(fd: int, access: int) -> mmap.mmap:
+def _kept_map(fd: int, access: int) -> memoryview:
     """The mapping of a long-lived segment (a shared_array, a shared value), made once per process:
     mapping it afresh for every chunk would fault every page in again each time."""
     info = os.fstat(fd)
     key = (info.st_dev, info.st_ino, access)
-    mapping = _kept.pop(key, None)
-    if mapping is None or mapping.closed or len(mapping) != info.st_size:
-        mapping = mmap.mmap(fd, 0, access=access)
-    _kept[key] = mapping
+    view = _kept.pop(key, None)
+    if view is None or view.nbytes != info.st_size:
+        view = segments.map_fd(fd, info.st_size, access)
+    _kept[key] = view
     while len(_kept) > _KEPT_MAPS:
         _kept.pop(next(iter(_kept)))
-    return mapping
+    return view
 
 
 def shared_array(shape: int | tuple[int, ...], dtype: Any = float) -> Any:
     """A numpy array allocated in shared memory from the start.
 
-    Passing it (or any slice of it) to workers copies nothing: they map the same memory, writable,
-    so they can also fill their own slices in place. The memory is freed when the array, every
-    view of it and every worker mapping are gone.
+    Passing it, or any view of it (slices, strided or transposed views, inside closures, lists,
+    dicts or objects), to workers copies nothing: they map the same memory, writable, so they can
+    fill their own part in place. The memory is freed when the array, every view of it and every
+    worker mapping are gone.
     """
     import numpy  # optional: shared_array needs it, the rest of nbparallel does not
 
@@ -211,19 +365,17 @@ def shared_array(shape: int | tuple[int, ...], dtype: Any = float) -> Any:
     size = count * dtype.itemsize
     if not AVAILABLE:
         return numpy.zeros(shape, dtype)
-    fd, mapping = _new_segment(size, "nbparallel-shared-array")
-    array = numpy.frombuffer(mapping, dtype=dtype, count=count).reshape(shape)
-    start = _register(fd, mapping, writable=True)
+    fd = segments.new_segment(max(size, 1), "shared-array")
+    try:
+        view = segments.map_fd(fd, max(size, 1), segments.WRITE)
+    except BaseException:
+        os.close(fd)
+        raise
+    array = numpy.frombuffer(view, dtype=dtype, count=count).reshape(shape)
+    start = _register(fd, view, writable=True)
     # When the array and its views are gone, forget the segment and close our descriptor.
     weakref.finalize(array.base if array.base is not None else array, _forget, start)
     return array
-
-
-def _register(fd: int, mapping: mmap.mmap, *, writable: bool) -> int:
-    start = _address(memoryview(mapping))
-    with _segments_lock:
-        _segments[start] = (start + len(mapping), fd, writable, mapping)
-    return start
 
 
 _ALIGN = 64  # buffers start on cache-line boundaries, as numpy likes
@@ -263,12 +415,17 @@ class Shared:
             self.value = value
             self._layout: tuple[int, list[tuple[int, int]]] | None = None
             return
-        fd, mapping = _new_segment(at, "nbparallel-shared")
-        mapping[: len(stream)] = stream
+        fd = segments.new_segment(max(at, 1), "shared")
+        try:
+            view = segments.map_fd(fd, max(at, 1), segments.WRITE)
+        except BaseException:
+            os.close(fd)
+            raise
+        view[: len(stream)] = stream
         for (offset, size), raw in zip(layout, raws):
-            mapping[offset : offset + size] = raw
-        self._start = _register(fd, mapping, writable=False)
-        self._view = memoryview(mapping)
+            view[offset : offset + size] = raw
+        self._start = _register(fd, view, writable=False)
+        self._view = view
         self._layout = (len(stream), layout)
         self.value = _rebuild_from(self._view, self._layout)
         weakref.finalize(self, _forget, self._start)
@@ -321,10 +478,3 @@ def share(value: Any) -> Shared:
     shared memory itself.
     """
     return Shared(value)
-
-
-def _forget(start: int) -> None:
-    with _segments_lock:
-        entry = _segments.pop(start, None)
-    if entry is not None:
-        close_fds([entry[1]])

@@ -1,0 +1,381 @@
+"""The caller's buffers in shared memory: each placed once, segments kept for reuse (kernel side).
+
+When the kernel sends a large buffer (an array's data) it must be in shared memory, so it is
+copied there once. This module decides where:
+
+* **One buffer, one segment.** A placed buffer is remembered by its owner (the array that owns the
+  memory: views of one base share it) and its byte range, as long as the owner lives. The same
+  buffer sent again by the same call (a ``map`` job; the jobs of one joblib call or one
+  ``Executor``: one *scope*) is referenced, not copied. Sent by another call, it is first compared
+  with what the segment holds (memcmp, at memory speed): equal, it is referenced; changed, it is
+  written again, in place if nobody uses the segment any more, else into another one.
+* **Segments are reused.** A segment is pinned by every job it was sent with until the kernel is done
+  with the job. Then it waits in a pool, bounded in bytes (``POOL_MAX_BYTES``, and a quarter of the
+  memory available) and in time (``POOL_SECONDS``), given back under memory pressure and at
+  shutdown. A new buffer goes into a pooled segment of a fitting size (a copy into pages already
+  allocated and mapped, several times cheaper than fresh ones), but only once no other process
+  maps it or holds its descriptor (``segments.held_by_descendants``): a segment is rewritten only
+  when nobody can see it.
+
+Only the kernel pins and pools (``place`` is given a scope and a job by the runner when it sends a
+frame); workers put their results in fresh segments, which the kernel keeps as long as the results.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import weakref
+from collections.abc import Hashable
+from typing import Any
+
+from . import segments
+
+POOL_SECONDS = 30.0  # a released segment unused this long is given back
+POOL_MAX_BYTES = 4 << 30  # released segments kept at most (and at most a quarter of MemAvailable)
+ALIGN = 64  # buffers start on cache-line boundaries, as numpy likes
+
+
+def aligned(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+class Request:
+    """One buffer to place: its bytes, and (for a numpy array) its owner and address, so it can be
+    found again. ``spec`` is the wire's description of it, completed with ``fd`` and ``offset``."""
+
+    __slots__ = ("raw", "owner", "start", "spec")
+
+    def __init__(self, raw: memoryview, spec: dict[str, Any], owner: Any = None, start: int | None = None) -> None:
+        self.raw, self.spec, self.owner, self.start = raw, spec, owner, start
+
+
+class Segment:
+    """A segment made here: its descriptor, its mapping in this process (made when first needed),
+    the jobs it was sent with and not yet released (job -> scope), and the placements it holds."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.fd, self.size = fd, size
+        self.inode = os.fstat(fd).st_ino
+        self.view: memoryview | None = None
+        self.jobs: dict[Any, Hashable] = {}
+        self.idle_since = 0.0
+        self.clean = False  # nobody else maps it or holds it since it was released
+        self.placements: list[Placement] = []
+
+    def base(self) -> int:
+        """The address of our mapping of it (shared, writable; every page faulted in at once)."""
+        if self.view is None:
+            self.view = segments.map_fd(self.fd, self.size, segments.WRITE, populate=True)
+        address = segments.address(self.view)
+        assert address is not None
+        return address
+
+
+class Placement:
+    """Bytes ``start..end`` of ``owner``'s memory (``key``: its id), copied to ``offset`` in ``segment``."""
+
+    __slots__ = ("owner", "key", "start", "end", "segment", "offset")
+
+    def __init__(self, owner: weakref.ref[Any], key: int, start: int, end: int, segment: Segment, offset: int) -> None:
+        self.owner, self.key, self.start, self.end = owner, key, start, end
+        self.segment, self.offset = segment, offset
+
+
+_lock = threading.RLock()
+_placed: dict[int, list[Placement]] = {}  # id(owner) -> its placements
+_pinned: dict[Any, list[Segment]] = {}  # job -> the segments sent with it
+_idle: list[Segment] = []  # released, oldest first
+_timer: threading.Timer | None = None
+_timer_due = 0.0
+#: What placing cost, for tests and benchmarks: bytes copied, bytes compared, fresh segments.
+counters = {"copied": 0, "compared": 0, "referenced": 0, "fresh": 0, "reused": 0}
+
+
+def place(requests: list[Request], scope: Hashable, job: Any, fds: list[int], fd_index: dict[int, int],
+          max_fds: int) -> None:
+    """Put each request's bytes in a segment and complete its spec (``fd``: an index into ``fds``,
+    to which the segments' descriptors are added; ``offset``). The segments are pinned by ``job``
+    until ``release(job)``."""
+    with _lock:
+        pieces: list[Piece] = []
+        held: list[set[int] | None] = []  # the scan of other processes, made once when needed
+        for request in requests:
+            found = _lookup(request)
+            if found is not None and (found.segment.fd in fd_index or len(fds) < max_fds - 1):
+                if _usable(found, scope, held):
+                    _use(found.segment, found.offset + (request.start or 0) - found.start, request, job, scope,
+                         fds, fd_index)
+                    counters["referenced"] += request.raw.nbytes
+                    continue
+            _add_piece(pieces, request)
+        if pieces:
+            segment = _new_home(pieces, held)
+            for piece in pieces:
+                _record(piece, segment)
+                for request, offset in piece.requests:
+                    _use(segment, piece.offset + offset, request, job, scope, fds, fd_index)
+        _trim()
+
+
+class Piece:
+    """Bytes to copy into a new segment: a request's own, or (``owner`` given) a whole array of
+    which the requests are views, so other views of it are found there later."""
+
+    __slots__ = ("raw", "owner", "start", "requests", "offset")
+
+    def __init__(self, raw: memoryview, owner: Any, start: int | None) -> None:
+        self.raw, self.owner, self.start = raw, owner, start
+        self.requests: list[tuple[Request, int]] = []  # each with its offset in the piece
+        self.offset = 0  # in the segment
+
+
+def _add_piece(pieces: list[Piece], request: Request) -> None:
+    """The piece that holds the request: one already there for views of the same array, the whole
+    array when the view is a good part of it (a quarter or more), or the view alone."""
+    owner, start, size = request.owner, request.start, request.raw.nbytes
+    if owner is not None and start is not None:
+        for piece in pieces:
+            if piece.owner is owner and piece.start is not None and piece.start <= start \
+                    and start + size <= piece.start + piece.raw.nbytes:
+                piece.requests.append((request, start - piece.start))
+                return
+        first, end = extent(owner)
+        whole = bool(owner.flags.c_contiguous or owner.flags.f_contiguous)
+        if whole and end - first <= 4 * size and first <= start and start + size <= end and end > first:
+            piece = Piece(segments.view_at(first, end - first), owner, first)
+            piece.requests.append((request, start - first))
+            pieces.append(piece)
+            return
+    piece = Piece(request.raw, owner, start)
+    piece.requests.append((request, 0))
+    pieces.append(piece)
+
+
+def _lookup(request: Request) -> Placement | None:
+    """A live placement of the request's owner that holds all of its bytes."""
+    if request.owner is None or request.start is None:
+        return None
+    end = request.start + request.raw.nbytes
+    for placement in _placed.get(id(request.owner), ()):
+        if placement.start <= request.start and end <= placement.end and placement.owner() is request.owner:
+            return placement
+    return None
+
+
+def _usable(placement: Placement, scope: Hashable, held: list[set[int] | None]) -> bool:
+    """Whether the placement still holds the owner's bytes (bringing it up to date where nobody
+    else can see it); False: place the request afresh."""
+    segment = placement.segment
+    if scope in segment.jobs.values():
+        return True  # the same call sent these bytes already: they are what it sees
+    if not _owner_holds(placement):
+        _drop(placement)
+        return False
+    size = placement.end - placement.start
+    at = segment.base() + placement.offset
+    counters["compared"] += size
+    if segments.same(at, placement.start, size):
+        return True
+    if not segment.jobs and _clean(segment, held):  # changed, and nobody sees the segment: rewrite it
+        segments.copy(at, placement.start, size)
+        counters["copied"] += size
+        return True
+    _drop(placement)
+    return False
+
+
+def _owner_holds(placement: Placement) -> bool:
+    """The owner still has those bytes (a numpy array's memory can move: ``ndarray.resize``)."""
+    owner = placement.owner()
+    if owner is None:
+        return False
+    start, end = extent(owner)
+    return start <= placement.start and placement.end <= end
+
+
+def extent(array: Any) -> tuple[int, int]:
+    """The addresses of the first and past the last byte a numpy array spans (any strides)."""
+    start = end = int(array.__array_interface__["data"][0])
+    if array.size:
+        for count, stride in zip(array.shape, array.strides):
+            if stride < 0:
+                start += (count - 1) * stride
+            else:
+                end += (count - 1) * stride
+        end += array.itemsize
+    return start, end
+
+
+def _clean(segment: Segment, held: list[set[int] | None]) -> bool:
+    if segment.clean:
+        return True
+    if not held:
+        held.append(segments.held_by_descendants())
+    if held[0] is not None and segment.inode not in held[0]:
+        segment.clean = True
+    return segment.clean
+
+
+def _new_home(pieces: list[Piece], held: list[set[int] | None]) -> Segment:
+    """A segment holding these pieces: a pooled one of a fitting size that nobody else uses (a copy
+    into pages already there), or a fresh one (written with pwrite, the cheapest first write)."""
+    size = 0
+    for piece in pieces:
+        piece.offset = size
+        size = aligned(size + piece.raw.nbytes)
+    copied = sum(piece.raw.nbytes for piece in pieces)
+    for segment in sorted(_idle, key=lambda s: s.size):
+        if size <= segment.size <= 2 * size + segments.PAGE and _clean(segment, held):
+            _idle.remove(segment)
+            for placement in list(segment.placements):
+                _drop(placement)
+            base = segment.base()
+            for piece in pieces:
+                source = piece.start if piece.start is not None else segments.address(piece.raw)
+                if source is None:
+                    segment.view[piece.offset : piece.offset + piece.raw.nbytes] = piece.raw  # type: ignore[index]
+                else:
+                    segments.copy(base + piece.offset, source, piece.raw.nbytes)
+            counters["copied"] += copied
+            counters["reused"] += 1
+            return segment
+    _trim(need=size)
+    segment = Segment(segments.new_segment(size), size)
+    try:
+        for piece in pieces:
+            segments.write(segment.fd, piece.raw, piece.offset)
+    except BaseException:
+        _close(segment)
+        raise
+    counters["copied"] += copied
+    counters["fresh"] += 1
+    return segment
+
+
+def _record(piece: Piece, segment: Segment) -> None:
+    """Remember where the owner's bytes went, while the owner lives."""
+    owner = piece.owner
+    if owner is None or piece.start is None:
+        return
+    key = id(owner)
+    if key not in _placed:
+        try:
+            reference = weakref.ref(owner)
+            weakref.finalize(owner, _forget_owner, key)
+        except TypeError:  # an owner without weak references cannot be found again
+            return
+        _placed[key] = []
+    else:
+        reference = _placed[key][0].owner
+    placement = Placement(reference, key, piece.start, piece.start + piece.raw.nbytes, segment, piece.offset)
+    _placed[key].append(placement)
+    segment.placements.append(placement)
+
+
+def _use(segment: Segment, offset: int, request: Request, job: Any, scope: Hashable, fds: list[int],
+         fd_index: dict[int, int]) -> None:
+    if segment.fd not in fd_index:
+        fd_index[segment.fd] = len(fds)
+        fds.append(segment.fd)
+    request.spec["fd"] = fd_index[segment.fd]
+    request.spec["offset"] = offset
+    if job not in segment.jobs:
+        if not segment.jobs and segment in _idle:
+            _idle.remove(segment)
+        segment.jobs[job] = scope
+        segment.clean = False
+        _pinned.setdefault(job, []).append(segment)
+
+
+def release(job: Any) -> None:
+    """The kernel is done with ``job``: the segments only it pinned go to the pool."""
+    with _lock:
+        now = time.monotonic()
+        for segment in _pinned.pop(job, ()):
+            segment.jobs.pop(job, None)
+            if not segment.jobs and segment.fd >= 0:
+                segment.idle_since = now
+                segment.clean = False
+                _idle.append(segment)
+        _trim()
+
+
+def release_all() -> None:
+    """The runner is gone (or going): no job pins anything any more."""
+    with _lock:
+        for job in list(_pinned):
+            release(job)
+
+
+def clear() -> None:
+    """Give back every pooled segment now (shutdown)."""
+    with _lock:
+        while _idle:
+            _close(_idle.pop(0))
+
+
+def pooled_bytes() -> int:
+    with _lock:
+        return sum(s.size for s in _idle)
+
+
+def _trim(need: int = 0) -> None:
+    """Give back pooled segments past their time, beyond the byte bound, or all of them when memory
+    runs short; arm a timer to come back while some remain."""
+    global _timer, _timer_due
+    now = time.monotonic()
+    while _idle and now - _idle[0].idle_since > POOL_SECONDS:
+        _close(_idle.pop(0))
+    total = sum(s.size for s in _idle)
+    if _idle:
+        available = segments.mem_available()
+        cap = POOL_MAX_BYTES if available is None else min(POOL_MAX_BYTES, max(0, available + total - need) // 4)
+        while _idle and total > cap:
+            oldest = _idle.pop(0)
+            total -= oldest.size
+            _close(oldest)
+    if _idle:
+        due = _idle[0].idle_since + POOL_SECONDS  # when the oldest one's time is up
+        if _timer is None or due < _timer_due:
+            if _timer is not None:
+                _timer.cancel()
+            _timer, _timer_due = threading.Timer(max(0.0, due - now) + 0.05, _on_timer), due
+            _timer.daemon = True
+            _timer.start()
+
+
+def _on_timer() -> None:
+    global _timer
+    with _lock:
+        _timer = None
+        _trim()
+
+
+def _close(segment: Segment) -> None:
+    for placement in list(segment.placements):
+        _drop(placement)
+    segment.view = None  # our mapping goes when the last view of it does
+    if segment.fd >= 0:
+        try:
+            os.close(segment.fd)
+        except OSError:
+            pass
+        segment.fd = -1
+
+
+def _drop(placement: Placement) -> None:
+    """Forget a placement: its bytes in the segment no longer stand for the owner's."""
+    if placement in placement.segment.placements:
+        placement.segment.placements.remove(placement)
+    owned = _placed.get(placement.key)
+    if owned and placement in owned:
+        owned.remove(placement)
+
+
+def _forget_owner(key: int) -> None:
+    with _lock:
+        for placement in _placed.pop(key, ()):
+            if placement in placement.segment.placements:
+                placement.segment.placements.remove(placement)
