@@ -37,6 +37,15 @@ EXPECTED: dict[str, list[str]] = {
         "== [sidecar]: True",
     ],
     "parameter_sweep.ipynb": ["36 fits; best", "ok"],
+    "checkpoint_sweep.ipynb": [
+        "stopped: ",  # the first run, stopped by a timer pressing the stop button
+        "runs/sweep.db: ",  # load() read what had arrived
+        " restored: ",  # the progress display of the rerun: "map(fit) · 29 restored: 31 items in 1.1 s"
+        "same as a serial run: True",
+        "CheckpointMismatch: the checkpoint",
+        "after a restart: {'alpha': 1.3, 'loss': 0.1}",
+        "cell sweep: [1.4, 1.35, 1.3, 1.25]",
+    ],
     "background_cell.ipynb": ["nbparallel job 1: done", "95% bootstrap interval"],
     "progress_demo.ipynb": ["5 of 100 items failed", "stopped at item 30", "background: finished"],
     "cluster.ipynb": [

@@ -188,6 +188,7 @@ class Journal:
         self.writer: threading.Thread | None = None
         self.failure: BaseException | None = None  # what stopped the writer thread
         self.call = 0
+        self.shown = str(path)  # the path as the caller wrote it, for messages
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, write: bool = True) -> Journal:
@@ -217,6 +218,7 @@ class Journal:
             _unlock(lock)
             raise
         journal = cls(where, db, lock)
+        journal.shown = os.fspath(path)
         if write:
             journal.remove_orphans()
         return journal
@@ -363,10 +365,15 @@ class Journal:
     def close(self) -> None:
         """Commit what is queued, then release the lock (a writer's connection stays open, idle,
         for the next call on this journal: see ``_IDLE``)."""
+        interrupted = False
         try:
             if self.writer is not None:
                 self.queue.put(None)
-                self.writer.join()
+                while self.writer.is_alive():  # a few ms: what is queued, then the commit
+                    try:
+                        self.writer.join()
+                    except KeyboardInterrupt:  # a second Ctrl-C: the results are written all the same
+                        interrupted = True
         finally:
             if self.lock is not None and self.failure is None:
                 _keep_idle(self.path, self.db)
@@ -377,6 +384,8 @@ class Journal:
         if self.failure is not None:
             print(f"nbparallel: the checkpoint {self.path} could not be written: {type(self.failure).__name__}: "
                   f"{self.failure}", file=sys.stderr)
+        if interrupted:
+            raise KeyboardInterrupt
 
     def remove_orphans(self) -> None:
         if not self.blobs.is_dir():
@@ -497,7 +506,7 @@ def _identify(items: list[Any]) -> tuple[bytes | None, bytes | None]:
 
 def _mismatch(journal: Journal, name: str, stored: str, fid: FunctionId, count: int, last: float | None) -> CheckpointMismatch:
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(last)) if last else "?"
-    shown = os.fspath(journal.path)
+    shown = journal.shown
     return CheckpointMismatch(
         f"the checkpoint {shown!r} holds {count:,} results of a different function: {name} (digest {stored[:8]}, "
         f"last result {when}); this call's {fid.name} is not the same (digest {fid.digest[:8]}): its code, a "
