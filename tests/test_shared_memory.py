@@ -379,3 +379,20 @@ def test_the_mapping_limit_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(segments, "_mappings", lambda: 65530)
     error = segments.limit_error(OSError(errno.ENOMEM, "Cannot allocate memory"), "could not map")
     assert isinstance(error, shm.SharedMemoryLimit) and "vm.max_map_count" in str(error)
+
+
+def test_each_submit_sees_the_array_as_it_was_when_submitted() -> None:
+    """Changed in place between submits, while the earlier ones still run: each task sees its own
+    version (an Executor's tasks are separate calls; only a joblib call's batches are one)."""
+    data = np.zeros(2 * MB // 8)
+
+    def slow_max(a: np.ndarray) -> float:
+        time.sleep(0.3)
+        return float(a.max())
+
+    with nbparallel.Executor(max_workers=2) as pool:
+        futures = []
+        for value in range(6):
+            data[:] = value
+            futures.append(pool.submit(slow_max, data))
+        assert [f.result() for f in futures] == [float(v) for v in range(6)]

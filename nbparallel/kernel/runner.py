@@ -122,14 +122,15 @@ class Client:
 
     def send_packed(self, header: Mapping[str, Any], packed: Any) -> None:
         """Send a value made by ``serialization.pack``. Its large buffers are placed in shared memory
-        now, once per call (payload/placement.py: the jobs of one joblib call or Executor are one
-        call), and stay pinned until the job is unregistered; segments made for it alone are then
-        the sidecar's to keep (our descriptors are closed)."""
+        now, once per call (payload/placement.py; the batches of one joblib call are one call), and
+        stay pinned until the job is unregistered; segments made for it alone are then the
+        sidecar's to keep (our descriptors are closed)."""
         try:
             job = int(header["job"])
             if header.get("op") == "job":
                 group = header.get("group")
-                self.scopes[job] = ("group", group) if group is not None else ("job", job)
+                one_call = group is not None and packed.group_is_one_call
+                self.scopes[job] = ("group", int(group or 0)) if one_call else ("job", job)
             packed.place(self.scopes.get(job, ("job", job)), (self.pid, job))
             if packed.specs:
                 header = {**header, "oob": packed.specs}

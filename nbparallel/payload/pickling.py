@@ -86,7 +86,9 @@ def dumps_function(fn: Callable[..., Any]) -> shm.Packed:
     if not callable(fn):
         raise TypeError(f"nbparallel needs a callable to run, got {describe(fn)} ({type(fn).__name__})")
     try:
-        return pack(fn)
+        packed = pack(fn)
+        packed.group_is_one_call = type(fn).__name__ == "BatchedCalls" and type(fn).__module__.startswith("joblib")
+        return packed
     except shm.SharedMemoryLimit:
         raise  # it names the limit; blaming pickling would mislead
     except Exception as exc:

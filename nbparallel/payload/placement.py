@@ -85,6 +85,7 @@ class Placement:
 
 _lock = threading.RLock()
 _placed: dict[int, list[Placement]] = {}  # id(owner) -> its placements
+_owners: dict[int, weakref.ref[Any]] = {}  # id(owner) -> the owner, while it lives
 _pinned: dict[Any, list[Segment]] = {}  # job -> the segments sent with it
 _idle: list[Segment] = []  # released, oldest first
 _timer: threading.Timer | None = None
@@ -260,15 +261,14 @@ def _record(piece: Piece, segment: Segment) -> None:
     if owner is None or piece.start is None:
         return
     key = id(owner)
-    if key not in _placed:
+    reference = _owners.get(key)
+    if reference is None:
         try:
             reference = weakref.ref(owner)
             weakref.finalize(owner, _forget_owner, key)
         except TypeError:  # an owner without weak references cannot be found again
             return
-        _placed[key] = []
-    else:
-        reference = _placed[key][0].owner
+        _owners[key], _placed[key] = reference, []
     placement = Placement(reference, key, piece.start, piece.start + piece.raw.nbytes, segment, piece.offset)
     _placed[key].append(placement)
     segment.placements.append(placement)
@@ -376,6 +376,7 @@ def _drop(placement: Placement) -> None:
 
 def _forget_owner(key: int) -> None:
     with _lock:
+        _owners.pop(key, None)
         for placement in _placed.pop(key, ()):
             if placement in placement.segment.placements:
                 placement.segment.placements.remove(placement)

@@ -62,6 +62,9 @@ class Packed:
         self.owned = owned  # descriptors made for this value alone: closed once sent
         self.requests = requests
         self.fd_index = fd_index
+        #: The jobs of its group are one call (a joblib Parallel call's batches): a buffer placed for
+        #: one of them is what the others see, as joblib's own memmapping does within a call.
+        self.group_is_one_call = False
 
     @property
     def fds(self) -> list[int]:
