@@ -42,6 +42,8 @@ class Options:
     s3_mib: int
     s4_seconds: float
     s4_tasks: int
+    s6_mb: int
+    s6_tasks: int
     s5_timeout: float
     timeout: float  # seconds allowed to one child of S1-S4
 

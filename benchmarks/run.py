@@ -19,14 +19,15 @@ from typing import Any
 from .harness import ROOT, Case, Options, Outcome, machine_info, run_child
 from .peers import TIMING_PEERS
 
-SCENARIOS = {"S1": "s1_tiny", "S2": "s2_fat", "S3": "s3_array", "S4": "s4_scaling", "S5": "s5_kinds"}
+SCENARIOS = {"S1": "s1_tiny", "S2": "s2_fat", "S3": "s3_array", "S4": "s4_scaling", "S5": "s5_kinds",
+             "S6": "s6_joblib"}
 
 
 def parse(argv: list[str]) -> tuple[Options, list[str], Path]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="smaller sizes and one repeat (S2 0.5 and 2 GiB, S3 256 MiB, S4 0.1 s tasks)")
-    parser.add_argument("--scenarios", default="S1,S2,S3,S4,S5", help="comma-separated, e.g. S1,S4")
+    parser.add_argument("--scenarios", default="S1,S2,S3,S4,S5,S6", help="comma-separated, e.g. S1,S4")
     parser.add_argument("--peers", default=",".join(TIMING_PEERS), help="comma-separated subset for S1-S4")
     parser.add_argument("--json", type=Path, help="where to write the results (default benchmarks/results/run-<time>.json)")
     parser.add_argument("--workers", type=int, default=None, help="workers per peer (default: usable CPUs)")
@@ -39,6 +40,8 @@ def parse(argv: list[str]) -> tuple[Options, list[str], Path]:
     parser.add_argument("--s3-mib", type=int, default=None, help="array size in MiB (default 1024; quick 256)")
     parser.add_argument("--s4-seconds", type=float, default=None, help="serial length of one task (default 0.25; quick 0.1)")
     parser.add_argument("--s4-tasks", type=int, default=16)
+    parser.add_argument("--s6-mb", type=int, default=200, help="S6: the array's size in MB (default 200)")
+    parser.add_argument("--s6-tasks", type=int, default=40, help="S6: delayed(np.sum)(a) calls per Parallel call")
     parser.add_argument("--s5-timeout", type=float, default=None, help="seconds before a case counts as hanging (default 20; quick 10)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds allowed to one S1-S4 child")
     args = parser.parse_args(argv)
@@ -56,6 +59,8 @@ def parse(argv: list[str]) -> tuple[Options, list[str], Path]:
         s3_mib=args.s3_mib or (256 if quick else 1024),
         s4_seconds=args.s4_seconds or (0.1 if quick else 0.25),
         s4_tasks=args.s4_tasks,
+        s6_mb=args.s6_mb,
+        s6_tasks=args.s6_tasks,
         s5_timeout=args.s5_timeout or (10 if quick else 20),
         timeout=args.timeout,
     )

@@ -17,6 +17,7 @@ import mmap
 import os
 import resource
 import sys
+import time
 from typing import Any
 
 #: Segments are named so /proc shows them as ``/memfd:nbparallel-...``; the prefix finds them there.
@@ -93,8 +94,20 @@ def _max_map_count() -> int:
         return 65530
 
 
+_available: tuple[float, int | None] = (-1.0, None)
+
+
 def mem_available() -> int | None:
-    """MemAvailable from /proc/meminfo, in bytes (None where there is none)."""
+    """MemAvailable from /proc/meminfo, in bytes (None where there is none); read at most every 0.2 s."""
+    global _available
+    now = time.monotonic()
+    if now - _available[0] < 0.2:
+        return _available[1]
+    _available = (now, _read_mem_available())
+    return _available[1]
+
+
+def _read_mem_available() -> int | None:
     try:
         with open("/proc/meminfo") as info:
             for line in info:
