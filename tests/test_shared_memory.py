@@ -396,3 +396,16 @@ def test_each_submit_sees_the_array_as_it_was_when_submitted() -> None:
             data[:] = value
             futures.append(pool.submit(slow_max, data))
         assert [f.result() for f in futures] == [float(v) for v in range(6)]
+
+
+def test_results_that_arrive_at_the_open_file_limit_say_which_limit() -> None:
+    nbparallel.map(np.sum, [np.ones(10)])  # the sidecar is up
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (_lowest_free_fd(), hard))  # no room for a result's segment
+    try:
+        with pytest.raises(nbparallel.SidecarDied, match="RLIMIT_NOFILE"):
+            nbparallel.map(lambda _: np.ones(2 * MB // 8), [0])
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        nbparallel.shutdown()
+    assert nbparallel.map(lambda _: np.ones(2 * MB // 8).sum(), [0]) == [2 * MB // 8]

@@ -195,8 +195,11 @@ class Client:
         while True:
             try:
                 frame = read_frame(self.sock)
-            except (EOFError, OSError, ProtocolError):
+            except (EOFError, OSError):
                 self._mark_dead()
+                return
+            except ProtocolError as exc:  # e.g. descriptors dropped at the open-file limit: say so
+                self._mark_dead(str(exc))
                 return
             job = frame.get("job")
             if job is not None:
@@ -220,14 +223,15 @@ class Client:
                     print(f"nbparallel: the {self.kind} reported an internal error:\n{error.get('message')}",
                           file=sys.stderr)
 
-    def _mark_dead(self) -> SidecarDied:
+    def _mark_dead(self, reason: str | None = None) -> SidecarDied:
+        """``reason``: why this side gave up on the connection, when it was this side."""
         if self.dead is None:
             try:
                 code = self.process.wait(timeout=1)
             except subprocess.TimeoutExpired:
                 code = None
             how = f"exit code {code}" if code is not None and code >= 0 else (
-                f"killed by signal {-code}" if code is not None else "connection lost")
+                f"killed by signal {-code}" if code is not None else reason or "connection lost")
             self.dead = SidecarDied(
                 f"the nbparallel {self.kind} (pid {self.pid}) stopped ({how}). Results that had arrived are "
                 f"kept; the next call starts a new {self.kind}."

@@ -18,6 +18,7 @@ from __future__ import annotations
 import array
 import json
 import os
+import resource
 import socket
 import struct
 from collections import deque
@@ -167,6 +168,10 @@ def _recv_exact(sock: socket.socket, size: int, fds: list[int]) -> memoryview:
     while got < size:
         n, ancillary, flags, _ = sock.recvmsg_into([out[got:]], ANCILLARY_SPACE)
         fds.extend(fds_from(ancillary))
+        if flags & socket.MSG_CTRUNC:  # the kernel dropped descriptors it could not install here
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            raise ProtocolError(f"descriptors sent with a frame were dropped: this process is at its limit on "
+                                f"open files (RLIMIT_NOFILE, `ulimit -n`: {soft})")
         if n == 0:
             raise EOFError("the other end closed the connection")
         got += n
