@@ -290,6 +290,7 @@ def big_row(i: int) -> np.ndarray:
 
 def test_large_values_are_stored_beside_the_journal(tmp_path: Path, journal: str) -> None:
     out = nbparallel.map(big_row, range(6), checkpoint=journal)
+    assert len(load(journal)) == 6  # (the last rows are written just after map returns; load waits for them)
     blobs = list(Path(journal + "-blobs").iterdir())
     assert len(blobs) == 6 and all(b.stat().st_size == 2_400_000 for b in blobs)
     with sqlite3.connect(journal) as db:

@@ -76,6 +76,8 @@ _INSERT = ("INSERT INTO outcomes (call, failed, first, count, indices, items, di
 # with an fsync, tens of milliseconds that a sweep run again should not pay. Closed at exit.
 _IDLE: dict[Path, tuple[sqlite3.Connection, tuple[int, int]]] = {}
 _IDLE_LOCK = threading.Lock()
+# Writer threads of journals closed but still committing their last rows, by path.
+_PENDING: dict[Path, threading.Thread] = {}
 
 
 class CheckpointError(NbParallelError):
@@ -188,6 +190,9 @@ class Journal:
         self.writer: threading.Thread | None = None
         self.failure: BaseException | None = None  # what stopped the writer thread
         self.call = 0
+        self.closing = False
+        self.finishing = threading.Lock()
+        self.finished = False
         self.shown = str(path)  # the path as the caller wrote it, for messages
 
     @classmethod
@@ -198,6 +203,10 @@ class Journal:
                                   "'runs/sweep.db'")
         if not write and not where.exists():
             raise FileNotFoundError(f"no checkpoint journal at {os.fspath(path)!r}")
+        with _IDLE_LOCK:
+            pending = _PENDING.pop(where, None)
+        if pending is not None:  # closed a moment ago in this process: its last rows first
+            pending.join()
         lock = None
         if write:
             where.parent.mkdir(parents=True, exist_ok=True)
@@ -361,31 +370,41 @@ class Journal:
             self.failure = exc
             if self.db.in_transaction:
                 self.db.execute("ROLLBACK")
+        finally:
+            if self.closing:
+                self._finish()
 
     def close(self) -> None:
-        """Commit what is queued, then release the lock (a writer's connection stays open, idle,
-        for the next call on this journal: see ``_IDLE``)."""
-        interrupted = False
-        try:
-            if self.writer is not None:
-                self.queue.put(None)
-                while self.writer.is_alive():  # a few ms: what is queued, then the commit
-                    try:
-                        self.writer.join()
-                    except KeyboardInterrupt:  # a second Ctrl-C: the results are written all the same
-                        interrupted = True
-        finally:
-            if self.lock is not None and self.failure is None:
-                _keep_idle(self.path, self.db)
-            else:
-                self.db.close()
-            _unlock(self.lock)
-            self.lock = None
+        """Let go of the journal: the writer thread commits what is queued (a few ms of pickling
+        the caller need not wait for), then releases the lock; opening this journal again in this
+        process waits for that (``_PENDING``), as does the interpreter's exit."""
+        self.closing = True
+        writer = self.writer
+        if writer is None:
+            self._finish()
+            return
+        with _IDLE_LOCK:
+            _PENDING[self.path] = writer
+        self.queue.put(None)
+        if self.failure is not None:  # the writer stopped early, maybe before it saw ``closing``
+            writer.join()
+            self._finish()
+
+    def _finish(self) -> None:
+        """Keep a writer's connection idle for the next call (``_IDLE``), and release the lock."""
+        with self.finishing:
+            if self.finished:
+                return
+            self.finished = True
+        if self.lock is not None and self.failure is None:
+            _keep_idle(self.path, self.db)
+        else:
+            self.db.close()
+        _unlock(self.lock)
+        self.lock = None
         if self.failure is not None:
-            print(f"nbparallel: the checkpoint {self.path} could not be written: {type(self.failure).__name__}: "
+            print(f"nbparallel: the checkpoint {self.shown} could not be written: {type(self.failure).__name__}: "
                   f"{self.failure}", file=sys.stderr)
-        if interrupted:
-            raise KeyboardInterrupt
 
     def remove_orphans(self) -> None:
         if not self.blobs.is_dir():
@@ -442,15 +461,20 @@ def _keep_idle(where: Path, db: sqlite3.Connection) -> None:
         db.close()
         return
     with _IDLE_LOCK:
-        if not _IDLE:
-            atexit.register(_close_idle)
         previous = _IDLE.pop(where, None)
         _IDLE[where] = (db, identity)
     if previous is not None:
         previous[0].close()
 
 
-def _close_idle() -> None:
+@atexit.register
+def _at_exit() -> None:
+    """Let the journals closed last commit their rows, then close every connection."""
+    with _IDLE_LOCK:
+        pending = list(_PENDING.values())
+        _PENDING.clear()
+    for writer in pending:
+        writer.join(timeout=10)
     with _IDLE_LOCK:
         idle = list(_IDLE.values())
         _IDLE.clear()
