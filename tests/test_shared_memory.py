@@ -409,3 +409,21 @@ def test_results_that_arrive_at_the_open_file_limit_say_which_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         nbparallel.shutdown()
     assert nbparallel.map(lambda _: np.ones(2 * MB // 8).sum(), [0]) == [2 * MB // 8]
+
+
+@pytest.mark.timeout(300)
+def test_a_call_over_many_arrays_keeps_few_descriptors_at_the_default_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    nbparallel.shutdown()
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard))
+    try:
+        arrays = [np.full(MB // 8, float(k)) for k in range(1500)]
+        before = _open_fds()
+        assert nbparallel.map(lambda a: float(a[-1]), arrays) == [float(k) for k in range(1500)]
+        assert _open_fds() - before <= placement.max_segments() + 8
+        doubled = nbparallel.map(lambda a: a * 2, arrays)
+        assert all(float(d[0]) == 2 * k for k, d in enumerate(doubled))
+        assert _open_fds() - before <= placement.max_segments() + 8
+    finally:
+        nbparallel.shutdown()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

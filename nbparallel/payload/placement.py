@@ -24,6 +24,7 @@ frame); workers put their results in fresh segments, which the kernel keeps as l
 from __future__ import annotations
 
 import os
+import resource
 import threading
 import time
 import weakref
@@ -88,6 +89,7 @@ _placed: dict[int, list[Placement]] = {}  # id(owner) -> its placements
 _owners: dict[int, weakref.ref[Any]] = {}  # id(owner) -> the owner, while it lives
 _pinned: dict[Any, list[Segment]] = {}  # job -> the segments sent with it
 _idle: list[Segment] = []  # released, oldest first
+_live: dict[Segment, None] = {}  # every segment whose descriptor we hold, least recently used first
 _timer: threading.Timer | None = None
 _timer_due = 0.0
 #: What placing cost, for tests and benchmarks: bytes copied, bytes compared, fresh segments.
@@ -118,6 +120,7 @@ def place(requests: list[Request], scope: Hashable, job: Any, fds: list[int], fd
                 for request, offset in piece.requests:
                     _use(segment, piece.offset + offset, request, job, scope, fds, fd_index)
         _trim()
+        _limit_descriptors(keep=set(fd_index))
 
 
 class Piece:
@@ -244,6 +247,7 @@ def _new_home(pieces: list[Piece], held: list[set[int] | None]) -> Segment:
             return segment
     _trim(need=size)
     segment = Segment(segments.new_segment(size), size)
+    _live[segment] = None
     try:
         for piece in pieces:
             segments.write(segment.fd, piece.raw, piece.offset)
@@ -279,6 +283,8 @@ def _use(segment: Segment, offset: int, request: Request, job: Any, scope: Hasha
     if segment.fd not in fd_index:
         fd_index[segment.fd] = len(fds)
         fds.append(segment.fd)
+    _live.pop(segment, None)
+    _live[segment] = None  # the most recently used
     request.spec["fd"] = fd_index[segment.fd]
     request.spec["offset"] = offset
     if job not in segment.jobs:
@@ -353,7 +359,29 @@ def _on_timer() -> None:
         _trim()
 
 
+def _limit_descriptors(keep: set[int]) -> None:
+    """Hold at most ``max_segments()`` descriptors: past that, let the least recently used segments
+    go (pooled ones first). One still in flight lives on in the processes it was sent to; we just
+    can no longer send it again. ``keep``: descriptors about to be sent."""
+    cap = max_segments()
+    for candidates in (list(_idle), list(_live)):
+        for segment in candidates:
+            if len(_live) <= cap:
+                return
+            if segment.fd not in keep:
+                if segment in _idle:
+                    _idle.remove(segment)
+                _close(segment)
+
+
+def max_segments() -> int:
+    """How many segment descriptors the kernel keeps: an eighth of its open-file limit, at most 256."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return max(8, min(256, soft // 8)) if soft != resource.RLIM_INFINITY else 256
+
+
 def _close(segment: Segment) -> None:
+    _live.pop(segment, None)
     for placement in list(segment.placements):
         _drop(placement)
     segment.view = None  # our mapping goes when the last view of it does
