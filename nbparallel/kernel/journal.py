@@ -191,6 +191,7 @@ class Journal:
         self.failure: BaseException | None = None  # what stopped the writer thread
         self.call = 0
         self.closing = False
+        self.warned = False
         self.finishing = threading.Lock()
         self.finished = False
         self.shown = str(path)  # the path as the caller wrote it, for messages
@@ -290,10 +291,15 @@ class Journal:
         nobody can change before ``close`` (a ``map``'s, not an ``imap``'s, which the consumer has)."""
         if not indices:
             return
-        if now:
-            self.put(self._values_row(indices, items, values, time.time()))
-        else:
+        if not now:
             self.put(functools.partial(self._values_row, indices, items, values, time.time()))
+            return
+        try:
+            row = self._values_row(indices, items, values, time.time())
+        except Exception as exc:  # a value plain storage refuses: those items run again next time
+            self._skipped(exc)
+            return
+        self.put(row)
 
     def _values_row(self, indices: Sequence[int], items: list[Any], values: list[Any], finished: float
                     ) -> tuple[Any, ...]:
@@ -312,10 +318,16 @@ class Journal:
         return (self.call, 0, first, count, packed, stored, digests, value, buffers, None, finished)
 
     def record_failure(self, index: int, item: Any, error: BaseException) -> None:
+        completed = getattr(error, "completed", None)
         try:
+            if completed:  # what else had finished belongs to that call, not to this item's failure
+                setattr(error, "completed", {})
             value: bytes | None = cloudpickle.dumps(error, protocol=5)
         except Exception:  # an exception that cannot be pickled: its message is kept
             value = None
+        finally:
+            if completed:
+                setattr(error, "completed", completed)
         stored, digests = _identify([item])
         self.put((self.call, 1, index, 1, None, stored, digests, value, None, str(error)[:20_000], time.time()))
 
@@ -353,7 +365,11 @@ class Journal:
                 except Empty:
                     row = threading.Event()  # time to commit
                 if callable(row):
-                    row = row()
+                    try:
+                        row = row()
+                    except Exception as exc:  # a value storage refuses: those items run again next time
+                        self._skipped(exc)
+                        continue
                 if isinstance(row, tuple):
                     if deadline is None:
                         self.db.execute("BEGIN")
@@ -389,6 +405,12 @@ class Journal:
         if self.failure is not None:  # the writer stopped early, maybe before it saw ``closing``
             writer.join()
             self._finish()
+
+    def _skipped(self, exc: Exception) -> None:
+        if not self.warned:
+            self.warned = True
+            print(f"nbparallel: some results could not be written to the checkpoint {self.shown} "
+                  f"({type(exc).__name__}: {exc}); those items will run again next time", file=sys.stderr)
 
     def _finish(self) -> None:
         """Keep a writer's connection idle for the next call (``_IDLE``), and release the lock."""

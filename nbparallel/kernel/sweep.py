@@ -78,7 +78,9 @@ class Sweep:
             for k in run:
                 self.written[k] = 1
         if batch.values:  # a map's values are pickled on the writer thread; an imap's consumer has them now
-            self.journal.record(indices, self.item_list(indices), batch.values, now=isinstance(self.items, dict))
+            deferred = not isinstance(self.items, dict)  # (a copy of the list: the engine owns batch.values)
+            self.journal.record(indices, self.item_list(indices), list(batch.values) if deferred else batch.values,
+                                now=not deferred)
         errors: dict[int, NbParallelError] = {}
         for k, error in batch.errors.items():
             index = self.todo[k]
