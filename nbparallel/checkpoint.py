@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .futures import submit as _submit
-from .kernel.journal import Checkpoint, CheckpointBusy, CheckpointError, CheckpointMismatch, Journal, Row
+from .kernel.journal import Checkpoint, CheckpointBusy, CheckpointError, CheckpointMismatch, Journal
+from .kernel.journalrows import Row
 from .kernel.sweep import run_once
 
 __all__ = ["Checkpoint", "CheckpointError", "CheckpointBusy", "CheckpointMismatch", "Call", "Entry", "Contents",

@@ -23,8 +23,6 @@ cheap), or for big items a digest of each (identity.py). The newest outcome of a
 
 from __future__ import annotations
 
-import array
-import atexit
 import functools
 import json
 import os
@@ -44,17 +42,13 @@ from typing import Any
 import cloudpickle
 
 from ..errors import NbParallelError
-from .identity import DIGEST_SIZE, FunctionId, item_digest
-
-try:
-    import fcntl
-except ImportError:  # Windows: no flock; two writers are then the user's to avoid
-    fcntl = None  # type: ignore[assignment]
+from . import journalfiles as files
+from .identity import FunctionId
+from .journalrows import Row, identify, pack_indices
 
 FORMAT = "1"
 COMMIT_INTERVAL = 1.0  # seconds between commits at most: what a killed kernel can lose
 OUT_OF_BAND = 256 * 2**10  # bytes: a value's buffer this big goes to a file of its own
-ITEMS_INLINE = 2**20  # bytes: a batch's items pickled bigger than this are kept as digests
 ON_CHANGE = ("error", "restart", "keep")
 
 _SCHEMA = """
@@ -69,15 +63,6 @@ CREATE TABLE IF NOT EXISTS outcomes (
 """
 _INSERT = ("INSERT INTO outcomes (call, failed, first, count, indices, items, digests, value, buffers, message, "
            "finished) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
-
-
-# Connections of journals this process wrote and closed, kept open (with the file's identity) for
-# the next call on the same journal: closing the last connection checkpoints the WAL into the file
-# with an fsync, tens of milliseconds that a sweep run again should not pay. Closed at exit.
-_IDLE: dict[Path, tuple[sqlite3.Connection, tuple[int, int]]] = {}
-_IDLE_LOCK = threading.Lock()
-# Writer threads of journals closed but still committing their last rows, by path.
-_PENDING: dict[Path, threading.Thread] = {}
 
 
 class CheckpointError(NbParallelError):
@@ -123,59 +108,6 @@ def as_checkpoint(value: Any) -> Checkpoint:
     return value if isinstance(value, Checkpoint) else Checkpoint(value)
 
 
-class Row:
-    """One stored outcome: values for ``indices``, or (``failed``) one failure."""
-
-    def __init__(self, journal: Journal, raw: tuple[Any, ...]) -> None:
-        (self.id, self.call, failed, first, count, indices, self.items, self.digests, self.value, buffers,
-         self.message, self.finished) = raw
-        self.failed = bool(failed)
-        self.indices: Sequence[int] = (range(first, first + count) if indices is None
-                                       else memoryview(indices).cast("q").tolist())
-        self.buffers: list[tuple[str, int]] = json.loads(buffers) if buffers else []
-        self.journal = journal
-        self.decoded: list[Any] | None = None
-        self.stored_items: list[Any] | None = None
-
-    def outcomes(self) -> list[Any]:
-        """The values (a failure: a one-element list with the exception); raises if unreadable."""
-        if self.decoded is None:
-            if self.failed:
-                error = pickle.loads(self.value) if self.value is not None else None
-                self.decoded = [error if isinstance(error, BaseException) else CheckpointError(self.message or "")]
-            else:
-                self.decoded = pickle.loads(self.value, buffers=[self.journal.read_blob(n, s) for n, s in self.buffers])
-        return self.decoded
-
-    def same_items(self, current: list[Any]) -> bool:
-        """Whether ``current`` (the items now at ``indices``) are the items stored, all of them."""
-        if self.items is None:
-            return False
-        try:
-            return bool(pickle.dumps(current, protocol=5) == self.items)
-        except Exception:  # an item plain pickle refuses: compare one by one
-            return False
-
-    def same_item(self, offset: int, item: Any) -> bool:
-        """Whether ``item`` is the one stored at ``offset`` (the slow path: a digest each)."""
-        if self.digests is not None:
-            return bool(self.digests[offset * DIGEST_SIZE:(offset + 1) * DIGEST_SIZE] == item_digest(item))
-        if self.stored_items is None:
-            try:
-                self.stored_items = pickle.loads(self.items)
-            except Exception:  # e.g. a class the stored items need is not defined here
-                self.stored_items = []
-        if offset >= len(self.stored_items):
-            return False
-        stored = self.stored_items[offset]
-        try:
-            if pickle.dumps(stored, protocol=5) == pickle.dumps(item, protocol=5):
-                return True
-        except Exception:
-            pass
-        return item_digest(stored) == item_digest(item)
-
-
 class Journal:
     """An open journal. ``Journal.open(path)`` takes the writer's lock; ``write=False`` only reads."""
 
@@ -204,16 +136,18 @@ class Journal:
                                   "'runs/sweep.db'")
         if not write and not where.exists():
             raise FileNotFoundError(f"no checkpoint journal at {os.fspath(path)!r}")
-        with _IDLE_LOCK:
-            pending = _PENDING.pop(where, None)
-        if pending is not None:  # closed a moment ago in this process: its last rows first
-            pending.join()
+        files.wait_pending(where)  # closed a moment ago in this process: its last rows first
         lock = None
         if write:
             where.parent.mkdir(parents=True, exist_ok=True)
-            lock = _lock(where, os.fspath(path))
+            try:
+                lock = files.lock(where)
+            except files.LockHeld as held:
+                raise CheckpointBusy(f"the checkpoint {os.fspath(path)!r} is being written by another sweep "
+                                     f"({held.holder}); wait for it to finish (or stop it), or give this call "
+                                     "another path") from None
         try:
-            db = _idle_connection(where) if write else None
+            db = files.take_idle(where) if write else None
             if db is None:
                 db = sqlite3.connect(where, timeout=30, isolation_level=None, check_same_thread=False)
                 try:
@@ -222,10 +156,10 @@ class Journal:
                     db.close()
                     raise
         except sqlite3.DatabaseError as exc:
-            _unlock(lock)
+            files.unlock(lock)
             raise CheckpointError(f"{os.fspath(path)!r} is not a usable nbparallel journal: {exc}") from None
         except BaseException:
-            _unlock(lock)
+            files.unlock(lock)
             raise
         journal = cls(where, db, lock)
         journal.shown = os.fspath(path)
@@ -268,7 +202,7 @@ class Journal:
 
     def rows(self, newest_first: bool = True) -> list[Row]:
         order = "DESC" if newest_first else "ASC"
-        return [Row(self, raw) for raw in self.db.execute(
+        return [Row(raw, self.read_blob) for raw in self.db.execute(
             "SELECT id, call, failed, first, count, indices, items, digests, value, buffers, message, finished "
             f"FROM outcomes ORDER BY id {order}")]
 
@@ -313,8 +247,8 @@ class Journal:
 
         value = cloudpickle.dumps(values, protocol=5, buffer_callback=out_of_band)
         buffers = json.dumps([self.write_blob(buffer) for buffer in large]) if large else None
-        first, count, packed = _pack_indices(indices)
-        stored, digests = _identify(items)
+        first, count, packed = pack_indices(indices)
+        stored, digests = identify(items)
         return (self.call, 0, first, count, packed, stored, digests, value, buffers, None, finished)
 
     def record_failure(self, index: int, item: Any, error: BaseException) -> None:
@@ -328,7 +262,7 @@ class Journal:
         finally:
             if completed:
                 setattr(error, "completed", completed)
-        stored, digests = _identify([item])
+        stored, digests = identify([item])
         self.put((self.call, 1, index, 1, None, stored, digests, value, None, str(error)[:20_000], time.time()))
 
     def write_blob(self, buffer: pickle.PickleBuffer) -> list[Any]:
@@ -393,14 +327,13 @@ class Journal:
     def close(self) -> None:
         """Let go of the journal: the writer thread commits what is queued (a few ms of pickling
         the caller need not wait for), then releases the lock; opening this journal again in this
-        process waits for that (``_PENDING``), as does the interpreter's exit."""
+        process waits for that (journalfiles.py), as does the interpreter's exit."""
         self.closing = True
         writer = self.writer
         if writer is None:
             self._finish()
             return
-        with _IDLE_LOCK:
-            _PENDING[self.path] = writer
+        files.add_pending(self.path, writer)
         self.queue.put(None)
         if self.failure is not None:  # the writer stopped early, maybe before it saw ``closing``
             writer.join()
@@ -413,16 +346,16 @@ class Journal:
                   f"({type(exc).__name__}: {exc}); those items will run again next time", file=sys.stderr)
 
     def _finish(self) -> None:
-        """Keep a writer's connection idle for the next call (``_IDLE``), and release the lock."""
+        """Keep a writer's connection idle for the next call (journalfiles.py), and release the lock."""
         with self.finishing:
             if self.finished:
                 return
             self.finished = True
         if self.lock is not None and self.failure is None:
-            _keep_idle(self.path, self.db)
+            files.keep_idle(self.path, self.db)
         else:
             self.db.close()
-        _unlock(self.lock)
+        files.unlock(self.lock)
         self.lock = None
         if self.failure is not None:
             print(f"nbparallel: the checkpoint {self.shown} could not be written: {type(self.failure).__name__}: "
@@ -454,100 +387,6 @@ def _prepare(db: sqlite3.Connection, where: Path, write: bool) -> None:
     if found is None or found[0] != FORMAT:
         raise CheckpointError(f"{where} was written by another version of nbparallel (journal format "
                               f"{found[0] if found else '?'}, this one reads {FORMAT})")
-
-
-def _file_id(where: Path) -> tuple[int, int]:
-    found = os.stat(where)
-    return found.st_dev, found.st_ino
-
-
-def _idle_connection(where: Path) -> sqlite3.Connection | None:
-    """The connection this process left open on the journal, if the file is still the same one."""
-    with _IDLE_LOCK:
-        idle = _IDLE.pop(where, None)
-    if idle is None:
-        return None
-    try:
-        if _file_id(where) == idle[1]:
-            return idle[0]
-    except OSError:  # the journal was deleted (or moved) since: start a new one
-        pass
-    idle[0].close()
-    return None
-
-
-def _keep_idle(where: Path, db: sqlite3.Connection) -> None:
-    try:
-        identity = _file_id(where)
-    except OSError:
-        db.close()
-        return
-    with _IDLE_LOCK:
-        previous = _IDLE.pop(where, None)
-        _IDLE[where] = (db, identity)
-    if previous is not None:
-        previous[0].close()
-
-
-@atexit.register
-def _at_exit() -> None:
-    """Let the journals closed last commit their rows, then close every connection."""
-    with _IDLE_LOCK:
-        pending = list(_PENDING.values())
-        _PENDING.clear()
-    for writer in pending:
-        writer.join(timeout=10)
-    with _IDLE_LOCK:
-        idle = list(_IDLE.values())
-        _IDLE.clear()
-    for db, _ in idle:
-        try:
-            db.close()
-        except sqlite3.Error:
-            pass
-
-
-def _lock(where: Path, shown: str) -> Any:
-    if fcntl is None:
-        return None
-    file = open(where.with_name(where.name + "-lock"), "a+b")
-    try:
-        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        file.seek(0)
-        holder = file.read().decode(errors="replace").split()
-        file.close()
-        who = "this process" if holder and holder[0] == str(os.getpid()) else (
-            f"process {holder[0]} on {holder[1]}" if len(holder) >= 2 else "another process")
-        raise CheckpointBusy(f"the checkpoint {shown!r} is being written by another sweep ({who}); wait for it to "
-                             "finish (or stop it), or give this call another path") from None
-    # Who holds it, for the message above; written in place (a truncate costs milliseconds here).
-    os.pwrite(file.fileno(), f"{os.getpid()} {socket.gethostname()}".ljust(80).encode()[:80] + b"\n", 0)
-    return file
-
-
-def _unlock(lock: Any) -> None:
-    if lock is not None:
-        lock.close()  # closing the descriptor releases the flock
-
-
-def _pack_indices(indices: Sequence[int]) -> tuple[int, int, bytes | None]:
-    first, count = indices[0], len(indices)
-    if isinstance(indices, range) or indices[-1] - first == count - 1:  # ascending: contiguous
-        return first, count, None
-    return first, count, array.array("q", indices).tobytes()
-
-
-def _identify(items: list[Any]) -> tuple[bytes | None, bytes | None]:
-    """The items of a batch as stored: pickled as one list (small items), or a digest each."""
-    oversized: list[pickle.PickleBuffer] = []
-    try:
-        stored = pickle.dumps(items, protocol=5, buffer_callback=oversized.append)
-        if not oversized and len(stored) <= ITEMS_INLINE:
-            return stored, None
-    except Exception:  # an item plain pickle refuses (a lambda, say): digests instead
-        pass
-    return None, b"".join(item_digest(item) for item in items)
 
 
 def _mismatch(journal: Journal, name: str, stored: str, fid: FunctionId, count: int, last: float | None) -> CheckpointMismatch:

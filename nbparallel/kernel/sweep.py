@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import Interrupted, NbParallelError, TaskError, which_item
 from .identity import function_id, source
-from .journal import Checkpoint, Journal, Row, as_checkpoint
+from .journal import Checkpoint, Journal, as_checkpoint
+from .journalrows import Row
 
 if TYPE_CHECKING:
     from .mapping import Batch, MapRun, Observer
