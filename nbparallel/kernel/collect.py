@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from ..errors import Interrupted, NbParallelError, TaskTimeout
-from .mapping import Batch, MapRun
+from .mapping import Batch, InputFailure, MapRun
 
 
 class Kept:
@@ -41,11 +41,12 @@ class Kept:
             completed.update(zip(late.indices, late.values))
         return completed
 
-    def mark_unfinished(self, run: MapRun, total_timeout: float | None) -> list[TaskTimeout]:
-        """A ``TaskTimeout`` in the place of every item sent that has no outcome; returns them."""
+    def mark_unfinished(self, run: MapRun, total_timeout: float | None, length: int) -> list[TaskTimeout]:
+        """A ``TaskTimeout`` in the place of every item below ``length`` that has no outcome (sent or
+        not yet read from the input); returns them."""
         for late in run.late:
             self.keep(late)
-        for index in range(run.next_index):
+        for index in range(length):
             self.singles.setdefault(index, TaskTimeout(
                 f"item {index} did not finish before the call's total_timeout of {total_timeout:g} s",
                 index=index, limit=total_timeout))
@@ -53,6 +54,12 @@ class Kept:
             for index in range(start, start + len(values)):
                 self.singles.pop(index, None)
         return [v for v in self.singles.values() if isinstance(v, TaskTimeout)]
+
+    def outcomes(self, run: MapRun) -> dict[int, Any]:
+        """``{index: value or error}`` of every item with an outcome (errors="return")."""
+        outcomes = self.completed(run)
+        outcomes.update((i, v) for i, v in self.singles.items() if isinstance(v, NbParallelError))
+        return outcomes
 
     def as_list(self, length: int) -> list[Any]:
         results: list[Any] = [None] * length
@@ -68,6 +75,8 @@ def gather(run: MapRun, *, ordered: bool, errors: str, total_timeout: float | No
     ``errors``: ``"raise"`` stops at the first failure, ``"return"`` puts it in its item's place."""
     kept = Kept()
     arrival: list[Any] = []
+    length: int | None = None  # of the list returned: the items read, or every item when it timed out
+    failed_input: BaseException | None = None
     batches = run.batches()
     try:
         for batch in batches:
@@ -84,16 +93,23 @@ def gather(run: MapRun, *, ordered: bool, errors: str, total_timeout: float | No
     except cf.TimeoutError:
         if errors == "raise":
             raise call_timeout(run, total_timeout, kept.completed(run)) from None
-        unfinished = kept.mark_unfinished(run, total_timeout)
+        # Every item of an input of known length gets its place, read or not; of an iterator, the
+        # items read (the rest were never taken from it).
+        length = max(run.next_index, run.total or 0)
+        unfinished = kept.mark_unfinished(run, total_timeout, length)
         if not ordered:
             arrival.extend(unfinished)
+    except InputFailure as failure:  # raised outside this handler, so it reads as the input raised it
+        failed_input = input_error(failure, kept.completed(run) if errors == "raise" else kept.outcomes(run))
     except NbParallelError as error:
         if not error.completed:
             error.completed = kept.completed(run)
         raise
     finally:
         batches.close()
-    return arrival if not ordered else kept.as_list(run.next_index)
+    if failed_input is not None:
+        raise failed_input
+    return arrival if not ordered else kept.as_list(run.next_index if length is None else length)
 
 
 def stream(run: MapRun, *, ordered: bool, errors: str, deadline: float | None = None,
@@ -108,10 +124,15 @@ def stream(run: MapRun, *, ordered: bool, errors: str, deadline: float | None = 
     run.backlog = waiting.__len__
     run.deadline = deadline
     next_index = 0
+    failed_input: BaseException | None = None
     batches = run.batches()
     try:
         while True:
-            batch = next(batches, None)
+            try:
+                batch = next(batches, None)
+            except InputFailure as failure:
+                failed_input = input_error(failure, dict(waiting))
+                break
             if batch is None:
                 break
             if batch.errors and errors == "raise" and not raise_in_order:
@@ -153,6 +174,26 @@ def stream(run: MapRun, *, ordered: bool, errors: str, deadline: float | None = 
         raise call_timeout(run, total_timeout, completed) from None
     finally:
         batches.close()
+    if failed_input is not None:
+        raise failed_input
+
+
+def input_error(failure: InputFailure, completed: dict[int, Any]) -> BaseException:
+    """What the input raised, carrying ``completed`` (and a note saying so) like our own errors do;
+    wrapped in an ``NbParallelError`` only if the exception refuses the attribute."""
+    error = failure.error
+    note = (f"nbparallel: the input raised this after {failure.read} items were read; err.completed holds "
+            "the outcomes that had arrived")
+    try:
+        error.completed = completed  # type: ignore[attr-defined]
+        if hasattr(error, "add_note"):
+            error.add_note(note)
+    except Exception:
+        wrapped = NbParallelError(f"{note}; the input raised {type(error).__name__}")
+        wrapped.completed = completed
+        wrapped.__cause__ = error
+        return wrapped
+    return error
 
 
 def imap_in_order(fn: Callable[..., Any], iterables: tuple[Iterable[Any], ...], *, workers: int | None,

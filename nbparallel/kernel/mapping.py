@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .. import config
-from ..errors import NbParallelError, SidecarDied
+from ..errors import NbParallelError, SerializationError, SidecarDied
 from ..payload import pickling as ser
 from ..payload.retrying import RetryOn
 from ..wire import messages as msg
@@ -44,6 +44,16 @@ class Observer(Protocol):
 
     def finished(self, run: MapRun, state: str) -> None:
         """``state``: "done", "failed" (an error stopped it) or "cancelled"."""
+
+
+class InputFailure(Exception):
+    """The call's input raised ``error`` after ``read`` items had been taken from it. ``batches``
+    raises this at once with ``stop_on_error``, else once every item read has its outcome."""
+
+    def __init__(self, error: BaseException, read: int) -> None:
+        super().__init__(f"the input raised {type(error).__name__} after {read} items")
+        self.error = error
+        self.read = read
 
 
 @dataclass
@@ -108,6 +118,8 @@ class MapRun:
         self.finished = False
         self.cancelled = False
         self.late: list[Batch] = []  # outcomes that arrived while cancelling
+        self.input_error: BaseException | None = None  # what the input raised; it is read no further
+        self.local: list[Batch] = []  # outcomes settled here, never sent: items that cannot be pickled
         self.backlog: Callable[[], int] = lambda: 0  # items the consumer holds back (ordered imap)
         self.observer = observer
         self.output_bytes = 0
@@ -154,6 +166,13 @@ class MapRun:
                 self.observer.started(self)
             while True:
                 self.pump()
+                while self.local:
+                    settled = self.local.pop(0)
+                    if self.observer is not None:
+                        self.observer.advanced(self, settled)
+                    yield settled
+                if self.input_error is not None and (self.stop_on_error or self.unresolved == 0):
+                    raise InputFailure(self.input_error, self.next_index)
                 if self.exhausted and self.unresolved == 0:
                     break
                 batch = self.handle(self.wait())
@@ -180,18 +199,64 @@ class MapRun:
                                    or self.bytes_in_flight >= config.MAX_BYTES_IN_FLIGHT):
                 return
             remaining = None if self.total is None else self.total - self.next_index
-            items = list(itertools.islice(self.items, self.sizer.next_size(remaining)))
+            items = self.read(self.sizer.next_size(remaining))
             if not items:
                 self.exhausted = True
                 return
-            payload = ser.dumps_items(items, self.next_index)
-            size = len(payload.data) + sum(s["size"] for s in payload.specs)
-            self.sizer.observe_bytes(len(items), size)
-            chunk = self.engine.send_chunk(self.next_index, len(items), payload)
-            self.in_flight[chunk] = _InFlight(self.next_index, items, len(items), size)
-            self.bytes_in_flight += size
-            self.next_index += len(items)
-            self.unresolved += len(items)
+            try:
+                payload = ser.dumps_items(items, self.next_index)
+            except SerializationError as error:
+                if self.stop_on_error or error.index is None:
+                    raise
+                self.send_picklable(items)  # errors="return": only the items that cannot travel fail
+                continue
+            self.send_items(items, payload)
+
+    def read(self, count: int) -> list[Any]:
+        """Up to ``count`` items from the input; fewer at its end. What the input raises ends the
+        reading (``input_error``), keeping the items read before it; Ctrl-C propagates."""
+        items: list[Any] = []
+        try:
+            items.extend(itertools.islice(self.items, count))  # keeps what it got if the input raises
+        except KeyboardInterrupt:
+            raise
+        except BaseException as error:
+            self.input_error = error
+            self.exhausted = True
+        return items
+
+    def send_items(self, items: list[Any], payload: Any) -> None:
+        size = len(payload.data) + sum(s["size"] for s in payload.specs)
+        self.sizer.observe_bytes(len(items), size)
+        chunk = self.engine.send_chunk(self.next_index, len(items), payload)
+        self.in_flight[chunk] = _InFlight(self.next_index, items, len(items), size)
+        self.bytes_in_flight += size
+        self.next_index += len(items)
+        self.unresolved += len(items)
+
+    def send_picklable(self, items: list[Any]) -> None:
+        """Send ``items`` in runs of those that can be pickled; each one that cannot fails here, in
+        its place (``local``), and the others run as usual."""
+        run: list[Any] = []
+        for item in [*items, _END]:
+            error = None if item is _END else ser.pickling_error(item)
+            if error is None and item is not _END:
+                run.append(item)
+                continue
+            if run:
+                self.send_items(run, ser.dumps_items(run, self.next_index))
+                run = []
+            if error is None:  # the end
+                break
+            index = self.next_index
+            failure = SerializationError(
+                f"item {index} ({ser.describe(item)}) cannot be sent to a worker ({ser.why(error)}). "
+                "Pass something picklable, e.g. a path or the data the item stands for.",
+                index=index, item=ser.describe(item))
+            failure.__cause__ = error
+            self.local.append(Batch([], [], {index: failure}))
+            self.failed += 1
+            self.next_index += 1
 
     def wait(self) -> Frame | SidecarDied:
         while True:
@@ -295,6 +360,9 @@ class MapRun:
         if self.observer is not None:
             self.observer.finished(self, self.state)
         self.engine.end()
+
+
+_END = object()  # marks the end of a chunk's items in ``send_picklable``
 
 
 def _with_completed(error: NbParallelError, completed: dict[int, Any]) -> NbParallelError:

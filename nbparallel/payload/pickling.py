@@ -50,16 +50,19 @@ def loads(data: bytes | bytearray | memoryview) -> Any:
     return pickle.loads(data)
 
 
-def pickling_error(value: Any) -> Exception | None:
-    """Why ``value`` cannot be pickled, or None. For naming the culprit after a batch failed."""
+def pickling_error(value: Any) -> BaseException | None:
+    """Why ``value`` cannot be pickled, or None. For naming the culprit after a batch failed. Any
+    exception a ``__reduce__`` raises counts (SystemExit too); Ctrl-C propagates."""
     try:
         dumps(value)
-    except Exception as exc:
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:
         return exc
     return None
 
 
-def why(error: Exception) -> str:
+def why(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
@@ -89,9 +92,9 @@ def dumps_function(fn: Callable[..., Any]) -> shm.Packed:
         packed = pack(fn)
         packed.group_is_one_call = type(fn).__name__ == "BatchedCalls" and type(fn).__module__.startswith("joblib")
         return packed
-    except shm.SharedMemoryLimit:
+    except (shm.SharedMemoryLimit, KeyboardInterrupt):
         raise  # it names the limit; blaming pickling would mislead
-    except Exception as exc:
+    except BaseException as exc:  # whatever a __reduce__ raises, SystemExit too, is a pickling failure
         culprit = find_unpicklable(fn)
         where = f": {culprit}" if culprit else ""
         raise SerializationError(
@@ -105,9 +108,9 @@ def dumps_items(items: list[Any], first_index: int) -> shm.Packed:
     """Pickle a chunk of input items, naming the item that cannot be pickled."""
     try:
         return pack(items)
-    except shm.SharedMemoryLimit:
+    except (shm.SharedMemoryLimit, KeyboardInterrupt):
         raise  # it names the limit; blaming an item would mislead
-    except Exception as exc:
+    except BaseException as exc:  # whatever a __reduce__ raises, SystemExit too, is a pickling failure
         for offset, item in enumerate(items):
             item_error = pickling_error(item)
             if item_error is not None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib
 import io
-import itertools
 import json
 import operator
 import os
@@ -20,12 +19,12 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from ..config import ROLE_ENV
 from ..payload import pickling as ser
-from ..errors import SerializationError
+from ..errors import NbParallelError, SerializationError
 from ..payload.outcomes import Batch
 from ..wire import messages as msg
 from ..wire.frames import Frame, read_frame, send_frame
@@ -261,10 +260,11 @@ class Worker:
 
     def run_fast(self, run: ChunkRun, fn: Callable[..., Any], items: list[Any], star: bool, resume: int,
                  stop_on_error: bool) -> int:
-        """Runs of SUB_BATCH items through map(), the slot marking the run. If the worker dies, the
+        """Runs of SUB_BATCH items through ``_calls`` (a generator: map() would take a StopIteration the
+        task raises for the end of the run), the slot marking the run. If the worker dies, the
         sidecar cannot tell which item of the run killed it, and runs the rest of the chunk again
         carefully: the culprit is then named exactly (items before it in its run may run twice)."""
-        apply = itertools.starmap if star else map
+        apply = _star_calls if star else _calls
         count, state = len(items), self.state
         for first in range(resume, count, SUB_BATCH):
             last = min(first + SUB_BATCH, count)
@@ -280,13 +280,18 @@ class Worker:
                 except BaseException as exc:
                     done = len(values) - mark
                     run.batch.offsets.extend(range(at, at + done))
-                    run.batch.add_problem(at + done, ser.RAISED, ser.encode_exception(exc))
+                    run.batch.add_problem(at + done, ser.RAISED, ser.encode_exception(_raised(exc)))
                     at += done + 1
                     if stop_on_error:
                         return at
                 else:
-                    run.batch.offsets.extend(range(at, last))
-                    at = last
+                    done = len(values) - mark
+                    run.batch.offsets.extend(range(at, at + done))
+                    if at + done < last:  # cannot happen with _calls; never let results shift
+                        error = NbParallelError("the worker lost track of this item's outcome")
+                        run.batch.add_problem(at + done, ser.FAILED, error)
+                        done += 1
+                    at += done
             run.flush_if_due(last)
         return count
 
@@ -301,6 +306,39 @@ class Worker:
             self.conn.send(header, [packed.data], packed.fds)
         finally:
             packed.close()
+
+
+def _calls(fn: Callable[..., Any], items: Iterator[Any]) -> Iterator[Any]:
+    """``map(fn, items)`` as a generator: a StopIteration that ``fn`` raises then leaves as a
+    RuntimeError (PEP 479) instead of ending the run, which ``map()`` would take for the end of its
+    input, shifting every later result to the wrong index. ``_raised`` unwraps it."""
+    for item in items:
+        yield fn(item)
+
+
+def _star_calls(fn: Callable[..., Any], items: Iterator[Any]) -> Iterator[Any]:
+    """``itertools.starmap(fn, items)`` as a generator, for the same reason as ``_calls``."""
+    for item in items:
+        yield fn(*item)
+
+
+_CALLS_CODES = (_calls.__code__, _star_calls.__code__)
+
+
+def _raised(exc: BaseException) -> BaseException:
+    """What the task raised: the StopIteration itself where ``_calls`` turned it into a RuntimeError.
+    Told apart from a task's own RuntimeError by the tracebacks: the StopIteration left through
+    ``_calls``'s frame, and the RuntimeError was made outside it (a task's own was raised inside)."""
+    cause = exc.__cause__
+    if type(exc) is RuntimeError and isinstance(cause, StopIteration) and cause.__traceback__ is not None:
+        if cause.__traceback__.tb_frame.f_code in _CALLS_CODES:
+            tb = exc.__traceback__
+            while tb is not None:
+                if tb.tb_frame.f_code in _CALLS_CODES:
+                    return exc  # raised inside a task, which ran in _calls
+                tb = tb.tb_next
+            return cause
+    return exc
 
 
 def _die_with_parent(sidecar_pid: int) -> None:
