@@ -64,14 +64,44 @@ class Segment:
         self.idle_since = 0.0
         self.clean = False  # nobody else maps it or holds it since it was released
         self.placements: list[Placement] = []
+        self.mapping: threading.Event | None = None  # set when a background mapping of it is done
 
     def base(self) -> int:
         """The address of our mapping of it (shared, writable; every page faulted in at once)."""
+        if self.view is None and self.mapping is not None:
+            self.mapping.wait()  # made in the background since the segment was released
         if self.view is None:
             self.view = segments.map_fd(self.fd, self.size, segments.WRITE, populate=True)
         address = segments.address(self.view)
         assert address is not None
         return address
+
+
+
+def _map_later(waiting: list[Segment]) -> None:
+    """Map these segments in a thread, now that their call is over: faulting their pages in costs
+    about as much as a copy, better paid between calls than in the next one's way (base() waits
+    for a mapping under way)."""
+    jobs: list[tuple[Segment, int, threading.Event]] = []
+    for segment in waiting:
+        if segment.view is None and segment.mapping is None:
+            segment.mapping = threading.Event()
+            jobs.append((segment, os.dup(segment.fd), segment.mapping))  # ours: it may be given back meanwhile
+
+    def work() -> None:
+        for segment, fd, done in jobs:
+            try:
+                view = segments.map_fd(fd, segment.size, segments.WRITE, populate=True)
+                if segment.view is None and segment.fd >= 0:
+                    segment.view = view
+            except OSError:
+                pass  # base() maps it when it is needed
+            finally:
+                os.close(fd)
+                done.set()
+
+    if jobs:
+        threading.Thread(target=work, name="nbparallel-map-segments", daemon=True).start()
 
 
 class Placement:
@@ -299,12 +329,16 @@ def release(job: Any) -> None:
     """The kernel is done with ``job``: the segments only it pinned go to the pool."""
     with _lock:
         now = time.monotonic()
+        holding: list[Segment] = []  # arrays a later call may send again: compared there
         for segment in _pinned.pop(job, ()):
             segment.jobs.pop(job, None)
             if not segment.jobs and segment.fd >= 0:
                 segment.idle_since = now
                 segment.clean = False
                 _idle.append(segment)
+                if segment.placements:
+                    holding.append(segment)
+        _map_later(holding)
         _trim()
 
 
