@@ -73,9 +73,23 @@ export function barGeometry(done, failed, total) {
   const clamp = (x) => Math.max(0, Math.min(100, x));
   const donePct = clamp((100 * (done || 0)) / total);
   const failedPct = clamp(Math.min(100 - donePct, (100 * (failed || 0)) / total));
-  // Floor, so "100%" only shows when every item has an outcome.
-  const whole = Math.floor((100 * finished) / total);
-  return { indeterminate: false, done: donePct, failed: failedPct, label: `${Math.min(100, whole)}%` };
+  return { indeterminate: false, done: donePct, failed: failedPct, label: percentLabel(finished, total) };
+}
+
+/**
+ * Whole percent, rounded (1 of 6 is "17%"), but never "100%" before every item has an outcome nor
+ * "0%" after the first (as percent() in nbparallel/progress/format.py). Empty for an unknown total.
+ */
+export function percentLabel(finished, total) {
+  if (total === null || total === undefined || total < 0) return "";
+  if (total === 0 || finished >= total) return "100%";
+  const whole = Math.floor((100 * finished) / total + 0.5);
+  return `${Math.max(finished > 0 ? 1 : 0, Math.min(99, whole))}%`;
+}
+
+/** One submitted task: the display shows no counts, percentages, rates or worker totals. */
+export function isSingleTask(total, unit) {
+  return total === 1 && unit === "tasks";
 }
 
 /** The colour class of the whole widget: a run that finished with failures is a warning, not a success. */
@@ -90,7 +104,10 @@ export function stateTone(state, failed) {
 export function laneLabel(lane) {
   switch (lane.state) {
     case "busy":
+      if (lane.label) return lane.label; // a %%parallel run: its parameters
       return lane.index === null || lane.index === undefined ? "busy" : `item ${formatCount(lane.index)}`;
+    case "loading":
+      return "loading";
     case "task":
       return lane.index === null || lane.index === undefined ? "task" : `task ${lane.index + 1}`;
     case "other":
@@ -115,6 +132,16 @@ export function layoutLanes(count, width, minLaneWidth = 262) {
   const fit = Math.max(1, Math.floor((width || laneWidth) / laneWidth));
   const columns = Math.min(count, fit);
   return { columns, rows: Math.ceil(count / columns), compact };
+}
+
+/**
+ * The name under which a view keeps a section's open state and scroll position, the same in the
+ * live widget and in the static rendering that replaces it (nbparallel/progress/static.py).
+ */
+export function sectionKey(kind, error) {
+  if (kind !== "error") return kind;
+  const index = error.index === null || error.index === undefined ? null : error.index;
+  return index === null ? `error-${error.where}` : `error-${index}`;
 }
 
 /** The header's count: items with an outcome over the total, "423 / 1,000" (failures are counted in). */

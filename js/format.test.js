@@ -10,8 +10,11 @@ import {
   formatDuration,
   formatEta,
   formatRate,
+  isSingleTask,
   laneLabel,
   layoutLanes,
+  percentLabel,
+  sectionKey,
   stateTone,
 } from "./format.js";
 
@@ -64,7 +67,30 @@ test("formatBytes uses binary units and is empty before the first sample", () =>
   assert.equal(formatBytes(1.44 * 2 ** 30), "1.4 GiB");
 });
 
-test("barGeometry splits done and failed, floors the percent, and handles unknown totals", () => {
+test("percentLabel rounds, but says 100% only at the end and 0% only before the first", () => {
+  assert.equal(percentLabel(1, 6), "17%"); // not 16%
+  assert.equal(percentLabel(1, 8), "13%"); // halves round up, as in Python's percent()
+  assert.equal(percentLabel(999, 1000), "99%");
+  assert.equal(percentLabel(1, 1000), "1%");
+  assert.equal(percentLabel(0, 1000), "0%");
+  assert.equal(percentLabel(6, 6), "100%");
+  assert.equal(percentLabel(0, 0), "100%");
+  assert.equal(percentLabel(3, null), "");
+});
+
+test("isSingleTask: one submitted task shows no counts", () => {
+  assert.equal(isSingleTask(1, "tasks"), true);
+  assert.equal(isSingleTask(2, "tasks"), false);
+  assert.equal(isSingleTask(1, "items"), false);
+});
+
+test("sectionKey names sections as the static rendering does", () => {
+  assert.equal(sectionKey("errors"), "errors");
+  assert.equal(sectionKey("error", { index: 7, where: "item 7" }), "error-7");
+  assert.equal(sectionKey("error", { index: null, where: "task 2" }), "error-task 2");
+});
+
+test("barGeometry splits done and failed, rounds the percent, and handles unknown totals", () => {
   assert.deepEqual(barGeometry(0, 0, 10), { indeterminate: false, done: 0, failed: 0, label: "0%" });
   assert.deepEqual(barGeometry(3, 1, 10), { indeterminate: false, done: 30, failed: 10, label: "40%" });
   assert.equal(barGeometry(999, 0, 1000).label, "99%");
@@ -89,6 +115,8 @@ test("stateTone: failures make a finished run a warning; a failed run is bad", (
 test("laneLabel names what a worker is doing", () => {
   assert.equal(laneLabel({ state: "busy", index: 1234 }), "item 1,234");
   assert.equal(laneLabel({ state: "busy", index: null }), "busy");
+  assert.equal(laneLabel({ state: "busy", index: 2, label: "k=0, seed=3" }), "k=0, seed=3");
+  assert.equal(laneLabel({ state: "loading", index: null }), "loading");
   assert.equal(laneLabel({ state: "task", index: 0 }), "task 1");
   assert.equal(laneLabel({ state: "other" }), "other job");
   assert.equal(laneLabel({ state: "starting" }), "starting");

@@ -6,6 +6,7 @@ The real-browser checks are in test_browser.py; the JavaScript helpers in test_j
 
 from __future__ import annotations
 
+import json
 import os
 import pty
 import select
@@ -76,14 +77,19 @@ def test_counts_rate_eta_and_summary(clock: Clock) -> None:
 @pytest.mark.parametrize(("state", "unit", "total", "done", "expected"), [
     ("failed", "items", 60, 31, "failed after 32 of 60 items in 1.0 s · 2 workers · 1 failed"),
     ("cancelled", "items", None, 9, "cancelled after 10 items in 1.0 s · 2 workers · 1 failed"),
-    ("cancelled", "tasks", 1, -1, "cancelled after 0 of 1 task in 1.0 s · 2 workers"),
-    ("done", "tasks", 1, 0, "1 task in 1.0 s · 2 workers · 1 failed"),
+    ("cancelled", "tasks", 2, -1, "cancelled after 0 of 2 tasks in 1.0 s · 2 workers"),
+    ("done", "tasks", 2, 1, "2 tasks in 1.0 s · 2 workers · 1 failed"),
+    # One submitted task: no counts and no worker total, only how it ended.
+    ("cancelled", "tasks", 1, -1, "cancelled after 1.0 s"),
+    ("done", "tasks", 1, 1, "done in 1.0 s"),
+    ("done", "tasks", 1, 0, "failed after 1.0 s"),
+    ("running", "tasks", 1, 0, "running · 1.0 s"),
 ])
 def test_summary_names_the_end(clock: Clock, state: str, unit: str, total: int | None, done: int,
                                expected: str) -> None:
     model = ProgressModel("x", total=total, workers=2, unit=unit)
     clock.now += 1
-    model.set_counts(max(done, 0), 0 if done < 0 else 1)
+    model.set_counts(max(done, 0), 0 if done < 0 or (total == 1 and done == 1) else 1)
     model.finish(state)
     assert model.snapshot().summary == expected
 
@@ -198,7 +204,11 @@ class Recorder:
     def __init__(self, on_cancel: Any = None) -> None:
         self.on_cancel = on_cancel
         self.calls: list[tuple[str, float, Snapshot]] = []
+        self.reserved: float | None = None
         Recorder.made.append(self)
+
+    def reserve(self) -> None:
+        self.reserved = time.monotonic()
 
     def show(self, snap: Snapshot) -> None:
         self.calls.append(("show", time.monotonic(), snap))
@@ -404,27 +414,103 @@ def test_widget_view_sends_lists_only_when_they_change(monkeypatch: pytest.Monke
     from nbparallel.progress.view import Publisher, WidgetView
 
     published: list[bool] = []
-    monkeypatch.setattr(Publisher, "publish", lambda self, widget, update: published.append(update))
+    monkeypatch.setattr(Publisher, "publish", lambda self, widget, update: published.append(update) or True)
+    monkeypatch.setattr(Publisher, "publish_data", lambda self, data, metadata=None, *, update: True)
     cancelled: list[bool] = []
     view = WidgetView(on_cancel=lambda: cancelled.append(True))
     model = ProgressModel("imap(f)", total=5, cancellable=True)
     view.show(model.snapshot())
     widget = view.widget
     assert widget is not None and published == [False] and widget.cancellable
+    assert widget.key == view.key and widget.view_code  # the shared model that carries the view's code
     sent: list[list[str]] = []
     monkeypatch.setattr(widget, "send_state", lambda key=None: sent.append(sorted(key or [])))
     model.set_counts(2, 0)
     view.update(model.snapshot())
-    assert sent and not {"lanes", "errors", "output"} & set(sent[-1])
-    model.add_output("stdout", "hi\n", 1)
+    assert sent and not {"lanes", "errors"} & set(sent[-1])
+    model.add_errors({3: ValueError("x")}, lambda i: f"item {i}")
     view.update(model.snapshot())
-    assert "output" in sent[-1] and widget.output == [{"index": 1, "stream": "stdout", "text": "hi"}]
+    assert "errors" in sent[-1] and widget.errors[0]["message"] == "ValueError: x"
     widget.cancel_requested = True  # the browser's Cancel button sets this
     assert cancelled == [True]
     model.finish("cancelled")
     view.finish(model.snapshot())
-    assert published == [False, True] and widget.state == "cancelled"
-    widget.close()
+    assert widget.state == "cancelled" and widget.comm is None  # closed: its display is static now
+
+
+class CellRecorder:
+    """A CellTarget that keeps the display messages it was asked to send."""
+
+    in_cell = True
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, dict[str, Any]]] = []
+
+    def display(self, data: dict[str, Any], metadata: dict[str, Any], display_id: str, *,
+                update: bool = False, running_cell: bool = False) -> bool:
+        self.sent.append(("update" if update else "display", {"data": data, "id": display_id}))
+        return True
+
+
+def test_the_display_is_reserved_shown_then_static(monkeypatch: pytest.MonkeyPatch) -> None:
+    from nbparallel.progress import static
+    from nbparallel.progress.view import WidgetView
+
+    cell = CellRecorder()
+    view = WidgetView(target=cell)  # type: ignore[arg-type]
+    view.reserve()  # at the start of the call: an empty output, above anything the workers print
+    model = ProgressModel("map(measure)", total=100, workers=2)
+    view.show(model.snapshot())  # a second later: the widget takes that place
+    model.set_counts(95, 5)
+    model.add_errors({7: ValueError("7 is out of range"), 32: KeyError(32)}, lambda i: f"item {i}")
+    model.finish("done")
+    snap = model.snapshot()
+    view.finish(snap)
+    kinds = [kind for kind, _ in cell.sent]
+    assert kinds == ["display", "update", "update"] and len({m["id"] for _, m in cell.sent}) == 1
+    assert cell.sent[0][1]["data"] == {"text/plain": ""}
+    assert "application/vnd.jupyter.widget-view+json" in cell.sent[1][1]["data"]
+    final = cell.sent[2][1]["data"]
+    assert set(final) == {"text/html", "text/plain"}  # nothing that needs a kernel or widget state
+    assert final["text/plain"].splitlines() == [
+        f"map(measure): {snap.summary}", "  item 7: ValueError: 7 is out of range", "  item 32: KeyError: 32"]
+    page = final["text/html"]
+    assert f'data-nbp-key="{view.key}"' in page and 'data-state="done"' in page and 'data-failed="5"' in page
+    assert "<script" not in page and "done, with failures" in page and "2 failed" in page
+    assert page.count('<details data-nbp-section="error-') == 2 and 'data-nbp-section="errors" style' in page
+    assert static.bundle(snap, view.key) == final
+    # A call that ended before its display was revealed leaves the reserved output empty.
+    quiet = WidgetView(target=cell)  # type: ignore[arg-type]
+    quiet.reserve()
+    hidden = ProgressModel("map(f)", total=3, shown=False)
+    hidden.finish("done")
+    quiet.finish(hidden.snapshot())
+    assert [m["data"] for _, m in cell.sent[3:]] == [{"text/plain": ""}, {"text/plain": ""}]
+
+
+def test_static_rendering_escapes_and_reads_without_styles() -> None:
+    import html
+    import re
+
+    from nbparallel.progress import static
+
+    model = ProgressModel("map(<lambda>)", total=6, workers=2)
+    model.set_counts(0, 1)
+    model.add_errors({0: ValueError("<b>bold</b> & more")}, lambda i: f"item {i}")
+    model.finish("failed")
+    page = static.html_text(model.snapshot(), "k")
+    assert "<b>bold</b>" not in page and "&lt;b&gt;bold&lt;/b&gt; &amp; more" in page
+    assert "map(&lt;lambda&gt;)" in page
+    # What a sanitizer that drops every style (GitHub) leaves: still the whole story, as text.
+    plain = html.unescape(re.sub(r"<[^>]+>", " ", re.sub(r' style="[^"]*"', "", page)))
+    words = " ".join(plain.split())
+    assert "failed map(<lambda>) 1 / 6 17%" in words and "1 failed item 0 ValueError: <b>bold</b> & more" in words
+    one = ProgressModel("long_job (background)", total=1, unit="tasks", workers=2)
+    one.add(done=1)
+    one.finish("done")
+    snap = one.snapshot()
+    assert static.counts_text(snap) == "" and 'class="nbp-counts"' not in static.html_text(snap)
+    assert static.text(snap).startswith("long_job (background): done in ")
 
 
 # -- the text fallback, in real processes -------------------------------------------------------------
@@ -519,19 +605,24 @@ def test_headless_notebook_saves_the_final_state(tmp_path: Path, monkeypatch: py
     run = runner.execute_notebook(tmp_path / "progress_demo.ipynb")
     assert run.ok, run.failure
     notebook = run.notebook
-    state = notebook.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
-    ours = [model["state"] for model in state.values() if model["model_name"] == "AnyModel"]
-    assert [(w["description"], w["state"], w["failed"], w["total"]) for w in ours] == [
-        ("map(measure)", "done", 5, 100), ("map(fragile)", "failed", 1, 60), ("long_job (background)", "done", 0, 1)]
-    # How many of fragile's items finish before item 30 fails depends on timing.
-    assert ours[0]["done"] == 95 and 29 <= ours[1]["done"] <= 59 and ours[2]["done"] == 1
-    assert ours[0]["error_count"] == 5 and len(ours[0]["errors"]) == 5 and ours[0]["output_count"] == 5
-    assert all(lane["state"] == "idle" for w in ours for lane in w["lanes"])
-    # The text/plain saved with each display is the end state, never "running" or "0%".
-    shown = [output["data"]["text/plain"] for cell in notebook.cells for output in cell.get("outputs", [])
-             if "application/vnd.jupyter.widget-view+json" in output.get("data", {})]
-    assert len(shown) == 3
-    assert shown[0].startswith("map(measure): 100 items in ") and shown[0].endswith("· 2 workers · 5 failed")
-    assert shown[1].startswith("map(fragile): failed after ")
-    assert shown[2].startswith("long_job (background): 1 task in ")
-    assert shown == [f"{w['description']}: {w['summary']}" for w in ours]
+    outputs = [output for cell in notebook.cells for output in cell.get("outputs", [])]
+    # Every finished call left HTML and text, and no widget view that would need a kernel or saved state.
+    assert not any("application/vnd.jupyter.widget-view+json" in output.get("data", {}) for output in outputs)
+    finals = [output["data"] for output in outputs if "text/html" in output.get("data", {})
+              and 'class="nbp-static"' in output["data"]["text/html"]]
+    assert len(finals) == 3, [output.get("data", output.get("text")) for output in outputs]
+    heads = [final["text/plain"].splitlines()[0] for final in finals]
+    assert heads[0].startswith("map(measure): 100 items in ") and heads[0].endswith("· 2 workers · 5 failed")
+    assert heads[1].startswith("map(fragile): failed after ")
+    assert heads[2].startswith("long_job (background): done in ")
+    pages = [final["text/html"] for final in finals]
+    assert 'data-state="done" data-tone="warn" data-done="95" data-failed="5" data-total="100"' in pages[0]
+    assert pages[0].count('class="nbp-error"') == 5 and "ValueError: 7 is out of range" in pages[0]
+    assert "in measure" in pages[0]  # the remote traceback, in a closed <details>
+    assert 'data-state="failed"' in pages[1] and "KeyError: 30" in pages[1]
+    assert 'data-state="done"' in pages[2] and "nbp-counts" not in pages[2]  # one task: no counts
+    assert finals[0]["text/plain"].splitlines()[1] == "  item 7: ValueError: 7 is out of range"
+    # The models that remain (closed widgets may stay in nbclient's record) hold the view's code once.
+    state = notebook.metadata.get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {}).get("state", {})
+    serialized = json.dumps(state)
+    assert serialized.count("function drawHead") <= 1, "the view's code is saved once per widget"

@@ -11,22 +11,73 @@ IPython is never imported here: we only look at what the process already loaded.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import json
 import sys
-from typing import Any
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..wire.frames import Frame
+
+Labeller = Callable[[int], str]
+
+
+@dataclass(frozen=True)
+class Presentation:
+    """How the calls started inside ``presenting()`` name themselves: the progress display's
+    description, and a label per item for printed lines, displays and failures (``%%parallel``
+    names a run by its parameters, ``k=0, seed=3``, rather than ``item 2``)."""
+
+    description: str | None = None
+    label: Labeller | None = None
+
+
+_presentation: contextvars.ContextVar[Presentation] = contextvars.ContextVar("nbparallel_presentation",
+                                                                             default=Presentation())
+
+
+@contextlib.contextmanager
+def presenting(description: str | None = None, label: Labeller | None = None) -> Iterator[None]:
+    """Calls started in this block use ``description`` and ``label`` (see ``Presentation``)."""
+    token = _presentation.set(Presentation(description, label))
+    try:
+        yield
+    finally:
+        _presentation.reset(token)
+
+
+def presentation() -> Presentation:
+    """The presentation in force here (the default names items ``item N``)."""
+    return _presentation.get()
+
+
+def item_label(index: int, label: Labeller | None = None) -> str:
+    """How an item is named to the user: ``label(index)``, else ``item 3``."""
+    if label is not None:
+        try:
+            return label(index)
+        except Exception:  # a label must never break the output it tags
+            pass
+    return f"item {index:,}"
 
 
 class CellTarget:
     """The cell that was running when ``capture()`` was called; usable from any thread later."""
 
-    def __init__(self, shell: Any = None, parent: dict[str, Any] | None = None) -> None:
+    def __init__(self, shell: Any = None, parent: dict[str, Any] | None = None,
+                 label: Labeller | None = None) -> None:
         self.shell = shell  # the kernel's InteractiveShell, or None outside a kernel
         self.parent = parent  # the parent header of the cell's execute request
+        self.label = label  # names the items of the call that captured this target
 
     @classmethod
     def capture(cls) -> CellTarget:
         """The place output belongs to now: the running cell, or the std streams."""
         shell = _kernel_shell()
-        return cls(shell, _current_parent(shell) if shell is not None else None)
+        return cls(shell, _current_parent(shell) if shell is not None else None, presentation().label)
 
     @property
     def key(self) -> str | None:
@@ -75,6 +126,26 @@ class CellTarget:
         content = {"data": data, "metadata": metadata, "transient": {"display_id": display_id}}
         return self.send("update_display_data" if update else "display_data", content, running_cell=running_cell)
 
+    def tag(self, text: str, index: int | None) -> str:
+        """``text`` with each line prefixed by the item that printed it: ``[item 3] ...``."""
+        return tag_lines(text, index, self.label)
+
+    def show_frame(self, frame: Frame, *, tagged: bool = True) -> None:
+        """A worker's ``display`` frame (a mime bundle its task displayed) as a display in the cell,
+        after a line naming the item (``tagged``). Outside a kernel, its text/plain is printed."""
+        header = frame.header
+        try:
+            shown = json.loads(bytes(frame.payload))
+            data = {str(k): v for k, v in dict(shown.get("data") or {}).items()}
+            metadata = dict(shown.get("metadata") or {})
+        except (ValueError, TypeError, AttributeError):  # not a bundle: say so rather than lose the call
+            data, metadata = {"text/plain": "[nbparallel: a display from a worker could not be read]"}, {}
+        index = header.get("index")
+        if tagged and index is not None:
+            self.stream("stdout", f"[{item_label(index, self.label)}]\n")
+        if not self.send("display_data", {"data": data, "metadata": metadata, "transient": {}}):
+            self.stream("stdout", str(data.get("text/plain", "")) + "\n")
+
     def error(self, ename: str, evalue: str, traceback: list[str]) -> bool:
         """An error output, as a cell that raised shows it; False outside a kernel."""
         return self.send("error", {"ename": ename, "evalue": evalue, "traceback": traceback})
@@ -109,11 +180,12 @@ def _current_parent(shell: Any) -> dict[str, Any] | None:
     return dict(parent) if parent else None
 
 
-def tag_lines(text: str, index: int | None) -> str:
-    """Prefix each line with the item that printed it: ``[item 3] ...``."""
+def tag_lines(text: str, index: int | None, label: Labeller | None = None) -> str:
+    """Prefix each line with the item that printed it: ``[item 3] ...`` (``[k=0, seed=3] ...`` with
+    the label of a ``%%parallel`` run)."""
     if index is None:
         return text
-    prefix = f"[item {index}] "
+    prefix = f"[{item_label(index, label) if label is not None else f'item {index}'}] "
     lines = text.splitlines(keepends=True)
     return "".join(prefix + line for line in lines)
 

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
+from ..kernel.output import Labeller, item_label, presentation
 from ..kernel.runner import settings
 from .model import LaneBook, ProgressModel, Snapshot
 from .text import TextBar, is_terminal
@@ -46,11 +47,15 @@ class Renderer(Protocol):
 
     wants_lanes: bool
 
+    def reserve(self) -> None:
+        """Hold the display's place now, before anything the call prints (may do nothing)."""
+
     def show(self, snap: Snapshot) -> None: ...
 
     def update(self, snap: Snapshot) -> None: ...
 
-    def finish(self, snap: Snapshot) -> None: ...
+    def finish(self, snap: Snapshot) -> None:
+        """The final state; called even if ``show`` never was, when the call should leave one."""
 
 
 def poll_workers(client: Client | None, timeout: float = 2.0) -> list[dict[str, Any]] | None:
@@ -85,6 +90,7 @@ class Driver:
             # On the caller's thread, before any item is sent: this first sample is the baseline of
             # each worker's task count, so a lane counts only this call's tasks.
             self.poll(0.5)
+        self._guard(lambda _snap: self.renderer.reserve(), self.model.snapshot())
         if show_now:  # a background call's cell ends right after this: show it from here
             with self.lock:
                 self._guard(self.renderer.show, self.model.snapshot())
@@ -126,11 +132,9 @@ class Driver:
         with self.lock:
             self.stopped = True
             snap = self.model.snapshot()
-            if not self.shown and show:
-                self._guard(self.renderer.show, snap)
-                self.shown = True
-            if self.shown:
+            if self.shown or show:
                 self._guard(self.renderer.finish, snap)
+                self.shown = True
 
     def _guard(self, draw: Callable[[Snapshot], None], snap: Snapshot) -> None:
         if self.broken:
@@ -193,9 +197,11 @@ def _name(fn: Callable[..., Any]) -> str:
 class RunProgress:
     """The Observer of one map/imap call (see ``mapping.Observer``)."""
 
-    def __init__(self, kind: str, description: str, *, force: bool, cancellable: bool) -> None:
+    def __init__(self, kind: str, description: str, *, force: bool, cancellable: bool,
+                 label: Labeller | None = None) -> None:
         self.kind = kind
         self.force = force
+        self.label = label  # names an item in failures and lanes (``%%parallel``: its parameters)
         self.model = ProgressModel(description, cancellable=cancellable)
         self.lanes = LaneBook()
         self.driver: Driver | None = None
@@ -220,11 +226,11 @@ class RunProgress:
 
     def advanced(self, run: MapRun, batch: Batch) -> None:
         if batch.errors:
-            self.model.add_errors(batch.errors, lambda index: f"item {index:,}")
+            self.model.add_errors(batch.errors, lambda index: item_label(index, self.label))
             for index, error in batch.errors.items():
                 pid = getattr(error, "pid", None)
                 if isinstance(pid, int):  # its worker died (a crash, the memory limit)
-                    self.lanes.note_crash(pid, f"item {index:,}")
+                    self.lanes.note_crash(pid, item_label(index, self.label))
         self.model.set_counts(run.done, run.failed, run.next_index if run.exhausted else run.total)
         if self.cancel_pending:  # Cancel was clicked while another thread was consuming the imap
             self.cancel_pending = False
@@ -269,10 +275,19 @@ class RunProgress:
 
         def classify(worker: dict[str, Any]) -> tuple[str, int | None]:
             if worker.get("state") == "busy":
-                return ("busy", worker.get("index")) if worker.get("job") == job else ("other", None)
+                if worker.get("job") != job:
+                    return "other", None
+                index = worker.get("index")
+                # Given a chunk but on no item yet: importing, unpickling the function or the items.
+                return ("busy", index) if index is not None else ("loading", None)
             return str(worker.get("state") or "idle"), None
 
-        self.model.set_lanes(self.lanes.update(workers, classify))
+        lanes = self.lanes.update(workers, classify)
+        if self.label is not None:
+            for lane in lanes:
+                if lane["state"] == "busy" and lane["index"] is not None:
+                    lane["label"] = item_label(lane["index"], self.label)
+        self.model.set_lanes(lanes)
 
 
 def for_call(progress: bool | None, fn: Callable[..., Any], verb: str, *,
@@ -288,8 +303,9 @@ def for_call(progress: bool | None, fn: Callable[..., Any], verb: str, *,
     kind = choose_display(force=progress is True)
     if kind is None:
         return None
-    return RunProgress(kind, f"{verb}({_name(fn)})", force=progress is True,
-                       cancellable=cancellable and kind == "widget")
+    shown = presentation()  # a caller such as %%parallel may name the call and its items itself
+    return RunProgress(kind, shown.description or f"{verb}({_name(fn)})", force=progress is True,
+                       cancellable=cancellable and kind == "widget", label=shown.label)
 
 
 def attach(observer: RunProgress | None, iterator: Iterator[Any]) -> Iterator[Any]:

@@ -44,3 +44,33 @@ def format_rate(per_second: float | None) -> str:
     if per_second >= 0.1:
         return f"{per_second:.2f}/s"
     return f"{per_second * 60:.1f}/min"
+
+
+def format_bytes(n: int | None) -> str:
+    """``812 KiB``, ``52 MiB``, ``1.4 GiB``; empty when not sampled yet (as formatBytes in js/format.js)."""
+    if not n or n <= 0:
+        return ""
+    value, unit = float(n), 0
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    while value >= 1024 and unit < len(units) - 1:
+        value /= 1024
+        unit += 1
+    shown = str(round(value)) if value >= 10 or unit == 0 else f"{value:.1f}"
+    return f"{shown} {units[unit]}"
+
+
+def percent(finished: int, total: int | None) -> int | None:
+    """Whole percent done, rounded, but never 100 before every item has an outcome nor 0 after the
+    first (as percentLabel in js/format.js): 1 of 6 is 17%, 999 of 1,000 is 99%."""
+    if total is None or total < 0:
+        return None
+    if total == 0 or finished >= total:
+        return 100
+    whole = int(100 * finished / total + 0.5)  # halves up, as Math.floor(x + 0.5) in JavaScript
+    return max(1 if finished > 0 else 0, min(99, whole))
+
+
+def percent_label(done: int, failed: int, total: int | None) -> str:
+    """``17%``; empty while the total is unknown."""
+    whole = percent(done + failed, total)
+    return "" if whole is None else f"{whole}%"

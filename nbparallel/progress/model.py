@@ -48,6 +48,7 @@ class Snapshot:
     cancel_requested: bool
     shown: bool
     versions: tuple[int, int, int]  # lanes, errors, output: bumped when that list changes
+    unit: str = "items"
 
 
 def describe_error(error: BaseException, where: str, index: int | None) -> dict[str, Any]:
@@ -209,7 +210,7 @@ class ProgressModel:
                 error_count=self.error_count, output=tuple(self.output), output_count=self.output_count,
                 summary=self._summary(elapsed), cancellable=self.cancellable,
                 cancel_requested=self.cancel_requested, shown=self.shown,
-                versions=(self.versions[0], self.versions[1], self.versions[2]),
+                versions=(self.versions[0], self.versions[1], self.versions[2]), unit=self.unit,
             )
 
     def _rate(self, now: float, finished: int, elapsed: float) -> float:
@@ -228,6 +229,12 @@ class ProgressModel:
     def _summary(self, elapsed: float) -> str:
         finished = self.done + self.failed
         clock = format_duration(elapsed)
+        if self.total == 1 and self.unit == "tasks":  # one submitted call: no counts, no worker total
+            if self.state == "running":
+                return f"running · {clock}"
+            if self.failed:
+                return f"failed after {clock}"
+            return f"done in {clock}" if self.state == "done" else f"{self.state} after {clock}"
         workers = f"{self.workers} worker{'' if self.workers == 1 else 's'}" if self.workers else ""
         failed = f"{format_count(self.failed)} failed" if self.failed else ""
         if self.total is None:
@@ -252,7 +259,10 @@ class LaneBook:
 
     VACANT_POLLS = 4  # a lane whose worker is gone and not replaced this many polls: the pool shrank
 
-    def __init__(self) -> None:
+    def __init__(self, *, count_tasks: bool = True) -> None:
+        # False: the lanes show no task counts. A worker's count is of every job it ran, so it
+        # means "this call's tasks" only while one call runs; background futures share the pool.
+        self.count_tasks = count_tasks
         self.lanes: list[dict[str, Any]] = []
         self.baseline: dict[int, int] = {}  # tasks a worker had done before this call was first seen
         self.crashes: dict[int, str] = {}  # pid -> "item 7"
@@ -275,10 +285,10 @@ class LaneBook:
             self.baseline[pid] = int(worker.get("tasks_done") or 0) if not self.polled else 0
             if vacated:
                 lane = vacated.pop(0)
-                lane.update(previous=lane["pid"], pid=pid, restarts=lane["restarts"] + 1, before=lane["tasks"],
-                            vacant=0)
+                lane.update(previous=lane["pid"], pid=pid, replaced=[*lane["replaced"], lane["pid"]],
+                            before=lane["tasks"], vacant=0)
             else:
-                self.lanes.append({"pid": pid, "previous": None, "restarts": 0, "before": 0, "tasks": 0,
+                self.lanes.append({"pid": pid, "previous": None, "replaced": [], "before": 0, "tasks": 0,
                                    "vacant": 0})
         for lane in vacated:  # gone and not (yet) replaced
             lane["vacant"] += 1
@@ -294,10 +304,16 @@ class LaneBook:
                 done = max(0, int(seen.get("tasks_done") or 0) - self.baseline.get(lane["pid"], 0))
                 lane.update(state=state, index=index, rss=int(seen.get("rss") or 0), tasks=lane["before"] + done,
                             address=seen.get("address"))  # a Dask worker's; the sidecar's have none
+            # Only a crash counts as a restart: workers a cancel or a timeout replaced were stopped on purpose.
+            lane["restarts"] = sum(1 for old in lane["replaced"] if old in self.crashes)
             lane["note"] = self._note(lane)
         self.polled = True
-        return [{k: lane.get(k) for k in ("pid", "state", "index", "rss", "tasks", "restarts", "note")}
-                for lane in self.lanes]
+        shown = [{k: lane.get(k) for k in ("pid", "state", "index", "rss", "tasks", "restarts", "note")}
+                 for lane in self.lanes]
+        if not self.count_tasks:
+            for lane in shown:
+                lane["tasks"] = None
+        return shown
 
     def _note(self, lane: dict[str, Any]) -> str:
         if lane["pid"] in self.crashes:

@@ -12,7 +12,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, TextIO
 
-from .format import format_count, format_duration, format_eta, format_rate
+from .format import format_count, format_duration, format_eta, format_rate, percent_label
 
 if TYPE_CHECKING:
     from .model import Snapshot
@@ -55,6 +55,9 @@ class TextBar:
         self.bar_width: int | None = None
         self.last = 0.0
 
+    def reserve(self) -> None:
+        """A line is drawn where the cursor is when it is first shown: nothing to hold."""
+
     def show(self, snap: Snapshot) -> None:
         self._write("\r" + self._pad(self.line(snap)))
 
@@ -86,7 +89,7 @@ class TextBar:
         total = max(snap.total, 1)
         fraction = min(1.0, finished / total) if snap.total else 1.0
         counts = f"{format_count(finished)}/{format_count(snap.total)}"
-        head = f"{snap.description}: {int(fraction * 100):3d}% |"
+        head = f"{snap.description}: {percent_label(snap.done, snap.failed, snap.total):>4} |"
         after = f"| {counts} · {rest}"
         columns = shutil.get_terminal_size((80, 24)).columns
         fits = max(10, min(25, columns - len(head) - len(after) - 1))

@@ -36,7 +36,7 @@ class FutureGroup:
             workers = 0
         self.model = ProgressModel(description, total=0, workers=workers, unit="tasks", cancellable=True,
                                    shown=force)
-        self.lanes = LaneBook()
+        self.lanes = LaneBook(count_tasks=False)  # the pool is shared: its counts are not this group's
         self.lock = threading.Lock()
         self.futures: list[cf.Future[Any]] = []
         self.jobs: dict[int, int] = {}  # sidecar job id -> position in this group
@@ -133,7 +133,9 @@ class FutureGroup:
         def classify(worker: dict[str, Any]) -> tuple[str, int | None]:
             if worker.get("state") == "busy":
                 position = jobs.get(worker.get("job"))  # type: ignore[arg-type]
-                return ("task", position) if position is not None else ("other", None)
+                if position is None:
+                    return "other", None
+                return ("task", position) if worker.get("index") is not None else ("loading", None)
             return str(worker.get("state") or "idle"), None
 
         self.model.set_lanes(self.lanes.update(workers, classify))

@@ -3,15 +3,22 @@
 The view is js/progress.js (helpers in js/format.js, style in js/progress.css), shipped as plain
 files: no build step, no Node needed to install. Only this module imports anywidget; view.py
 imports it when a widget is really about to be shown (so a quick call never pays for the import).
+
+The view's code travels once per kernel, not once per widget: each ProgressWidget's own module is
+js/loader.js (about 1 KB), which takes the view and its CSS from one shared ``ViewCode`` model and
+keeps them for the page. Saved widget state then holds the code once, however many widgets were
+alive when the notebook was saved (a finished call's widget is closed, its display static HTML).
 """
 
 from __future__ import annotations
 
 import re
+import threading
 from functools import lru_cache
 from pathlib import Path
 
 import anywidget
+import ipywidgets  # type: ignore[import-untyped]
 import traitlets
 
 
@@ -49,11 +56,43 @@ def css_source() -> str:
     return (js_dir() / "progress.css").read_text("utf-8")
 
 
+@lru_cache(maxsize=1)
+def loader_source() -> str:
+    """js/loader.js: each widget's own module, which loads the shared view."""
+    return (js_dir() / "loader.js").read_text("utf-8")
+
+
+class ViewCode(ipywidgets.Widget):  # type: ignore[misc]
+    """The view's ES module and CSS, one model per kernel, shared by every ProgressWidget."""
+
+    code = traitlets.Unicode("").tag(sync=True)
+    css = traitlets.Unicode("").tag(sync=True)
+
+
+_shared: ViewCode | None = None
+_shared_lock = threading.Lock()
+
+
+def shared_view() -> ViewCode:
+    """The kernel's ViewCode model, made on first use (again if something closed it)."""
+    global _shared
+    with _shared_lock:
+        if _shared is None or getattr(_shared, "comm", None) is None:
+            _shared = ViewCode(code=esm_source(), css=css_source())
+        return _shared
+
+
 class ProgressWidget(anywidget.AnyWidget):
     """Progress of one call, drawn by js/progress.js. The fields mirror ``progress.Snapshot``."""
 
-    _esm = esm_source()
-    _css = css_source()
+    _esm = loader_source()
+
+    #: The model id of the shared ViewCode (js/loader.js loads the view from it).
+    view_code = traitlets.Unicode("").tag(sync=True)
+    #: The display's id: the view keeps what the user opened under it, for the static rendering.
+    key = traitlets.Unicode("").tag(sync=True)
+    #: "items", or "tasks" for background futures (one task: no counts or rate are shown).
+    unit = traitlets.Unicode("items").tag(sync=True)
 
     description = traitlets.Unicode("").tag(sync=True)
     #: "running", then "done", "failed" or "cancelled".
@@ -73,9 +112,6 @@ class ProgressWidget(anywidget.AnyWidget):
     #: The first failures: where, index, item, kind, message, traceback.
     errors = traitlets.List(traitlets.Dict()).tag(sync=True)
     error_count = traitlets.Int(0).tag(sync=True)
-    #: The last lines the workers printed: index, stream, text.
-    output = traitlets.List(traitlets.Dict()).tag(sync=True)
-    output_count = traitlets.Int(0).tag(sync=True)
     #: One line: the live state while running, then e.g. "1,000 items in 12.3 s · 2 workers".
     summary = traitlets.Unicode("").tag(sync=True)
     cancellable = traitlets.Bool(False).tag(sync=True)
@@ -83,6 +119,9 @@ class ProgressWidget(anywidget.AnyWidget):
     cancel_requested = traitlets.Bool(False).tag(sync=True)
     #: False keeps the view empty (a background call that may finish before it is worth showing).
     shown = traitlets.Bool(True).tag(sync=True)
+
+    def __init__(self, **state: object) -> None:
+        super().__init__(view_code=shared_view().model_id, **state)
 
     def __repr__(self) -> str:
         # Also the text/plain that nbconvert/nbclient save, and what a terminal frontend prints.
