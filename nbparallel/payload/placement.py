@@ -64,15 +64,14 @@ class Segment:
         self.idle_since = 0.0
         self.clean = False  # nobody else maps it or holds it since it was released
         self.placements: list[Placement] = []
-        self.mapping: threading.Event | None = None  # set when a background mapping of it is done
+        self.busy = threading.Lock()  # held while it is mapped or closed (here or in the background)
 
     def base(self) -> int:
         """The address of our mapping of it (shared, writable; every page faulted in at once)."""
-        if self.view is None and self.mapping is not None:
-            self.mapping.wait()  # made in the background since the segment was released
-        if self.view is None:
-            self.view = segments.map_fd(self.fd, self.size, segments.WRITE, populate=True)
-        address = segments.address(self.view)
+        with self.busy:  # a mapping under way in the background is waited for
+            if self.view is None:
+                self.view = segments.map_fd(self.fd, self.size, segments.WRITE, populate=True)
+            address = segments.address(self.view)
         assert address is not None
         return address
 
@@ -80,27 +79,18 @@ class Segment:
 
 def _map_later(waiting: list[Segment]) -> None:
     """Map these segments in a thread, now that their call is over: faulting their pages in costs
-    about as much as a copy, better paid between calls than in the next one's way (base() waits
-    for a mapping under way)."""
-    jobs: list[tuple[Segment, int, threading.Event]] = []
-    for segment in waiting:
-        if segment.view is None and segment.mapping is None:
-            segment.mapping = threading.Event()
-            jobs.append((segment, os.dup(segment.fd), segment.mapping))  # ours: it may be given back meanwhile
+    about as much as a copy, better paid between calls than in the next one's way."""
 
     def work() -> None:
-        for segment, fd, done in jobs:
-            try:
-                view = segments.map_fd(fd, segment.size, segments.WRITE, populate=True)
+        for segment in waiting:
+            with segment.busy:
                 if segment.view is None and segment.fd >= 0:
-                    segment.view = view
-            except OSError:
-                pass  # base() maps it when it is needed
-            finally:
-                os.close(fd)
-                done.set()
+                    try:
+                        segment.view = segments.map_fd(segment.fd, segment.size, segments.WRITE, populate=True)
+                    except OSError:
+                        pass  # base() maps it when it is needed
 
-    if jobs:
+    if waiting:
         threading.Thread(target=work, name="nbparallel-map-segments", daemon=True).start()
 
 
@@ -418,13 +408,14 @@ def _close(segment: Segment) -> None:
     _live.pop(segment, None)
     for placement in list(segment.placements):
         _drop(placement)
-    segment.view = None  # our mapping goes when the last view of it does
-    if segment.fd >= 0:
-        try:
-            os.close(segment.fd)
-        except OSError:
-            pass
-        segment.fd = -1
+    with segment.busy:  # not while it is being mapped
+        segment.view = None  # our mapping goes when the last view of it does
+        if segment.fd >= 0:
+            try:
+                os.close(segment.fd)
+            except OSError:
+                pass
+            segment.fd = -1
 
 
 def _drop(placement: Placement) -> None:
