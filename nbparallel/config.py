@@ -11,6 +11,10 @@ from pathlib import Path
 #: leaves the joblib hook alone. Workers remove it once started, so a task's own processes are plain.
 ROLE_ENV = "NBPARALLEL_ROLE"
 
+#: True in a worker process: an nbparallel call that a task makes runs right there, serially, and
+#: never starts a sidecar of its own (kernel/inline.py). Set by the worker as it starts.
+in_worker = False
+
 
 @dataclass
 class Settings:
@@ -50,6 +54,12 @@ CHUNKS_IN_FLIGHT_PER_WORKER = 4
 MAX_BYTES_IN_FLIGHT = 256 * 2**20
 # How long to wait for the sidecar to confirm a cancellation before raising anyway.
 CANCEL_WAIT = 0.8
+# The sidecar's liveness (kernel/runner.py): while a call waits on it, a sidecar that has said
+# nothing for LIVENESS_QUIET seconds is asked for its status; one that neither answers nor reads what
+# it was sent for LIVENESS_LIMIT seconds is frozen or wedged (SIGSTOP, swapping): it is killed and
+# the call raises SidecarDied.
+LIVENESS_QUIET = 1.0
+LIVENESS_LIMIT = 5.0
 # How long the sidecar may take to start and answer its first message.
 START_TIMEOUT = 30.0
 # The Dask bridge answers once it has reached the scheduler (or started a LocalCluster): longer.

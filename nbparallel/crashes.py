@@ -58,7 +58,9 @@ class WorkerCrashed(NbParallelError, BrokenProcessPool):
         self.attempts = attempts
         #: The Dask worker's address, when the work ran on a Dask cluster.
         self.worker = worker
-        if cause is not None:  # a Dask cluster says what happened in its own terms
+        if cause is not None and worker is None and not pid:  # the sidecar: no worker could even start
+            message = f"{which_item(index, item)} could not run: {cause}"
+        elif cause is not None:  # a Dask cluster says what happened in its own terms
             last = f" (last on the Dask worker {worker})" if worker else ""
             message = f"{which_item(index, item)} was lost on the Dask cluster{last}: {cause}."
         else:

@@ -26,6 +26,7 @@ class Chunk:
     skip: list[int] = field(default_factory=list)  # offsets that failed and must not run again
     attempts: dict[int, int] = field(default_factory=dict)  # offset -> times its worker died on it
     careful: bool = False  # run item by item: a worker died in a run of items it could not pin down
+    deaths: int = 0  # workers that died holding it outside any item (before the first, after the last)
 
     def close(self) -> None:
         close_fds(self.fds)

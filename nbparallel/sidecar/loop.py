@@ -32,11 +32,14 @@ import time
 import traceback
 from collections.abc import Callable
 
+from ..errors import ProtocolError
 from ..wire import messages as msg
+from ..wire import strays
 from ..wire.channel import Channel
 from .workers import WorkerProcess, return_free_memory, sample_memory
 from ..wire.frames import Frame
 from ..wire.frames import close_fds as close_all
+from .health import Startup, describe_exit
 from .jobs import Chunk, Job
 from .policy import PREFETCH, blame, functions_to_forget, limit_breached, may_prefetch, next_chunk_for
 
@@ -66,6 +69,11 @@ class Sidecar:
         self.tmpdir = None if hasattr(os, "memfd_create") else tempfile.mkdtemp(prefix="nbparallel-")
         self.last_sample = 0.0
         self.rss_peak = 0
+        self.startup = Startup()  # workers dying before they are ready: paced, then the pool is broken
+        # The mark of this pool's processes (strays.py): the kernel's, or our own when started by hand.
+        self.pool = os.environ.get(strays.POOL_ENV) or strays.pool_token(kernel_pid)
+        self.marks: dict[int, str] = {}  # worker pid -> the mark its processes carry
+        self.spawned = 0
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -152,6 +160,7 @@ class Sidecar:
 
     def on_configure(self, frame: Frame) -> None:
         header = msg.view(frame, msg.Configure)
+        self.startup.started()  # new settings: try starting workers again at once
         if "workers" in header:
             self.size = max(1, int(header["workers"]))
         if "max_tasks_per_worker" in header:
@@ -178,6 +187,7 @@ class Sidecar:
             chunk.close()
         else:
             job.queue.append(chunk)
+            self.fail_waiting()  # at once, if no worker can start
 
     def drop_job(self, job_id: int) -> Job | None:
         """Forget a job and release the shared memory it held (workers keep their own mappings)."""
@@ -242,6 +252,8 @@ class Sidecar:
                     self.retire(worker)
         alive = [w for w in self.workers.values() if not w.retiring]
         for _ in range(self.target_size() - len(alive)):
+            if not self.startup.may_spawn(time.monotonic()):  # workers die as they start: pause
+                break
             self.spawn()
         extra = len(alive) - self.target_size()
         for worker in alive:
@@ -252,9 +264,32 @@ class Sidecar:
                 extra -= 1
 
     def spawn(self) -> None:
-        worker = WorkerProcess(self.preload, self.env, self.tmpdir)
+        self.spawned += 1
+        mark = strays.worker_token(self.pool, self.spawned)
+        try:
+            worker = WorkerProcess(self.preload, {**self.env, strays.POOL_ENV: mark}, self.tmpdir)
+        except OSError as exc:  # a limit on processes, memory or descriptors
+            self.startup.failed(f"it could not be started: {type(exc).__name__}: {exc}", self.preload,
+                                time.monotonic())
+            self.fail_waiting()
+            return
         self.workers[worker.pid] = worker
+        self.marks[worker.pid] = mark
         self.selector.register(worker.channel.sock, selectors.EVENT_READ, worker)
+
+    def fail_waiting(self) -> None:
+        """While no worker can start (``startup.cause``) and none is ready, fail the waiting work."""
+        cause = self.startup.cause
+        if cause is None or any(w.ready and not w.retiring for w in self.workers.values()):
+            return
+        for job in self.jobs.values():
+            while job.queue:
+                chunk = job.queue.popleft()
+                indices = [chunk.start + offset for offset in chunk.remaining()]
+                chunk.close()
+                if indices:
+                    self.kernel.send(msg.crashed(job=chunk.job, chunk=chunk.id, indices=indices, pid=0,
+                                                 exitcode=None, memory=None, attempts=1, cause=cause))
 
     def retire(self, worker: WorkerProcess) -> None:
         """Ask an idle worker to exit; a busy one is killed and its chunks go back to the queue."""
@@ -280,6 +315,9 @@ class Sidecar:
             frames = list(worker.channel.receive())
         except EOFError:
             frames = None
+        except ProtocolError:  # a task wrote into the worker's socket: the worker is lost, not the pool
+            worker.kill()
+            frames = None
         for frame in frames or ():
             if frame.op == "result":
                 self.on_worker_result(worker, frame)
@@ -290,6 +328,7 @@ class Sidecar:
                                                 text=line["text"], pid=worker.pid))
             elif frame.op == "hello":
                 worker.ready = True
+                self.startup.started()
                 self.sample_memory()  # so status() shows its memory from the start
         if frames is None:
             self.on_worker_exit(worker)
@@ -326,6 +365,10 @@ class Sidecar:
         slot = worker.slot.read()
         exitcode = worker.reap()
         del self.workers[worker.pid]
+        strays.sweep(self.marks.pop(worker.pid, ""))  # what its tasks started goes with it
+        if not worker.ready and not worker.retiring:  # it died while starting
+            self.startup.failed(describe_exit(exitcode), self.preload, time.monotonic())
+            self.fail_waiting()
         running = worker.assigned.popleft() if worker.assigned else None
         self.requeue_others(worker, None)
         if running is None or running.job not in self.jobs:
@@ -405,6 +448,7 @@ class Sidecar:
                 worker.process.wait(timeout=2)
             except Exception:
                 pass
+        strays.sweep(self.pool)  # and whatever their tasks started, in any process group or session
         self.kernel.close()
         if self.tmpdir is not None:
             shutil.rmtree(self.tmpdir, ignore_errors=True)

@@ -81,7 +81,13 @@ def blame(chunk: Chunk, job: Job, slot_chunk: int, offset: int, width: int) -> t
             return [], attempts  # it runs again on another worker; the kernel hears of the last try only
         chunk.skip.append(offset)
         return [offset], attempts
-    # It died outside any item (unpickling the chunk, sending results): fail the rest.
+    # It died outside any item: before the first (killed while it unpickled the chunk or waited) or
+    # after the last (sending results). No item was running, so none is to blame: the chunk runs
+    # again elsewhere, as many times as ``retries`` allows (once at least). A chunk that keeps
+    # killing its workers there (its items' unpickling does) fails what is left of it.
+    chunk.deaths += 1
+    if chunk.deaths <= max(1, job.retries):
+        return [], chunk.deaths
     culprits = chunk.remaining()
     chunk.skip.extend(culprits)
-    return culprits, 1
+    return culprits, chunk.deaths

@@ -28,6 +28,9 @@ def _slot_file(tmpdir: str | None) -> Any:
     return tempfile.TemporaryFile(dir=tmpdir)
 
 
+REAP_WAIT = 0.25  # seconds a worker whose socket closed may take to exit before it is killed
+
+
 class Breach(NamedTuple):
     """Why the sidecar killed a worker: its item ran past the job's ``timeout``, or its memory
     passed the job's ``memory_limit`` (``memory``: what it had then)."""
@@ -83,13 +86,15 @@ class WorkerProcess:
                 pass
 
     def reap(self) -> int | None:
-        """Wait for the process to end (it closed its socket, so it is dying) and return its code."""
+        """Wait for the process to end (it closed its socket, so it is dying) and return its code.
+        Briefly: the whole pool waits meanwhile, and a worker whose task closed its descriptors would
+        otherwise keep it waiting while the task runs on."""
         try:
-            return self.process.wait(timeout=2)
+            return self.process.wait(timeout=REAP_WAIT)
         except subprocess.TimeoutExpired:  # closed the socket but lingers: make sure
             self.kill()
             try:
-                return self.process.wait(timeout=2)
+                return self.process.wait(timeout=1)
             except subprocess.TimeoutExpired:
                 return None
         finally:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import io
 import json
+import mmap
 import operator
 import os
 import signal
@@ -22,15 +23,17 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+from .. import config
 from ..config import ROLE_ENV
 from ..payload import pickling as ser
 from ..errors import NbParallelError, SerializationError
 from ..payload.outcomes import Batch
 from ..wire import messages as msg
 from ..wire.frames import Frame, read_frame, send_frame
-from ..wire.slot import OFFSET, STARTED, Slot
+from ..wire.slot import OFFSET, SIZE, STARTED, Slot
 
 
+OUTPUT_PIECE = 65536  # characters of printed text per frame: escaped, far below the header limit
 FLUSH_INTERVAL = 0.25  # seconds: a long chunk streams the results it has at this pace
 SUB_BATCH = 64  # items run through map() between two marks in the slot
 WATCH_INTERVAL = 0.5  # seconds between checks that the sidecar is still alive
@@ -42,8 +45,11 @@ class Connection:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.lock = threading.Lock()
+        self.forked = False  # in a process a task forked from the worker (see Worker.forked)
 
     def send(self, header: Mapping[str, Any], buffers: list[bytes] | None = None, fds: list[int] | None = None) -> None:
+        if self.forked:  # a forked copy of the worker that came back here: it has no say on the wire
+            os._exit(0)
         with self.lock:
             send_frame(self.sock, header, buffers or [], fds or [])
 
@@ -68,6 +74,9 @@ class TaggedOutput(io.TextIOBase):
     def write(self, text: str) -> int:
         if not isinstance(text, str):
             raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        if self.conn.forked:  # held by a logging handler in a forked child: its own stderr instead
+            stream = sys.__stderr__ if self.stream == "stderr" else sys.__stdout__
+            return stream.write(text) if stream is not None else len(text)
         with self.lock:
             self.pending.append(text)
             if "\n" in text or sum(map(len, self.pending)) > 65536:
@@ -82,7 +91,14 @@ class TaggedOutput(io.TextIOBase):
         if not self.pending:
             return
         text, self.pending = "".join(self.pending), []
-        self.conn.send(msg.worker_output(job=self.state.job, index=self.state.index, stream=self.stream, text=text))
+        at = 0
+        while at < len(text):  # in pieces, at line ends where it can: any size, never a header past the limit
+            end = at + OUTPUT_PIECE
+            if end < len(text):
+                end = text.rfind("\n", at, end) + 1 or end
+            self.conn.send(msg.worker_output(job=self.state.job, index=self.state.index, stream=self.stream,
+                                             text=text[at:end]))
+            at = end
 
     def isatty(self) -> bool:
         return False
@@ -116,6 +132,12 @@ class WorkerState:
     def clear(self) -> None:
         self._run = self._index = None
 
+    def drop_run(self) -> None:
+        """Leave the items of the run map() is on unrun (in a forked child: they are the worker's)."""
+        if self._run is not None:
+            for _ in self._run[1]:
+                pass
+
 
 class ChunkRun:
     """The outcomes of one chunk so far, sent in pieces when the chunk runs long."""
@@ -141,6 +163,17 @@ class Worker:
         self.function_frames: dict[str, Frame] = {}  # received, not yet unpickled
         self.functions: dict[str, Callable[..., Any]] = {}  # the sidecar says when to forget one
         self.jobs: dict[int, msg.Job] = {}
+
+    def forked(self) -> None:
+        """Run in a process a task forked from this worker, as fork returns (os.register_at_fork).
+        The child must not pose as the worker: its copy of the socket is closed, its output goes to
+        the descriptors it inherited, the slot it writes is its own, and if the task returns into the
+        worker's loops, it exits there instead of running more of the worker's items."""
+        self.conn.forked = True
+        self.conn.sock.close()  # this copy only: the worker's stays open
+        sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+        self.slot = Slot(mmap.mmap(-1, SIZE))
+        self.state.drop_run()
 
     def serve(self) -> None:
         while True:
@@ -232,10 +265,13 @@ class Worker:
         # Item assignment through the slot's typed views is the cheapest write (this runs once per
         # item; Slot.write costs twice as much): the start time first, as Slot.write orders them.
         ints, times, state, monotonic = self.slot.ints, self.slot.times, self.state, time.monotonic
+        conn = self.conn
         count = len(items)
         for offset in range(resume, count):
             if offset in skip:
                 continue
+            if conn.forked:  # a task forked and its child returned here: the items are the worker's
+                os._exit(0)
             if timed:
                 times[STARTED] = monotonic()
             ints[OFFSET] = offset
@@ -267,6 +303,8 @@ class Worker:
         apply = _star_calls if star else _calls
         count, state = len(items), self.state
         for first in range(resume, count, SUB_BATCH):
+            if self.conn.forked:  # a task forked and its child returned here: the items are the worker's
+                os._exit(0)
             last = min(first + SUB_BATCH, count)
             self.slot.write(offset=first, width=last - first)
             pending = iter(items[first:last])
@@ -378,6 +416,7 @@ def main(argv: list[str]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # cancellation arrives as a kill from the sidecar
     os.environ.pop(ROLE_ENV, None)  # what a task starts is a plain process
     _die_with_parent(sidecar_pid)
+    config.in_worker = True  # nbparallel calls a task makes run here, serially (kernel/inline.py)
     sock = socket.socket(fileno=fd)
     sock.setblocking(True)
     slot = Slot.attach(slot_fd)
@@ -386,10 +425,14 @@ def main(argv: list[str]) -> None:
     worker = Worker(conn, slot)
     sys.stdout = TaggedOutput(conn, "stdout", worker.state)
     sys.stderr = TaggedOutput(conn, "stderr", worker.state)
+    os.register_at_fork(after_in_child=worker.forked)
     for name in preload:
         try:
             importlib.import_module(name)
-        except Exception as exc:
+        except BaseException as exc:  # sys.exit at import too: the worker goes on without that module
             print(f"nbparallel: preload of {name!r} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
     conn.send(msg.worker_hello(pid=os.getpid()))
     worker.serve()
+    flush_std()
+    # Now, whatever a task left behind: a thread that never ends would keep a plain exit waiting.
+    os._exit(0)
