@@ -3,7 +3,7 @@
 # this script's arguments. With no arguments and no variables: the whole suite, in .venv on python3.
 # One CI leg (.ci/run) picks its Python, venv, extras and constraints with scripts/setup.sh's variables:
 #   NBP_PYTHON="$(pyenv prefix 3.12)/bin/python" NBP_VENV=.venv-3.12 NBP_EXTRAS=test \
-#     bash scripts/test.sh -m "not browser and not dask"
+#     bash scripts/test.sh -m "not browser and not dask and not slow"
 #   NBP_CONSTRAINTS=constraints/lowest.txt ...    the lowest versions pyproject.toml allows
 # It prints the Python and the versions the install resolved before the tests, and the time after.
 # pytest exits non-zero (5) when it collects no test, so an empty run fails here too.
@@ -15,7 +15,7 @@ bash scripts/setup.sh
 echo "test.sh: $venv: $("$venv/bin/python" -c 'import sys; print("Python", sys.version.split()[0], sys.executable)')" \
   "${NBP_CONSTRAINTS:+(constraints: $NBP_CONSTRAINTS)}"
 echo "test.sh: resolved:" $("$venv/bin/python" -m pip freeze --exclude-editable 2>/dev/null \
-  | grep -iE '^(cloudpickle|psutil|ipykernel|ipywidgets|anywidget|joblib|numpy|dask|distributed|jupyter[a-z_-]*|notebook|nbclient|nbformat|ipython|pytest|mypy)==' | sort -f)
+  | grep -iE '^(cloudpickle|psutil|ipykernel|ipywidgets|anywidget|joblib|numpy|dask|distributed|jupyter[_-]client|jupyterlab|notebook|nbclient|ipython|pytest|mypy)==' | sort -f)
 echo "test.sh: set up in $((SECONDS - started)) s; pytest $*"
 status=0
 "$venv/bin/python" -m pytest "$@" || status=$?

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from _ci_markers import pytest_collection_modifyitems  # noqa: F401  # the dask and slow markers CI selects by
 from _shm_leftovers import OURS as SHM_OURS
 from _shm_leftovers import TAG_VARIABLE as SHM_TAG
 from _shm_leftovers import UNKNOWN as SHM_UNKNOWN

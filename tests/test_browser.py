@@ -20,8 +20,6 @@ import pytest
 from _browser import OUTPUT, READ_WIDGETS, JupyterServer, launch_chromium, require_browser
 from nbformat.v4 import new_code_cell, new_notebook
 
-pytestmark = pytest.mark.browser  # CI's lighter legs run -m "not browser and not dask"
-
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "examples" / "progress_demo.ipynb"
 SHOTS = OUTPUT / "browser"
@@ -30,7 +28,8 @@ KERNELSPEC = {"name": "python3", "display_name": "Python 3 (ipykernel)", "langua
 SCALE = "3"
 WAIT_MS = 90_000  # a busy 2-core machine can take a while to start a kernel
 
-pytestmark = pytest.mark.timeout(240)
+# browser: CI's lighter legs run -m "not browser and not dask"
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(240)]
 
 
 @pytest.fixture

@@ -154,6 +154,7 @@ def test_the_sdist_holds_what_its_tests_need_and_nothing_unrelated(dist: dict[st
     assert not [name for name in names if "__pycache__" in name or name.endswith(".pyc")]
 
 
+@pytest.mark.slow  # what the sdist holds does not depend on the Python that builds it
 @pytest.mark.timeout(300)
 def test_the_unpacked_sdist_runs_its_own_tests(dist: dict[str, Path], tmp_path: Path) -> None:
     """Its suite collects, and the tests that read its files (notebooks, the runner script, the

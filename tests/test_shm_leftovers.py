@@ -21,10 +21,14 @@ pytestmark = pytest.mark.skipif(not (SHM.is_dir() and Path("/proc/self/maps").ex
 # standard input closes; then exits without unlinking it: a leak. With "orphan", it first forks and
 # its parent exits, so it is re-parented away from the test.
 HOLDER = textwrap.dedent("""
-    import mmap, os, sys
+    import mmap, os, sys, time
     path, orphan = "/dev/shm/" + sys.argv[1], sys.argv[2] == "orphan"
-    if orphan and os.fork():
-        os._exit(0)
+    if orphan:
+        parent = os.getpid()
+        if os.fork():
+            os._exit(0)
+        while os.getppid() == parent:  # re-parented before it makes anything
+            time.sleep(0.01)
     fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
     os.ftruncate(fd, 4096)
     mapping = mmap.mmap(fd, 4096)
