@@ -12,7 +12,7 @@ from .errors import NbParallelError
 from .kernel import collect
 from .kernel import runner as _client
 from .kernel import sweep as _sweep
-from .kernel.jobspec import Limits
+from .kernel.jobspec import Flow, Limits
 from .kernel.mapping import MapRun
 from .progress import driver as _progress
 
@@ -39,11 +39,15 @@ def map(
     retry_on: type[BaseException] | tuple[type[BaseException], ...] = (),
     memory_limit: int | str | None = None,
     checkpoint: Any = None,
+    concurrency: int | None = None,
+    rate: str | float | None = None,
+    backoff: float | None = None,
 ) -> list[Any]:
     """Apply ``fn`` to every item in the workers and return the results as a list.
 
     Args:
-        fn: any callable, including lambdas, closures and functions defined in a notebook.
+        fn: any callable, including lambdas, closures and functions defined in a notebook. A coroutine
+            function (``async def``) runs on an event loop in each worker, many items in flight.
         iterables: one iterable, or several whose items are passed as separate arguments
             (``fn(a, b)`` for ``map(fn, As, Bs)``; the shortest one ends the call).
         workers: how many workers may run this call at once; None or -1 all usable CPUs, -2 all
@@ -55,19 +59,33 @@ def map(
         progress: None shows a progress display once the call has run ``progress_after`` seconds
             (a widget in a notebook, a text bar on stderr in a terminal); True always; False never.
         timeout: seconds one item may run; past it the worker is killed and replaced and the item
-            fails with ``TaskTimeout``; the other items go on.
+            fails with ``TaskTimeout``; the other items go on. A coroutine is cancelled instead (its
+            worker goes on), each attempt limited by itself.
         total_timeout: seconds the whole call may run; then it is cancelled, and the unfinished
             items fail with ``TaskTimeout`` (raised, or in their places with ``errors="return"``).
         retries: how many more times to run an item whose worker crashed or timed out (on a fresh
-            worker); the error records ``attempts``.
+            worker; a coroutine that timed out, in place); the error records ``attempts``.
         retry_on: exception types worth retrying in the worker (e.g. ``ConnectionError``); other
             exceptions are never retried.
+        backoff: seconds before the first retry of ``retry_on`` (and of a timed-out coroutine),
+            doubling with each attempt up to 60 s, each wait a random 50-100% of that; an exception
+            with a ``retry_after`` attribute (seconds), or a ``Retry-After`` header in its ``headers``
+            or ``response.headers``, waits that long instead. Default 0.5 s for coroutine functions;
+            plain functions retry at once unless it is given.
         memory_limit: per worker, e.g. ``"2GB"``: a worker past it is killed before the machine
             runs short, and its item fails with ``MemoryLimitExceeded``.
         checkpoint: a journal file (``"runs/sweep.db"``, or a ``nbparallel.checkpoint.Checkpoint``):
             each outcome is written there as it arrives, and the same call run again (after a crash,
             a kernel restart, in another process) runs only the items it has no value for; see
             ``nbparallel.checkpoint``. A changed function raises ``CheckpointMismatch``.
+        concurrency: items in flight at once across the whole call, for a coroutine function (default
+            64), spread over the workers (so CPU work inside the coroutines spreads too). Also
+            makes a plain function that returns awaitables (a lambda calling an async function) run
+            as one.
+        rate: at most this many item starts per unit of time across the whole call, whatever the
+            number of workers: ``"50/s"``, ``"3000/min"``, ``"10/hour"`` or a number per second.
+            Starts are spaced evenly (no bursts). For any function; a call run again right after
+            with the same function and rate continues the same pace.
 
     Raises:
         TaskError: ``fn`` raised (the object is also an instance of the original exception type).
@@ -79,11 +97,13 @@ def map(
     if checkpoint is not None:  # a durable sweep: kernel/sweep.py calls this map on what the journal lacks
         return _sweep.run_map(map, fn, iterables, checkpoint, errors=errors, ordered=ordered, workers=workers,
                               chunksize=chunksize, progress=progress, timeout=timeout, total_timeout=total_timeout,
-                              retries=retries, retry_on=retry_on, memory_limit=memory_limit)
+                              retries=retries, retry_on=retry_on, memory_limit=memory_limit,
+                              concurrency=concurrency, rate=rate, backoff=backoff)
     observer = _progress.for_call(progress, fn, "map")
     limits = Limits.make(timeout, retries, retry_on, memory_limit)
+    flow = Flow.make(concurrency, rate, backoff)
     run = MapRun(fn, iterables, workers=workers, chunksize=chunksize, stop_on_error=errors == "raise",
-                 limits=limits, observer=_sweep.recording(observer))
+                 limits=limits, observer=_sweep.recording(observer), flow=flow)
     run.deadline = collect.deadline_after(total_timeout)
     return collect.gather(run, ordered=ordered, errors=errors, total_timeout=total_timeout)
 
@@ -102,6 +122,9 @@ def imap(
     retry_on: type[BaseException] | tuple[type[BaseException], ...] = (),
     memory_limit: int | str | None = None,
     checkpoint: Any = None,
+    concurrency: int | None = None,
+    rate: str | float | None = None,
+    backoff: float | None = None,
 ) -> Iterator[Any]:
     """Like ``map``, but yield results while the work goes on; input is read lazily.
 
@@ -110,16 +133,19 @@ def imap(
     On a failure with ``errors="raise"``, ``err.completed`` holds the results not yet yielded.
     ``progress`` as in ``map``; the widget's Cancel button stops an imap consumed across cells.
     ``checkpoint`` as in ``map``: an item the journal holds is yielded from it, in its place.
+    ``concurrency``, ``rate`` and ``backoff`` as in ``map``.
     """
     _check_errors(errors)
     if checkpoint is not None:  # a durable sweep, as in map
         return _sweep.run_imap(imap, fn, iterables, checkpoint, errors=errors, ordered=ordered, workers=workers,
                                chunksize=chunksize, progress=progress, timeout=timeout, total_timeout=total_timeout,
-                               retries=retries, retry_on=retry_on, memory_limit=memory_limit)
+                               retries=retries, retry_on=retry_on, memory_limit=memory_limit,
+                               concurrency=concurrency, rate=rate, backoff=backoff)
     observer = _progress.for_call(progress, fn, "imap", cancellable=True)
     limits = Limits.make(timeout, retries, retry_on, memory_limit)
+    flow = Flow.make(concurrency, rate, backoff)
     run = MapRun(fn, iterables, workers=workers, chunksize=chunksize, stop_on_error=errors == "raise",
-                 limits=limits, observer=_sweep.recording(observer))
+                 limits=limits, observer=_sweep.recording(observer), flow=flow)
     iterator = collect.stream(run, ordered=ordered, errors=errors, deadline=collect.deadline_after(total_timeout),
                               total_timeout=total_timeout)
     return _progress.attach(observer, iterator)

@@ -52,6 +52,12 @@ MAX_CHUNK_BYTES = 8 * 2**20
 CHUNKS_IN_FLIGHT_PER_WORKER = 4
 # ...and a bound in bytes, so big items don't pile up in the sidecar either.
 MAX_BYTES_IN_FLIGHT = 256 * 2**20
+# Coroutine functions (see nbparallel.map): items in flight across a call unless concurrency= says;
+# the base of the exponential backoff between retries unless backoff= says (plain functions retry at
+# once unless it says); and, with rate=, about how many seconds of starts one chunk carries.
+ASYNC_CONCURRENCY = 64
+ASYNC_BACKOFF = 0.5
+PACED_CHUNK_SECONDS = 0.25
 # How long to wait for the sidecar to confirm a cancellation before raising anyway.
 CANCEL_WAIT = 0.8
 # The sidecar's liveness (kernel/runner.py): while a call waits on it, a sidecar that has said

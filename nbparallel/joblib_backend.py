@@ -18,6 +18,7 @@ as joblib is imported (joblib_hook.py), so this module, and joblib, load only wh
 from __future__ import annotations
 
 import concurrent.futures as cf
+import inspect
 import threading
 from typing import Any
 
@@ -28,6 +29,7 @@ from . import config
 from .kernel.output import CellTarget
 from .kernel.runner import get_client, settings
 from .kernel.tasks import Task, new_group
+from .payload.aiocall import is_async
 from .progress.driver import choose_display
 from .progress.tracking import FutureGroup
 
@@ -60,6 +62,7 @@ class NbParallelBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore
         self.target: CellTarget | None = None
         self.display: FutureGroup | None = None
         self.parallel: Any = None
+        self.awaiting = False  # the call's functions are coroutine functions (see AsyncBatch)
 
     def effective_n_jobs(self, n_jobs: int | None) -> int:
         if n_jobs == 0:
@@ -104,7 +107,11 @@ class NbParallelBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore
     def submit(self, func: Any, callback: Any = None) -> cf.Future[Any]:
         """Run one batch (a joblib ``BatchedCalls``) as a task; ``callback`` when it is done."""
         calls = len(func) if hasattr(func, "__len__") else 1
-        task = Task(func, (), {}, self.limit, self.group, target=self.target, label=_describe(func, calls))
+        label = _describe(func, calls)
+        if _awaits(func):  # delayed(coroutine function): the batch's calls run concurrently on an event loop
+            func = AsyncBatch(func)
+            self.awaiting = True
+        task = Task(func, (), {}, self.limit, self.group, target=self.target, label=label)
         future: cf.Future[Any] = task.future
         with self.lock:
             self.pending.add(future)
@@ -122,6 +129,13 @@ class NbParallelBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore
         with self.lock:
             self.pending.discard(future)
 
+    def compute_batch_size(self) -> int:
+        """joblib's automatic batch size; coroutines of a batch run side by side, so their batches
+        hold the call's share of ``config.ASYNC_CONCURRENCY`` items in flight (after the first batch)."""
+        if self.awaiting:
+            return max(1, config.ASYNC_CONCURRENCY // max(1, self.limit))
+        return int(super().compute_batch_size())
+
     def retrieve_result_callback(self, out: cf.Future[Any]) -> Any:
         # A cancelled batch raises CancelledError here: joblib then stops the call and raises it.
         return out.result()
@@ -137,6 +151,38 @@ class NbParallelBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore
     def terminate(self) -> None:
         self.abort_everything()
         self.reset_batch_stats()
+
+
+class AsyncBatch:
+    """A joblib batch whose calls give coroutines (``delayed(fetch)(url)`` with ``async def
+    fetch``): run in a worker's event loop, the batch's coroutines awaited together. Its results
+    in order, or the first call's exception in order, as joblib's own batches."""
+
+    def __init__(self, batch: Any) -> None:
+        self.batch = batch
+
+    def __len__(self) -> int:
+        return len(self.batch)
+
+    async def __call__(self) -> list[Any]:
+        import asyncio  # in the worker, whose event loop runs this
+
+        values = self.batch()
+        pending = [(k, v) for k, v in enumerate(values) if inspect.isawaitable(v)]
+        settled = await asyncio.gather(*(v for _, v in pending), return_exceptions=True)
+        for (k, _), value in zip(pending, settled):
+            if isinstance(value, BaseException):
+                raise value
+            values[k] = value
+        return list(values)
+
+
+def _awaits(batch: Any) -> bool:
+    items = getattr(batch, "items", None)
+    try:
+        return any(is_async(entry[0]) for entry in items or ())
+    except (TypeError, IndexError):  # not joblib's BatchedCalls: run it as it is
+        return False
 
 
 def _pool_size() -> int:

@@ -15,6 +15,8 @@ notebook's namespace as a mapping. What happens, in order:
 
 In the worker the runner executes the cell like a notebook cell (module-level semantics) in a fresh
 namespace per run: the captured names, then the parameters. Nothing it assigns leaks anywhere.
+A cell with top-level ``await`` (``async for``, ``async with``) makes an async runner: each run is
+a coroutine on the worker's event loop, many runs in flight at once (see worker/aio.py).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import ast
 import builtins
 import hashlib
 import importlib
+import inspect
 import linecache
 import sys
 import types
@@ -52,6 +55,15 @@ class CellCode:
     star_import: bool = False
 
 
+#: Compiler flags for a cell: top-level ``await`` is allowed, as in a notebook.
+CELL_FLAGS = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
+
+
+def awaits(source: str, filename: str = "<cell>") -> bool:
+    """Whether the cell uses ``await``, ``async for`` or ``async with`` at top level."""
+    return bool(compile(source, filename, "exec", flags=CELL_FLAGS).co_flags & inspect.CO_COROUTINE)
+
+
 def cell_filename(source: str) -> str:
     """A stable pseudo file name for tracebacks, distinct per cell text."""
     return f"<parallel-cell-{hashlib.sha1(source.encode()).hexdigest()[:8]}>"
@@ -64,7 +76,7 @@ def analyse(source: str) -> CellCode:
         tree = ast.parse(source, filename)
         # The parser takes what only the compiler refuses (``return`` or ``nonlocal`` at top
         # level): better said now than by every worker.
-        compile(tree, filename, "exec")
+        compile(tree, filename, "exec", flags=CELL_FLAGS)
     except SyntaxError as exc:
         where = f" (line {exc.lineno})" if exc.lineno else ""
         raise CellError(f"the cell has a syntax error{where}: {exc.msg}") from None
@@ -362,6 +374,9 @@ class CellRunner:
     def __post_init__(self) -> None:
         self._compiled: tuple[types.CodeType, types.CodeType | None] | None = None
         self.__qualname__ = "%%parallel"  # how progress displays name the call
+        # Top-level ``await``: each call returns a coroutine, and the engine runs the cell's runs on
+        # the workers' event loops (payload/aiocall.py's is_async reads this).
+        self.nbparallel_async = awaits(self.source, self.filename)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -375,8 +390,8 @@ class CellRunner:
             final = tree.body[-1] if tree.body else None
             if isinstance(final, ast.Expr):  # its value is the run's result, as in a notebook cell
                 tree.body.pop()
-                last = compile(ast.Expression(final.value), self.filename, "eval")
-            body = compile(tree, self.filename, "exec")
+                last = compile(ast.Expression(final.value), self.filename, "eval", flags=CELL_FLAGS)
+            body = compile(tree, self.filename, "exec", flags=CELL_FLAGS)
             # Tracebacks from the worker then show the cell's lines, not just line numbers.
             lines = self.source.splitlines(keepends=True)
             linecache.cache[self.filename] = (len(self.source), None, lines, self.filename)
@@ -392,10 +407,28 @@ class CellRunner:
 
     def __call__(self, item: tuple[Any, ...] = ()) -> Any:
         __tracebackhide__ = True  # the user's cell is the story, not this runner
+        if self.nbparallel_async:
+            return self.run_async(item)
         body, last = self.compiled()
         namespace = self.namespace(item)
         exec(body, namespace)
         value = eval(last, namespace) if last is not None else None
+        if self.mode == "value":
+            return value
+        return pack_names({name: namespace[name] for name in self.assigns if name in namespace})
+
+    async def run_async(self, item: tuple[Any, ...] = ()) -> Any:
+        """One run of a cell with top-level ``await``, as IPython runs one: code compiled with the
+        flag for it is a coroutine when evaluated."""
+        __tracebackhide__ = True
+        body, last = self.compiled()
+        namespace = self.namespace(item)
+        ran = eval(body, namespace)
+        if body.co_flags & inspect.CO_COROUTINE:
+            await ran
+        value: Any = eval(last, namespace) if last is not None else None
+        if last is not None and last.co_flags & inspect.CO_COROUTINE:
+            value = await value
         if self.mode == "value":
             return value
         return pack_names({name: namespace[name] for name in self.assigns if name in namespace})

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..crashes import MemoryLimitExceeded, WorkerCrashed
-from ..errors import NbParallelError, SerializationError, SidecarDied, TaskTimeout, make_task_error
+from ..errors import NbParallelError, SerializationError, SidecarDied, TaskTimeout, make_task_error, which_item
+from ..payload.aiocall import is_async
 from ..payload import pickling as ser
 from ..payload import tracebacks
 from ..payload.retrying import ATTEMPTS_ATTR
@@ -50,6 +51,7 @@ class Job:
         self.sources = tracebacks.SourceIndex(fn)  # writes remote tracebacks out with the cells' lines
         self.call = call
         self.numbered = numbered
+        self.asynchronous = is_async(fn)  # runs on a worker's event loop (worker/aio.py)
         self.client: Client
         self.id = 0
 
@@ -69,9 +71,11 @@ class Job:
         self.client.register(self.id, handle)
 
     def open(self, *, limit: int, group: int | None = None, stop_on_error: bool = False,
-             limits: Limits | None = None) -> None:
+             limits: Limits | None = None, concurrency: int | None = None, rate: float | None = None) -> None:
         """Send the job (the function travels with it). ``limit`` caps how many workers run it at
-        once (0: no cap), shared by the jobs of ``group``."""
+        once (0: no cap), shared by the jobs of ``group``. ``concurrency``: the items each worker
+        keeps in flight (a coroutine function's job; 1 if it is one and none is given); ``rate``:
+        item starts per second across the job."""
         limits = limits or Limits()
         context = caller_context()
         header = msg.job(job=self.id, key=function_key(self.function), call=self.call, limit=limit,
@@ -79,6 +83,10 @@ class Job:
                          timeout=limits.timeout, retries=limits.retries, memory_limit=limits.memory_limit)
         if group is not None:
             header["group"] = group
+        if concurrency or self.asynchronous:
+            header["concurrency"] = concurrency or 1
+        if rate:
+            header["rate"] = rate
         self.client.send_packed(header, self.function)
 
     def send_chunk(self, start: int, count: int, payload: Any) -> int:
@@ -121,11 +129,14 @@ class Job:
         errors: dict[int, NbParallelError] = {}
         for offset, (status, value) in problems.items():
             index = start + offset
+            error: NbParallelError
             if status == ser.RAISED:
                 exception, trace = value
                 error = make_task_error(exception, self.sources.render(trace), index if self.numbered else None,
                                         describe(index))
                 error.attempts = getattr(exception, ATTEMPTS_ATTR, 1)
+            elif isinstance(value, TaskTimeout):  # a coroutine cancelled past its timeout (payload/retrying.py)
+                error = cancelled_timeout(value, index if self.numbered else None, describe(index))
             else:  # the machinery's own error, e.g. a result that could not be pickled
                 error = value
                 if self.numbered:
@@ -146,6 +157,15 @@ class Job:
             return SerializationError(f"the result of {describe(index)} could not be unpickled here: {why}")
         return SerializationError(f"the results for item {index} could not be unpickled here: {why}. Is everything "
                                   "the function returns importable in the kernel?", index=index, item=describe(index))
+
+
+def cancelled_timeout(timeout: TaskTimeout, index: int | None, item: str) -> TaskTimeout:
+    """The error for an item whose coroutine ran past ``timeout=`` and was cancelled in its worker."""
+    limit, attempts = timeout.limit or 0.0, timeout.attempts
+    tries = f" (tried {attempts} times)" if attempts > 1 else ""
+    return TaskTimeout(f"{which_item(index, item)} ran past its time limit of {limit:g} s{tries}; its coroutine was "
+                       "cancelled (the worker goes on). Raise timeout= if it needs longer.",
+                       index=index, item=item, limit=limit, attempts=attempts)
 
 
 def crash_error(crash: msg.Crashed, index: int | None, item: str) -> NbParallelError:

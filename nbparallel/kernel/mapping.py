@@ -19,13 +19,12 @@ from typing import Any, Protocol
 from .. import config
 from ..errors import NbParallelError, SerializationError, SidecarDied
 from ..payload import pickling as ser
-from ..payload.retrying import RetryOn
 from ..wire import messages as msg
 from ..wire.frames import Frame
 from .chunking import ChunkSizer, iterate, known_length
 from .jobs import Batch as Batch  # what a run yields; the progress observer reads it from here
 from .jobs import Job
-from .jobspec import Limits
+from .jobspec import Flow, Limits, wrap
 from .output import CellTarget, flush_std, tag_lines
 from .runner import Client, get_client, settings
 
@@ -85,12 +84,13 @@ class MapRun:
         limits: Limits | None = None,
         client: Client | None = None,
         observer: Observer | None = None,
+        flow: Flow | None = None,
     ) -> None:
         if not iterables:
             raise TypeError("map() needs at least one iterable to map the function over")
         self.limits = limits or Limits()
-        if self.limits.retry_on:
-            fn = RetryOn(fn, self.limits.retries, self.limits.retry_on)
+        self.flow = flow or Flow()
+        fn, self.asynchronous = wrap(fn, self.limits, self.flow)  # retries (and an async item's timeout)
         self.star = len(iterables) > 1
         self.engine = Job(fn, call="star" if self.star else "one")  # pickles fn now: fails fast
         self.total = known_length(iterables)
@@ -103,6 +103,11 @@ class MapRun:
         pool = self.client.size or config.resolve_workers(settings.workers)
         self.workers = self.limit or pool
         self.sizer = ChunkSizer(chunksize, self.workers)
+        self.per_worker = 0  # a coroutine function: the items each worker keeps in flight
+        if self.asynchronous:
+            self.workers, self.per_worker, size = self.flow.plan(self.workers, chunksize)
+            self.limit, self.sizer = self.workers, ChunkSizer(size, self.workers)
+        self.running: dict[int, int] = {}  # worker pid -> its items in flight (coroutines), as last heard
         # A Dask cluster answers later than a local worker: its bridge asks for more chunks in flight.
         self.window = int(getattr(self.client, "info", {}).get("window") or config.CHUNKS_IN_FLIGHT_PER_WORKER)
         self.stop_on_error = stop_on_error
@@ -161,7 +166,8 @@ class MapRun:
         self.target = CellTarget.capture()  # output goes to the cell that consumes the results
         self.engine.route(self)
         try:
-            self.engine.open(limit=self.limit, stop_on_error=self.stop_on_error, limits=self.limits)
+            self.engine.open(limit=self.limit, stop_on_error=self.stop_on_error, limits=self.limits,
+                             concurrency=self.per_worker or None, rate=self.flow.rate)
             if self.observer is not None:
                 self.observer.started(self)
             while True:
@@ -293,6 +299,8 @@ class MapRun:
             return self._unreadable(result["chunk"], exc)
         if result["final"] and result.get("n"):
             self.sizer.observe_time(result["n"], result["elapsed"])
+        if "running" in result:
+            self.running[result["pid"]] = result["running"]
         flight.settled.append(batch.indices)
         flight.settled.append(list(batch.errors))
         self._resolve(result["chunk"], len(batch.indices) + len(batch.errors))

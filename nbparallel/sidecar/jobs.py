@@ -44,6 +44,7 @@ class Job:
     fds: list[int] = field(default_factory=list)  # shared-memory segments of the function
     queue: deque[Chunk] = field(default_factory=deque)
     chunk_seconds: float | None = None  # recent time a chunk takes, from the workers' reports
+    pace_next: float = 0.0  # with a rate: the next free start time (time.monotonic())
 
     @property
     def id(self) -> int:
@@ -64,6 +65,16 @@ class Job:
     @property
     def retries(self) -> int:
         return int(self.header.get("retries") or 0)
+
+    @property
+    def concurrency(self) -> int:
+        """An async job: the items a worker keeps in flight (0: a plain job)."""
+        return int(self.header.get("concurrency") or 0)
+
+    @property
+    def rate(self) -> float:
+        """Item starts per second across the job (0: no limit)."""
+        return float(self.header.get("rate") or 0)
 
     @property
     def group(self) -> Any:

@@ -41,13 +41,14 @@ from ..wire.frames import Frame
 from ..wire.frames import close_fds as close_all
 from .health import Startup, describe_exit
 from .jobs import Chunk, Job
-from .policy import PREFETCH, blame, functions_to_forget, limit_breached, may_prefetch, next_chunk_for
+from .policy import PREFETCH, blame, functions_to_forget, limit_breached, may_prefetch, next_chunk_for, pace
 
 TICK = 0.25  # seconds between housekeeping passes (kernel alive? memory samples)
 SAMPLE_INTERVAL = 0.5  # seconds between memory samples of the workers
 # While a job has a time or memory limit, look more often: a limit is only as sharp as this.
 WATCH_TICK = 0.05
 TRIM_AFTER = 16 * 2**20  # bytes routed between two returns of free memory to the system
+PACES_KEPT = 64  # paced functions whose next free start time outlives their job (see on_job)
 
 
 class Sidecar:
@@ -69,6 +70,9 @@ class Sidecar:
         self.tmpdir = None if hasattr(os, "memfd_create") else tempfile.mkdtemp(prefix="nbparallel-")
         self.last_sample = 0.0
         self.rss_peak = 0
+        # (function key, rate) -> the next free start time of the last job that ran it: a call run
+        # again right away continues its pace rather than bursting past a quota.
+        self.paces: dict[tuple[str, float], float] = {}
         self.startup = Startup()  # workers dying before they are ready: paced, then the pool is broken
         # The mark of this pool's processes (strays.py): the kernel's, or our own when started by hand.
         self.pool = os.environ.get(strays.POOL_ENV) or strays.pool_token(kernel_pid)
@@ -80,7 +84,7 @@ class Sidecar:
     def run(self) -> None:
         try:
             while self.running:
-                watching = any(job.timeout or job.memory_limit for job in self.jobs.values())
+                watching = any(job.timeout or job.memory_limit or job.rate for job in self.jobs.values())
                 for key, events in self.selector.select(WATCH_TICK if watching else TICK):
                     peer: Channel | WorkerProcess = key.data
                     if events & selectors.EVENT_WRITE:
@@ -175,7 +179,9 @@ class Sidecar:
 
     def on_job(self, frame: Frame) -> None:
         header = msg.view(frame, msg.Job)
-        self.jobs[header["job"]] = Job(header, frame.payload, frame.fds)
+        job = self.jobs[header["job"]] = Job(header, frame.payload, frame.fds)
+        if job.rate:
+            job.pace_next = self.paces.get((header["key"], job.rate), 0.0)
 
     def on_chunk(self, frame: Frame) -> None:
         self.routed_since_trim += len(frame.payload)
@@ -192,6 +198,8 @@ class Sidecar:
     def drop_job(self, job_id: int) -> Job | None:
         """Forget a job and release the shared memory it held (workers keep their own mappings)."""
         job = self.jobs.pop(job_id, None)
+        if job is not None and job.rate:
+            self.keep_pace(job)
         if job is not None:
             for chunk in job.queue:
                 chunk.close()
@@ -199,6 +207,13 @@ class Sidecar:
             close_all(job.fds)
             job.fds = []
         return job
+
+    def keep_pace(self, job: Job) -> None:
+        now = time.monotonic()
+        if len(self.paces) >= PACES_KEPT:
+            self.paces = {key: at for key, at in self.paces.items() if at > now}
+        if job.pace_next > now:
+            self.paces[(job.header["key"], job.rate)] = job.pace_next
 
     def on_cancel(self, frame: Frame) -> None:
         job_id = msg.view(frame, msg.Cancel)["job"]
@@ -335,14 +350,17 @@ class Sidecar:
 
     def on_worker_result(self, worker: WorkerProcess, frame: Frame) -> None:
         done = msg.view(frame, msg.WorkerResult)
-        chunk = worker.assigned[0] if worker.assigned else None
-        if chunk is None or chunk.id != done["chunk"]:
+        # The head's, but an async job's chunks run side by side and may finish in any order.
+        chunk = next((c for c in worker.assigned if c.id == done["chunk"]), None)
+        if chunk is None:
             close_all(frame.fds)
             return  # a job cancelled meanwhile
         chunk.resume = done["upto"]
+        if "settled" in done:  # an async chunk's outcomes past ``upto``: never run them again
+            chunk.skip.extend(done["settled"])
         job = self.jobs.get(chunk.job)
         if done["final"]:
-            worker.assigned.popleft()
+            worker.assigned.remove(chunk)
             chunk.close()
             worker.tasks_done += chunk.count
             worker.head_since = time.monotonic()
@@ -354,6 +372,8 @@ class Sidecar:
             header = msg.result(job=done["job"], chunk=done["chunk"], start=chunk.start, upto=done["upto"],
                                 n=done["n"], failed=done["failed"], elapsed=done["elapsed"], final=done["final"],
                                 pid=worker.pid)
+            if "running" in done:
+                header["running"] = done["running"]
             if "oob" in done:
                 header["oob"] = done["oob"]
             self.kernel.send(header, frame.buffers, frame.fds, close_fds=True)
@@ -405,7 +425,7 @@ class Sidecar:
                     continue
                 if depth and not may_prefetch(worker, self.jobs, time.monotonic()):
                     continue
-                chunk = next_chunk_for(worker, self.jobs, self.workers.values())
+                chunk = next_chunk_for(worker, self.jobs, self.workers.values(), time.monotonic())
                 if chunk is None:
                     continue
                 self.send_chunk(worker, chunk)
@@ -431,6 +451,8 @@ class Sidecar:
             header["skip"] = chunk.skip
         if chunk.careful:
             header["careful"] = True
+        if job.rate:
+            header["pace"] = pace(job, len(chunk.remaining()), time.monotonic())
         if chunk.oob:
             header["oob"] = chunk.oob
         worker.channel.send(header, [chunk.payload], chunk.fds)

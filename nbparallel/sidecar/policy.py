@@ -17,17 +17,36 @@ PREFETCH = 2  # chunks queued per worker: one running, one waiting so the worker
 # A second chunk waits behind the first, so prefetching helps only when chunks are short (the round
 # trip is then a large share of the time) and hurts when an item is slow (its neighbour waits).
 PREFETCH_BELOW = 0.01  # seconds per chunk
+# A paced job (rate=) gets its next chunk once that chunk's first start time is this close.
+PACE_AHEAD = 0.25  # seconds
 
 
-def next_chunk_for(worker: WorkerProcess, jobs: dict[int, Job], workers: Iterable[WorkerProcess]) -> Chunk | None:
+def pace(job: Job, count: int, now: float) -> list[float]:
+    """The start times of a paced job's next ``count`` items, ``[not_before, spacing]``: the next free
+    ones, one every ``1 / rate`` seconds whichever worker runs them, never earlier than ``now``."""
+    spacing = 1.0 / job.rate
+    first = max(now, job.pace_next)
+    job.pace_next = first + count * spacing
+    return [first, spacing]
+
+
+def next_chunk_for(worker: WorkerProcess, jobs: dict[int, Job], workers: Iterable[WorkerProcess],
+                   now: float = 0.0) -> Chunk | None:
     """The next chunk for ``worker``: oldest job first; a job capped by ``workers=`` (or its
-    Executor's ``max_workers``) waits while enough workers hold its chunks."""
+    Executor's ``max_workers``) waits while enough workers hold its chunks; a paced job waits until
+    its next start time is near. A worker running an async job's chunk takes only that job's next
+    one (its event loop runs one job at a time)."""
     def groups(w: WorkerProcess) -> set[Any]:
         return {jobs[j].group for j in w.jobs_running() if j in jobs}
 
     holding = groups(worker)
+    running = jobs.get(worker.assigned[0].job) if worker.assigned else None
     for job in jobs.values():
         if not job.queue:
+            continue
+        if running is not None and running.concurrency and job is not running:
+            continue
+        if job.rate and job.pace_next > now + PACE_AHEAD:
             continue
         if job.limit and job.group not in holding:
             busy = sum(1 for w in workers if job.group in groups(w))
@@ -40,6 +59,8 @@ def next_chunk_for(worker: WorkerProcess, jobs: dict[int, Job], workers: Iterabl
 def may_prefetch(worker: WorkerProcess, jobs: dict[int, Job], now: float) -> bool:
     """Queue a second chunk only behind a short one that is not running late."""
     job = jobs.get(worker.assigned[0].job)
+    if job is not None and job.concurrency:  # its items start as the first chunk's places free up
+        return True
     if job is None or job.chunk_seconds is None or job.chunk_seconds >= PREFETCH_BELOW:
         return False
     return now - worker.head_since < 2 * job.chunk_seconds + 0.002

@@ -71,6 +71,8 @@ class JobOptional(TypedDict, total=False):
     timeout: float | None
     retries: int
     memory_limit: int | None
+    concurrency: int  # an async job: the items a worker keeps in flight on its event loop
+    rate: float  # item starts per second across the job (the sidecar paces its chunks)
     oob: Segments
 
 
@@ -170,6 +172,7 @@ def hello_reply(*, pid: int, **optional: Unpack[HelloReplyOptional]) -> HelloRep
 
 
 class ResultOptional(TypedDict, total=False):
+    running: int  # an async job: the items in flight in that worker after this frame
     oob: Segments
 
 
@@ -296,6 +299,7 @@ class WorkerChunkOptional(TypedDict, total=False):
     resume: int
     skip: list[int]
     careful: bool
+    pace: list[float]  # a paced job (rate): [not_before, spacing], time.monotonic() seconds
     oob: Segments
 
 
@@ -347,6 +351,8 @@ def worker_hello(*, pid: int) -> WorkerHello:
 
 
 class WorkerResultOptional(TypedDict, total=False):
+    running: int  # an async job: the items in flight here after this frame
+    settled: list[int]  # an async job: offsets past ``upto`` with an outcome in this frame
     oob: Segments
 
 

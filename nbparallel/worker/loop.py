@@ -20,6 +20,7 @@ import socket
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -31,6 +32,7 @@ from ..payload.outcomes import Batch
 from ..wire import messages as msg
 from ..wire.frames import Frame, read_frame, send_frame
 from ..wire.slot import OFFSET, SIZE, STARTED, Slot
+from .pacing import Paced
 
 
 OUTPUT_PIECE = 65536  # characters of printed text per frame: escaped, far below the header limit
@@ -114,9 +116,12 @@ class WorkerState:
         self.job: int | None = None
         self._index: int | None = None
         self._run: tuple[int, Any, int] | None = None  # fast mode: (first index, iterator, its length)
+        self.current: Callable[[], int | None] | None = None  # an async job: the running task's item (aio.py)
 
     @property
     def index(self) -> int | None:
+        if self.current is not None:
+            return self.current()
         if self._run is not None:  # the item map() is on: how far the iterator has gone
             first, pending, size = self._run
             return first + size - operator.length_hint(pending) - 1
@@ -163,6 +168,7 @@ class Worker:
         self.function_frames: dict[str, Frame] = {}  # received, not yet unpickled
         self.functions: dict[str, Callable[..., Any]] = {}  # the sidecar says when to forget one
         self.jobs: dict[int, msg.Job] = {}
+        self.pending: deque[Frame] = deque()  # read by an async job's loop (aio.py), not yet served
 
     def forked(self) -> None:
         """Run in a process a task forked from this worker, as fork returns (os.register_at_fork).
@@ -178,7 +184,7 @@ class Worker:
     def serve(self) -> None:
         while True:
             try:
-                frame = read_frame(self.conn.sock)
+                frame = self.pending.popleft() if self.pending else read_frame(self.conn.sock)
             except EOFError:
                 return
             op = frame.op
@@ -218,6 +224,11 @@ class Worker:
                 sys.path.insert(0, entry)
 
     def run_chunk(self, frame: Frame) -> None:
+        if self.jobs[frame["job"]].get("concurrency"):  # an async job: many items in flight on an event loop
+            from . import aio  # asyncio is loaded only by workers that run coroutines
+
+            aio.run_chunk(self, frame)
+            return
         header = msg.view(frame, msg.WorkerChunk)
         chunk, start, count = header["chunk"], header["start"], header["count"]
         job = self.jobs[header["job"]]
@@ -232,6 +243,8 @@ class Worker:
         try:
             self.enter_job(job)
             fn = self.function(job["key"])
+            if "pace" in header:  # rate=: each item waits for the start time the sidecar gave it
+                fn = Paced(fn, header["pace"])
             stage = "items"
             items = ser.unpack(frame)
         except BaseException as exc:  # the function or the items could not be rebuilt here
@@ -334,6 +347,10 @@ class Worker:
         return count
 
     def send_result(self, chunk: msg.WorkerChunk, batch: Batch, upto: int, began: float, *, final: bool) -> None:
+        if batch.values and hasattr(batch.values[0], "__await__"):  # a plain function returned awaitables
+            from . import aio  # asyncio is loaded only by workers that run coroutines
+
+            aio.settle(batch, self.state)
         header = msg.worker_result(job=chunk["job"], chunk=chunk["chunk"], upto=upto,
                                    n=len(batch.offsets) + len(batch.problems), failed=len(batch.problems),
                                    elapsed=time.perf_counter() - began, final=final)
