@@ -237,6 +237,15 @@ def test_output_is_tagged_by_item(capsys: pytest.CaptureFixture[str]) -> None:
         assert f"[item {x}] fetched {x}" in out and f"[item {x}] parsed {x}" in out, out
 
 
+def test_progress_shows_items_in_flight_and_the_rate_limit(capsys: pytest.CaptureFixture[str]) -> None:
+    from nbparallel.progress.driver import rate_text  # the display's own words for a limit
+
+    nbparallel.map(span, range(200), [0.3] * 200, concurrency=40, rate="100/s", progress=True)
+    drawn = capsys.readouterr().err
+    assert re.search(r"map\(span\) · \d+ in flight · at most 100/s: ", drawn), drawn
+    assert (rate_text(50.0), rate_text(0.5), rate_text(1 / 7200)) == ("50/s", "30/min", "0.5/h")
+
+
 async def quick_or_stuck(x: int, folder: str) -> int:
     if x >= 10:
         await asyncio.sleep(30)

@@ -232,6 +232,8 @@ class RunProgress:
                 if isinstance(pid, int):  # its worker died (a crash, the memory limit)
                     self.lanes.note_crash(pid, item_label(index, self.label))
         self.model.set_counts(run.done, run.failed, run.next_index if run.exhausted else run.total)
+        if run.asynchronous or run.flow.rate:  # items in flight (coroutines) and the rate limit
+            self.model.note_flow(sum(run.running.values()) if run.asynchronous else None, rate_text(run.flow.rate))
         if self.cancel_pending:  # Cancel was clicked while another thread was consuming the imap
             self.cancel_pending = False
             raise KeyboardInterrupt("cancelled from the progress widget")
@@ -288,6 +290,16 @@ class RunProgress:
                 if lane["state"] == "busy" and lane["index"] is not None:
                     lane["label"] = item_label(lane["index"], self.label)
         self.model.set_lanes(lanes)
+
+
+def rate_text(rate: float | None) -> str:
+    """A rate limit in words: ``"50/s"``, ``"30/min"``, ``"10/h"``; empty for none."""
+    if not rate:
+        return ""
+    for per, unit in ((1.0, "s"), (60.0, "min"), (3600.0, "h")):
+        if rate * per >= 1 or unit == "h":
+            return f"{rate * per:.3g}/{unit}"
+    return ""
 
 
 def for_call(progress: bool | None, fn: Callable[..., Any], verb: str, *,

@@ -98,6 +98,8 @@ class ProgressModel:
         self.lanes: list[dict[str, Any]] = []
         self.cancel_requested = False
         self.restored = 0  # a checkpointed call: items its journal held, which did not run
+        self.in_flight: int | None = None  # a call of a coroutine function: its items in flight now
+        self.rate_limit = ""  # a call with rate=: its limit, e.g. "50/s"
         self.version = 0  # bumped on every change, so the driver can skip idle redraws
         self.versions = [0, 0, 0]
         self.samples: deque[tuple[float, int]] = deque()
@@ -156,6 +158,13 @@ class ProgressModel:
             self.versions[0] += 1
             self.version += 1
 
+    def note_flow(self, in_flight: int | None, rate_limit: str = "") -> None:
+        """A coroutine function's items in flight now (None: not one), and the call's rate limit."""
+        with self.lock:
+            if (in_flight, rate_limit) != (self.in_flight, self.rate_limit):
+                self.in_flight, self.rate_limit = in_flight, rate_limit
+                self.version += 1
+
     def note_restored(self, count: int) -> None:
         with self.lock:
             if count != self.restored:
@@ -203,6 +212,10 @@ class ProgressModel:
             description = self.description
             if self.restored:  # the widget's head and the text bar both show the description
                 description += f" · {format_count(self.restored)} restored"
+            if self.in_flight is not None and self.state == "running":
+                description += f" · {format_count(self.in_flight)} in flight"
+            if self.rate_limit:
+                description += f" · at most {self.rate_limit}"
             return Snapshot(
                 description=description, state=self.state, done=self.done, failed=self.failed,
                 total=self.total, elapsed=elapsed, rate=rate, eta=eta, workers=self.workers,
