@@ -185,6 +185,26 @@ def test_a_dask_worker_killed_mid_call_is_retried_then_reported(cluster: DaskClu
 
 
 @pytest.mark.timeout(60)
+async def fetch_twice(x: int, delay: float = 0.2) -> int:
+    import asyncio  # a coroutine function run on the Dask workers
+
+    await asyncio.sleep(delay)
+    print("got", x)
+    return x * 2
+
+
+def test_coroutines_run_on_an_event_loop_per_dask_task(cluster: DaskCluster, capsys: pytest.CaptureFixture[str]
+                                                       ) -> None:
+    began = time.monotonic()
+    assert nbparallel.map(fetch_twice, range(40), concurrency=20) == [x * 2 for x in range(40)]
+    assert time.monotonic() - began < 3.5  # 40 x 0.2 s one at a time on 2 threads: 4 s
+    assert "[item 7] got 7" in capsys.readouterr().out
+    late = nbparallel.map(fetch_twice, range(4), [0.01, 5, 0.01, 0.01], timeout=0.5, errors="return")
+    assert late[0] == 0 and late[2:] == [4, 6] and isinstance(late[1], nbparallel.TaskTimeout), late
+    with pytest.raises(NbParallelError, match="rate= cannot be enforced on a Dask cluster"):
+        nbparallel.map(fetch_twice, range(3), rate="5/s")
+
+
 def test_an_interrupt_cancels_on_the_cluster_keeps_results_and_the_next_call_works(cluster: DaskCluster) -> None:
     def tick(x: int) -> int:
         time.sleep(0.1)

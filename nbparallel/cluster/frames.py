@@ -59,7 +59,8 @@ class Job:
         if self._spec is None:
             self._spec = json.dumps({"key": self.header["key"], "call": self.header.get("call", "one"),
                                      "stop_on_error": bool(self.header.get("stop_on_error")),
-                                     "path": self.header.get("path") or [], "out_of_band": shm.AVAILABLE})
+                                     "path": self.header.get("path") or [], "out_of_band": shm.AVAILABLE,
+                                     "concurrency": int(self.header.get("concurrency") or 0)})
         return self._spec
 
     @property
@@ -129,8 +130,14 @@ def failed_result(chunk: Chunk, error: NbParallelError) -> tuple[msg.Result, shm
 
 
 def unsupported(header: msg.Job) -> str | None:
-    """Why a job's limits cannot be kept on a Dask cluster, or None."""
-    limits = {"timeout": header.get("timeout"), "memory_limit": header.get("memory_limit")}
+    """Why a job's limits cannot be kept on a Dask cluster, or None. A coroutine function's
+    ``timeout`` is kept (its coroutines are cancelled in the task's event loop); ``rate`` is not: start
+    times cannot be shared between machines."""
+    if header.get("rate"):
+        return ("rate= cannot be enforced on a Dask cluster: its workers share no clock to pace their starts. Use "
+                "concurrency= to cap the items in flight, or configure(cluster=None) to run on this machine.")
+    limits = {"timeout": None if header.get("concurrency") else header.get("timeout"),
+              "memory_limit": header.get("memory_limit")}
     names = [name for name, value in limits.items() if value]
     if not names:
         return None

@@ -10,10 +10,15 @@ A Dask worker runs tasks in threads that share one process, so ``print`` is capt
 a router installed once on ``sys.stdout``/``sys.stderr`` sends the text a task thread writes to
 that task's list, tagged with the item it was running, and everything else to the real streams.
 The lines travel back with the chunk's outcomes (not live, as from a local worker).
+
+A coroutine function's chunk (the job has ``concurrency``) runs on an event loop of its own, made for
+that task in its thread (``asyncio.run``), its items in flight together, at most ``concurrency`` at
+once; what they print is tagged by the item whose coroutine printed it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -28,6 +33,7 @@ from typing import Any
 import cloudpickle
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from ..payload import aiocall
 from ..payload import pickling as ser
 from ..errors import SerializationError
 from ..payload.shm import OUT_OF_BAND_MIN
@@ -97,7 +103,9 @@ class _Router(io.TextIOBase):
             raise TypeError(f"write() argument must be str, not {type(text).__name__}")
         _capture.size += len(text)
         if _capture.size <= OUTPUT_CAP:
-            index = _capture.index
+            index = aiocall.CURRENT_INDEX.get()  # a coroutine's item (an async chunk)...
+            if index is None:
+                index = _capture.index  # ...or the item this thread runs
             if lines and lines[-1][0] == index and lines[-1][1] == self.name:
                 lines[-1] = (index, self.name, lines[-1][2] + text)  # one entry per item and stream
             else:
@@ -237,7 +245,10 @@ def run_chunk(function: Payload, job: str, start: int, count: int, items: Payloa
     _capture.lines, _capture.size, _capture.index = lines, 0, None
     cancelled = _Cancelled()
     try:
-        for offset in range(count):
+        concurrency = int(spec.get("concurrency") or 0)
+        if concurrency:
+            upto = asyncio.run(_run_async(fn, call, values, start, batch, concurrency, stop_on_error, cancelled))
+        for offset in range(0 if concurrency else count):
             if cancelled():
                 upto = offset
                 break
@@ -259,6 +270,44 @@ def run_chunk(function: Payload, job: str, start: int, count: int, items: Payloa
         lines.append((None, "stderr", f"[nbparallel: {dropped:,} more characters of output from this chunk were "
                                       "dropped]\n"))
     return _finish(batch, upto, began, lines, out_of_band)
+
+
+async def _run_async(fn: Callable[..., Any], call: CallMode, values: list[Any], start: int, batch: Batch, limit: int,
+                     stop_on_error: bool, cancelled: _Cancelled) -> int:
+    """A coroutine function's chunk on this task's event loop, ``limit`` items in flight; returns
+    ``upto`` (the chunk's count, or fewer when Dask cancelled the task or an error stopped it)."""
+    gate = asyncio.Semaphore(limit)
+    outcomes: dict[int, tuple[int, Any]] = {}
+    stopped = False
+
+    async def one(offset: int) -> None:
+        nonlocal stopped
+        async with gate:
+            if stopped:
+                return
+            aiocall.CURRENT_INDEX.set(start + offset)  # this task's own context
+            outcomes[offset] = status = await aiocall.outcome(fn, call, values[offset])
+        if status[0] != ser.OK and stop_on_error:
+            stopped = True
+
+    tasks = [asyncio.ensure_future(one(offset)) for offset in range(len(values))]
+    pending = set(tasks)
+    while pending:
+        _, pending = await asyncio.wait(pending, timeout=CANCEL_CHECK)
+        if pending and cancelled():  # the caller cancelled the call: stop every item in flight
+            stopped = True
+            for task in pending:
+                task.cancel()
+            await asyncio.wait(pending, timeout=1.0)
+            break
+    for offset in sorted(outcomes):
+        status, value = outcomes[offset]
+        if status == ser.OK:
+            batch.offsets.append(offset)
+            batch.values.append(value)
+        else:
+            batch.add_problem(offset, status, value)
+    return len(values) if not stopped else len(outcomes)
 
 
 def _finish(batch: Batch, upto: int, began: float, lines: list[Any], out_of_band: bool) -> Outcome:
