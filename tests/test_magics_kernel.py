@@ -58,7 +58,7 @@ def test_grid_zip_out_and_worker_output(kernel: Kernel) -> None:
     ok(kernel, "import numpy as np\nbase = np.arange(4)")
     text = ok(kernel, "%%parallel --map a=[1, 2] --map b=[10, 20, 30] --out grid\n"
                       "print('run', a, b)\nint(base.sum()) * a + b")
-    assert "[item 5] run 2 30" in text  # worker output lands in the cell, tagged by item
+    assert "[a=2, b=30] run 2 30" in text  # worker output lands in the cell, tagged by the run's parameters
     assert kernel.value("[(r.params['a'], r.params['b'], r.value) for r in grid]") == [
         (1, 10, 16), (1, 20, 26), (1, 30, 36), (2, 10, 22), (2, 20, 32), (2, 30, 42)]
     ok(kernel, "%%parallel --map a=[1, 2, 3] --map b=[4, 5, 6] --zip --out pairs\na * b")
@@ -116,6 +116,92 @@ def test_background_cell_finishes_while_another_cell_runs(kernel: Kernel) -> Non
     jobs = ok(kernel, "%nbparallel jobs")
     assert "job 4: cancelled" in jobs and "job 1: done" in jobs and "job 3: failed" in jobs
     assert kernel.value("'never' in globals()") is False
+
+
+def test_runs_are_named_by_their_parameters(kernel: Kernel) -> None:
+    execution = kernel.wait(kernel.submit("%%parallel --map k=range(3) --map seed=[3]\n"
+                                          "print('run', k)\nif k == 1:\n    raise KeyError(k)\nk * seed"))
+    assert execution.status == "error" and execution.ename == "KeyError"
+    text = shown(execution.messages)
+    assert "[k=0, seed=3] run 0" in text and "(1,)" not in text and "item 1 (" not in text.replace("item 1 (k=1", "")
+    assert "k=1, seed=3" in "\n".join(execution.reply["traceback"])
+    stopped = [m["content"]["text"] for m in execution.messages
+               if m["msg_type"] == "stream" and "stopped" in m["content"]["text"]]
+    assert stopped and "kept in _parallel" in stopped[0]  # the way to the finished runs, in this very cell
+    # The progress display names the sweep and the failed run by its parameters (its final, static form).
+    final = [m["content"]["data"] for m in execution.messages
+             if m["msg_type"] == "update_display_data" and "text/html" in m["content"]["data"]]
+    if final:  # shown only when the call ran past progress_after
+        assert final[-1]["text/plain"].startswith("%%parallel k × seed: ")
+    records = kernel.value("[(r.params, r.value if not isinstance(r.value, BaseException) else 'error') "
+                           "for r in _parallel]")
+    assert records[1] == ({"k": 1, "seed": 3}, "error")
+
+
+def test_name_error_for_a_name_a_running_job_will_assign_says_so(kernel: Kernel) -> None:
+    started = ok(kernel, "%%parallel --bg\nimport time\n# train\ntime.sleep(30)\n"
+                         "model, history = 'fitted', [1, 2]")
+    assert "nbparallel job 1: running in the background since" in started
+    assert "%nbparallel wait 1" in started and "(0.0 s)" not in started  # no clock that stops
+    early = kernel.wait(kernel.submit("print(model)"))
+    assert early.status == "error" and early.ename == "NameError"
+    hint = early.stdout + "".join(m["content"]["text"] for m in early.messages if m["msg_type"] == "stream")
+    assert "'model' is not defined yet: background job 1 (model, history = …) assigns it" in hint
+    assert "%nbparallel wait 1" in hint
+    sweep = kernel.wait(kernel.submit("%%parallel --map a=[1]\nmodel + str(a)"))
+    assert sweep.ename == "UsageError" and "background job 1" in shown(sweep.messages)
+    listed = ok(kernel, "%nbparallel jobs")
+    assert "| model, history = …" in listed and "time" not in listed.split("|")[1]
+    ok(kernel, "%nbparallel cancel 1")
+    later = kernel.wait(kernel.submit("print(model)"))
+    assert later.status == "error" and "not defined yet" not in shown(later.messages)  # no job will assign it now
+
+
+def test_shorten_cuts_at_a_word_with_an_ellipsis() -> None:
+    from nbparallel.cellmagic.background import describe_cell, shorten
+
+    assert shorten("short line", 60) == "short line"
+    cut = shorten("results = expensive_function(alpha, beta, gamma, delta, epsilon, zeta, eta)", 40)
+    assert cut.endswith("…") and len(cut) <= 40 and not cut[:-1].endswith(("alph", "bet"))
+    assert describe_cell("import numpy as np\nfrom x import y\n# comment\nfit(data)\n", []) == "fit(data)"
+    assert describe_cell("import numpy as np\nw = np.ones(3)", ["np", "w"]) == "w = …"
+
+
+def test_rich_output_from_tasks_reaches_the_cell_tagged(kernel: Kernel) -> None:
+    ok(kernel, "import nbparallel\nfrom IPython.display import display, HTML")
+    execution = kernel.run("def show(k):\n    print('printed', k)\n    display(HTML(f'<b>run {k}</b>'))\n"
+                           "    return k\nnbparallel.map(show, range(2), progress=False)")
+    displays = [m for m in execution.messages if m["msg_type"] == "display_data"]
+    html = sorted(m["content"]["data"]["text/html"] for m in displays if "text/html" in m["content"]["data"])
+    assert html == ["<b>run 0</b>", "<b>run 1</b>"]
+    lines = execution.stdout
+    assert "[item 0] printed 0" in lines and "[item 0]\n" in lines and "[item 1]\n" in lines
+    # Each display comes after its item's tag line, and after what that item printed before it.
+    order = [(m["msg_type"], m["content"].get("text", m["content"].get("data", {}).get("text/html")))
+             for m in execution.messages if m["msg_type"] in ("stream", "display_data")]
+    flat = [text for _, text in order]
+    assert any(text and "printed 0" in text for text in flat[: flat.index("<b>run 0</b>")])
+
+
+def test_figures_and_dataframes_from_a_sweep(kernel: Kernel) -> None:
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("pandas")
+    ok(kernel, "import nbparallel\nimport matplotlib.pyplot as plt\nimport pandas as pd")
+    execution = kernel.run("%%parallel --map k=[1, 2] --out runs\n"
+                           "display(pd.DataFrame({'k': [k], 'square': [k * k]}))\n"
+                           "fig, ax = plt.subplots(figsize=(2, 1.5))\nax.plot([0, k])\nk")
+    displays = [m["content"]["data"] for m in execution.messages if m["msg_type"] == "display_data"]
+    tables = [d for d in displays if "text/html" in d and "<table" in d["text/html"]]
+    images = [d for d in displays if "image/png" in d]
+    assert len(tables) == 2 and len(images) == 2, [sorted(d) for d in displays]
+    assert all(d["image/png"].startswith("iVBOR") for d in images)  # a PNG, base64 as Jupyter sends it
+    assert "[k=1]\n" in execution.stdout and "[k=2]\n" in execution.stdout
+    assert kernel.value("runs.values") == [1, 2]
+    # A figure left open in a plain map function is shown too, tagged with the item that made it.
+    execution = kernel.run("def plot(k):\n    plt.figure(figsize=(2, 1))\n    plt.plot([k, 0])\n    return k\n"
+                           "nbparallel.map(plot, range(3), progress=False)")
+    pngs = [m for m in execution.messages if m["msg_type"] == "display_data" and "image/png" in m["content"]["data"]]
+    assert len(pngs) == 3 and all(f"[item {i}]\n" in execution.stdout for i in range(3))
 
 
 def test_interrupt_keeps_finished_values_and_the_pool_recovers(kernel: Kernel) -> None:

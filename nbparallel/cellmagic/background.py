@@ -6,6 +6,7 @@ through that cell's ``CellTarget`` (kernel/output.py), as the workers' prints do
 
 from __future__ import annotations
 
+import ast
 import itertools
 import sys
 import threading
@@ -54,18 +55,59 @@ def _original(error: BaseException) -> BaseException:
     return getattr(error, "exception", error)
 
 
+def shorten(text: str, width: int) -> str:
+    """``text`` cut to ``width`` characters at a word boundary, with an ellipsis when cut."""
+    text = " ".join(text.split())
+    if len(text) <= width:
+        return text
+    cut = text[: width - 1]
+    space = cut.rfind(" ")
+    return (cut[:space] if space > width // 2 else cut).rstrip(" ,;:(") + "…"
+
+
+def first_statement(cell: str) -> str:
+    """The cell's first line that does something: not blank, a comment or an import."""
+    lines = [line.strip() for line in cell.splitlines() if line.strip() and not line.strip().startswith("#")]
+    for line in lines:
+        if not line.startswith(("import ", "from ")):
+            return line
+    return lines[0] if lines else ""
+
+
+def imported_names(cell: str) -> set[str]:
+    """The names the cell's import statements bind (a module is no result worth naming)."""
+    try:
+        tree = ast.parse(cell)
+    except SyntaxError:
+        return set()
+    return {(alias.asname or alias.name).partition(".")[0] for node in ast.walk(tree)
+            if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
+
+
+def describe_cell(cell: str, assigns: list[str]) -> str:
+    """How a ``--bg`` cell is named: the names it assigns (what the user waits for), else its first
+    statement: ``model, history = …`` rather than its first import."""
+    modules = imported_names(cell)
+    results = [name for name in assigns if name not in modules]
+    if results:
+        return shorten(", ".join(results), 60) + " = …"
+    return shorten(first_statement(cell), 60)
+
+
 class BackgroundJob:
     """One ``%%parallel --bg`` cell: its future, and where its names and output go."""
 
     def __init__(self, future: Future[Any], number: int, cell: str, namespace: dict[str, Any],
-                 out: str | None) -> None:
+                 out: str | None, assigns: list[str] | None = None) -> None:
         self.future = future
         self.number = number
-        self.first_line = next((line.strip() for line in cell.splitlines() if line.strip()), "")
+        self.will_assign = list(assigns or [])  # names the cell assigns (what comes back if it ends well)
+        self.first_line = describe_cell(cell, self.will_assign)
         self.namespace = namespace
         self.out = out
         self.cell = CellOutput()
         self.started = time.monotonic()
+        self.wall_started = time.time()
         self.ended: float | None = None
         self.state = "running"  # then "done", "failed" or "cancelled"
         self.assigned: list[str] = []
@@ -73,7 +115,13 @@ class BackgroundJob:
         self.finished = threading.Event()  # set after the names are in place, unlike the future
         self.waited = False  # reported by %nbparallel wait
 
-    def describe(self) -> str:
+    def describe(self, *, clock: bool = True) -> str:
+        """One line on the job. ``clock=False`` while it runs: a line that stays on screen must not
+        show a time that stops (the cell's status line; its widget has the live clock)."""
+        if self.state == "running" and not clock:
+            return (f"nbparallel job {self.number}: running in the background since "
+                    f"{time.strftime('%H:%M:%S', time.localtime(self.wall_started))}; "
+                    f"%nbparallel wait {self.number} waits for it")
         seconds = (self.ended or time.monotonic()) - self.started
         text = f"nbparallel job {self.number}: {self.state} ({seconds:.1f} s)"
         if self.state == "done":
@@ -116,13 +164,31 @@ jobs: dict[int, BackgroundJob] = {}
 _numbers = itertools.count(1)
 
 
-def start(future: Future[Any], cell: str, namespace: dict[str, Any], out: str | None) -> BackgroundJob:
+def start(future: Future[Any], cell: str, namespace: dict[str, Any], out: str | None,
+          assigns: list[str] | None = None) -> BackgroundJob:
     """Follow ``future`` (a ``submit`` of the cell): show its status, copy its names back when done."""
-    job = BackgroundJob(future, next(_numbers), cell, namespace, out)
-    job.cell.status(job.describe())  # shown before the done callback can update it
+    job = BackgroundJob(future, next(_numbers), cell, namespace, out, assigns)
+    job.cell.status(job.describe(clock=False))  # shown before the done callback can update it
     jobs[job.number] = job
     future.add_done_callback(job.finish)
     return job
+
+
+def assigning(name: str) -> BackgroundJob | None:
+    """A job still running that will assign ``name`` in the notebook when it ends (None if none)."""
+    for job in reversed(list(jobs.values())):
+        if not job.finished.is_set() and (job.out == name or (not job.out and name in job.will_assign)):
+            return job
+    return None
+
+
+def not_yet_assigned(name: str) -> str | None:
+    """The hint for a NameError on ``name``, when a running ``--bg`` job will assign it."""
+    job = assigning(name)
+    if job is None:
+        return None
+    return (f"nbparallel: {name!r} is not defined yet: background job {job.number} ({job.first_line}) assigns it "
+            f"when it finishes, and is still running. Wait for it first: %nbparallel wait {job.number}")
 
 
 def cancel_running() -> None:

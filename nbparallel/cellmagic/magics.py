@@ -8,6 +8,7 @@ cell stores in ``results``, and ``--bg`` jobs in ``background``.
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -23,7 +24,9 @@ from .cellargs import checkpoint_option, combine, evaluate_maps, split_line
 from ..errors import Interrupted, NbParallelError, SerializationError
 from ..futures import submit
 from .. import checkpoint as durable
+from ..kernel.output import presenting
 from ..progress.tracking import track_future
+from .params import Params
 from ..results import MISSING, Result, Results
 
 __all__ = ["DEFAULT_OUT", "MISSING", "ParallelMagics", "load_ipython_extension", "unload_ipython_extension"]
@@ -116,7 +119,8 @@ class ParallelMagics(Magics):
                 return None
             return self._map(args, code)
         except cellcode.CellError as exc:
-            raise UsageError(f"%%parallel: {exc}") from None
+            hints = [hint for name in _quoted_names(str(exc)) if (hint := background.not_yet_assigned(name))]
+            raise UsageError("\n".join([f"%%parallel: {exc}", *hints])) from None
 
     def _parse(self, line: str) -> Any:
         try:
@@ -147,7 +151,8 @@ class ParallelMagics(Magics):
     def _map(self, args: Any, code: cellcode.CellCode) -> Results | None:
         namespace = self.namespace
         params = evaluate_maps(args.map, namespace)
-        names, items = combine(params, zipped=args.zip)
+        names, plain = combine(params, zipped=args.zip)
+        items = [Params(names, values) for values in plain]  # named by their parameters: "k=0, seed=3"
         runner = cellcode.CellRunner(code.source, code.filename, names, cellcode.capture(code, namespace, names))
         progress = False if args.no_progress else None
         out = args.out or DEFAULT_OUT
@@ -157,8 +162,9 @@ class ParallelMagics(Magics):
 
         try:
             # The engine pickles the runner first, before it starts anything.
-            values = api.map(runner, items, workers=args.workers, errors=args.errors, progress=progress,
-                             checkpoint=args.checkpoint)
+            with presenting(describe_sweep(names, zipped=args.zip), lambda i: repr(items[i])):
+                values = api.map(runner, items, workers=args.workers, errors=args.errors, progress=progress,
+                                 checkpoint=args.checkpoint)
         except durable.CheckpointError:  # the journal refused the call: nothing ran, nothing to keep
             raise
         except (Interrupted, NbParallelError) as error:
@@ -187,7 +193,7 @@ class ParallelMagics(Magics):
         except SerializationError as error:
             _explain_unpicklable(error, runner)
             raise
-        job = background.start(future, cell, self.namespace, args.out)
+        job = background.start(future, cell, self.namespace, args.out, list(code.assigns))
         track_future(job.future, f"%%parallel --bg: {job.first_line}", progress=False if args.no_progress else None)
 
     @line_magic
@@ -256,7 +262,7 @@ class ParallelMagics(Magics):
         if not background.jobs:
             print("nbparallel: no background jobs")
         for job in background.jobs.values():
-            print(f"{job.describe()}  | {job.first_line[:50]}")
+            print(f"{job.describe()}  | {job.first_line}")
 
     def _job(self, word: str) -> background.BackgroundJob:
         job = background.jobs.get(int(word)) if word.isdigit() else None
@@ -283,6 +289,11 @@ class ParallelMagics(Magics):
 
 
 _PARSER = _add_options(ParallelMagics.parallel)
+
+
+def describe_sweep(names: tuple[str, ...], *, zipped: bool) -> str:
+    """How the progress display names a ``--map`` cell: ``%%parallel k × seed`` (``k, seed`` zipped)."""
+    return "%%parallel " + (", " if zipped else " × ").join(names)
 
 
 def _explain_unpicklable(error: BaseException, runner: cellcode.CellRunner) -> None:
@@ -326,9 +337,30 @@ def format_status(status: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _quoted_names(message: str) -> list[str]:
+    """The identifiers quoted in ``message`` (``name 'model' is not defined`` -> ``['model']``)."""
+    return [name for name in re.findall(r"'([A-Za-z_][A-Za-z0-9_]*)'", message)]
+
+
+def hint_pending_names(result: Any) -> None:
+    """After a cell (IPython's post_run_cell): a NameError for a name that a ``--bg`` job still running
+    will assign says so, and how to wait for it, under the traceback."""
+    error = getattr(result, "error_in_exec", None)
+    if not isinstance(error, NameError):
+        return
+    name = getattr(error, "name", None)
+    for candidate in [name] if name else _quoted_names(str(error)):
+        hint = background.not_yet_assigned(candidate)
+        if hint:
+            print(hint, file=sys.stderr, flush=True)
+            return
+
+
 def load_ipython_extension(ipython: Any) -> None:
     """``%load_ext nbparallel``: register the magics and start the sidecar now, before data is loaded."""
     ipython.register_magics(ParallelMagics)
+    if hint_pending_names not in ipython.events.callbacks.get("post_run_cell", []):
+        ipython.events.register("post_run_cell", hint_pending_names)
     try:
         api.start()
     except NbParallelError as exc:  # the magics still work; the next call tries again
@@ -338,6 +370,8 @@ def load_ipython_extension(ipython: Any) -> None:
 def unload_ipython_extension(ipython: Any) -> None:
     """``%unload_ext nbparallel``: cancel background jobs, remove the magics, stop the sidecar."""
     background.cancel_running()
+    if hint_pending_names in ipython.events.callbacks.get("post_run_cell", []):
+        ipython.events.unregister("post_run_cell", hint_pending_names)
     magics = ipython.magics_manager.magics
     magics["cell"].pop("parallel", None)
     magics["line"].pop("nbparallel", None)

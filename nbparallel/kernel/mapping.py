@@ -25,7 +25,7 @@ from .chunking import ChunkSizer, iterate, known_length
 from .jobs import Batch as Batch  # what a run yields; the progress observer reads it from here
 from .jobs import Job
 from .jobspec import Flow, Limits, wrap
-from .output import CellTarget, flush_std, tag_lines
+from .output import CellTarget, flush_std
 from .runner import Client, get_client, settings
 
 WAIT_SLICE = 0.25  # seconds: the caller re-checks its state at least this often while waiting
@@ -137,6 +137,8 @@ class MapRun:
     def on_frame(self, frame: Frame) -> None:
         if frame.op == "output":
             self.on_output(frame)
+        elif frame.op == "display":
+            self.target.show_frame(frame, tagged=settings.tag_output)
         else:
             self.events.put(frame)
 
@@ -150,7 +152,7 @@ class MapRun:
                 self.target.stream("stderr", f"[nbparallel: the workers printed more than {settings.max_output_bytes:,} "
                                     "bytes; the rest of this call's output is dropped (configure(max_output_bytes=...))]\n")
         else:
-            text = tag_lines(raw, out.get("index")) if settings.tag_output else raw
+            text = self.target.tag(raw, out.get("index")) if settings.tag_output else raw
             self.target.stream(out.get("stream", "stdout"), text)
         if self.observer is not None:
             self.observer.output(self, out.get("stream", "stdout"), raw, out.get("index"))

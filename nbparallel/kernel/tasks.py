@@ -84,6 +84,9 @@ class Task:
             out = msg.view(frame, msg.Output)
             self.target.stream(out.get("stream", "stdout"), out.get("text", ""))
             return
+        if frame.op == "display":
+            self.target.show_frame(frame, tagged=False)
+            return
         if frame.op == "result":
             try:
                 batch = self.engine.outcomes(frame, 0, self.describe)

@@ -37,7 +37,8 @@ _COLOUR = {
     "border": ("#e0e0e0", "--jp-border-color2"),
     "code-bg": ("#f5f5f5", "--jp-layout-color2"),
 }
-_MONO = "font-family:monospace;font-family:var(--jp-code-font-family,monospace)"
+# (background and padding: a frontend's own style for <code> in rendered HTML would box the text)
+_MONO = "font-family:monospace;font-family:var(--jp-code-font-family,monospace);background:none;padding:0"
 
 
 def _colour(prop: str, name: str) -> str:

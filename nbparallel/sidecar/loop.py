@@ -341,6 +341,14 @@ class Sidecar:
                 if line["job"] in self.jobs:
                     self.kernel.send(msg.output(job=line["job"], index=line["index"], stream=line["stream"],
                                                 text=line["text"], pid=worker.pid))
+            elif frame.op == "display":  # a task's display(): its bundle is passed on as it is
+                shown = msg.view(frame, msg.WorkerDisplay)
+                if shown["job"] in self.jobs:
+                    header = msg.display(job=shown["job"], index=shown["index"], pid=worker.pid)
+                    if "display_id" in shown:
+                        header["display_id"] = shown["display_id"]
+                        header["update"] = bool(shown.get("update"))
+                    self.kernel.send(header, frame.buffers)
             elif frame.op == "hello":
                 worker.ready = True
                 self.startup.started()

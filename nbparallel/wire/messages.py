@@ -235,6 +235,23 @@ def output(*, job: int | None, index: int | None, stream: str, text: str, pid: i
     return {"op": "output", "job": job, "index": index, "stream": stream, "text": text, "pid": pid}
 
 
+class DisplayOptional(TypedDict, total=False):
+    display_id: str  # the task gave the display an id...
+    update: bool  # ...and this replaces what it showed under it
+
+
+class Display(DisplayOptional):
+    op: Literal["display"]
+    job: int | None
+    index: int | None
+    pid: int
+
+
+def display(*, job: int | None, index: int | None, pid: int, **optional: Unpack[DisplayOptional]) -> Display:
+    """A mime bundle item ``index`` displayed (the payload: ``{"data", "metadata"}`` as JSON)."""
+    return {"op": "display", "job": job, "index": index, "pid": pid, **optional}
+
+
 class Cancelled(TypedDict):
     op: Literal["cancelled"]
     job: int
@@ -387,6 +404,17 @@ def worker_output(*, job: int | None, index: int | None, stream: str, text: str)
     return {"op": "output", "job": job, "index": index, "stream": stream, "text": text}
 
 
+class WorkerDisplay(DisplayOptional):
+    op: Literal["display"]
+    job: int | None
+    index: int | None
+
+
+def worker_display(*, job: int | None, index: int | None, **optional: Unpack[DisplayOptional]) -> WorkerDisplay:
+    """A mime bundle displayed while item ``index`` ran (the sidecar adds ``pid``)."""
+    return {"op": "display", "job": job, "index": index, **optional}
+
+
 # -- the registries: each direction's ops, their header type and their builder ------------------------
 
 Message = tuple[type[Mapping[str, Any]], Callable[..., Mapping[str, Any]]]
@@ -408,6 +436,7 @@ TO_KERNEL: dict[str, Message] = {
     "result": (Result, result),
     "crashed": (Crashed, crashed),
     "output": (Output, output),
+    "display": (Display, display),
     "cancelled": (Cancelled, cancelled),
     "status": (Status, status),
     "error": (Error, error),
@@ -425,4 +454,5 @@ FROM_WORKER: dict[str, Message] = {
     "hello": (WorkerHello, worker_hello),
     "result": (WorkerResult, worker_result),
     "output": (WorkerOutput, worker_output),
+    "display": (WorkerDisplay, worker_display),
 }

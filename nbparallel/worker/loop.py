@@ -31,6 +31,7 @@ from ..errors import NbParallelError, SerializationError
 from ..payload.outcomes import Batch
 from ..wire import messages as msg
 from ..wire.frames import Frame, read_frame, send_frame
+from . import display as rich
 from ..wire.slot import OFFSET, SIZE, STARTED, Slot
 from .pacing import Paced
 
@@ -268,6 +269,7 @@ class Worker:
             upto = self.run_fast(run, fn, items, call == "star", resume, stop_on_error)
         self.state.clear()
         flush_std()
+        rich.flush()  # figures the chunk's tasks left open go to the cell now, tagged by item
         self.slot.write(offset=count, width=1)  # past the last item: a death now is no item's fault
         self.send_result(header, run.batch, upto, began, final=True)
         self.slot.write(chunk=-1, offset=-1)
@@ -442,6 +444,8 @@ def main(argv: list[str]) -> None:
     worker = Worker(conn, slot)
     sys.stdout = TaggedOutput(conn, "stdout", worker.state)
     sys.stderr = TaggedOutput(conn, "stderr", worker.state)
+    # display() and matplotlib figures in tasks go to the caller's cell (worker/display.py)
+    rich.install(lambda header, payload: conn.send(header, list(payload)), lambda: (worker.state.job, worker.state.index))
     os.register_at_fork(after_in_child=worker.forked)
     for name in preload:
         try:
