@@ -18,7 +18,7 @@ from ..crashes import MemoryLimitExceeded, WorkerCrashed
 from ..errors import NbParallelError, SerializationError, SidecarDied, TaskTimeout, make_task_error, which_item
 from ..payload.aiocall import is_async
 from ..payload import pickling as ser
-from ..payload import tracebacks
+from ..payload import salvage, tracebacks
 from ..payload.retrying import ATTEMPTS_ATTR
 from ..wire import messages as msg
 from ..wire.frames import Frame
@@ -120,7 +120,7 @@ class Job:
     def outcomes(self, frame: Frame, start: int, describe: Describe) -> Batch:
         """The values and errors a ``result`` frame carries for the chunk that starts at ``start``.
         Raises what unpickling raised (e.g. a result of a class the kernel cannot import)."""
-        offsets, values, problems = ser.unpack(frame, private=True)
+        offsets, values, problems = salvage.unpack_outcomes(frame)  # a value that cannot load fails alone
         indices: range | list[int]
         if isinstance(offsets, range):
             indices = range(start + offsets.start, start + offsets.stop)

@@ -32,6 +32,7 @@ import pickle
 import sys
 import threading
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import cloudpickle
@@ -294,9 +295,14 @@ def segment_with(raw: memoryview) -> int:
     return fd
 
 
-def loads(data: Any, fds: list[int], specs: list[dict[str, Any]], *, private: bool = False) -> Any:
+def _pickle_loads(data: Any, buffers: list[memoryview]) -> Any:
+    return pickle.loads(data, buffers=buffers)
+
+
+def loads(data: Any, fds: list[int], specs: list[dict[str, Any]], *, private: bool = False,
+          load: Callable[[Any, list[memoryview]], Any] = _pickle_loads) -> Any:
     """Unpickle, mapping the out-of-band buffers. Closes ``fds`` (the mappings keep the memory and
-    hold no descriptor).
+    hold no descriptor). ``load(stream, buffers)`` unpickles (salvage.py passes its own).
 
     ``private``: map copy-on-write, so the receiver may change the arrays without touching anyone
     else's (used for results, which belong to the caller alone). Otherwise buffers are mapped
@@ -305,7 +311,7 @@ def loads(data: Any, fds: list[int], specs: list[dict[str, Any]], *, private: bo
     stream: mmap.mmap | None = None
     try:
         if not specs:
-            return pickle.loads(data)
+            return load(data, [])
         maps: dict[tuple[int, int], memoryview] = {}
         buffers: list[memoryview] = []
         where = (0, 0)
@@ -326,9 +332,9 @@ def loads(data: Any, fds: list[int], specs: list[dict[str, Any]], *, private: bo
                 maps[key] = _kept_map(fd, access) if keep else segments.map_fd(fd, os.fstat(fd).st_size, access)
             buffers.append(maps[key][offset : offset + size])
         if stream is None:
-            return pickle.loads(data, buffers=buffers)
+            return load(data, buffers)
         with memoryview(stream) as whole, whole[where[0] : where[0] + where[1]] as part:
-            return pickle.loads(part, buffers=buffers)  # unpickling copies out what it keeps
+            return load(part, buffers)  # unpickling copies out what it keeps
     finally:
         if stream is not None:
             stream.close()

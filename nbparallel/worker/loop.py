@@ -27,6 +27,7 @@ from typing import Any
 from .. import config
 from ..config import ROLE_ENV
 from ..payload import pickling as ser
+from ..payload import salvage
 from ..errors import NbParallelError, SerializationError
 from ..payload.outcomes import Batch
 from ..wire import messages as msg
@@ -247,7 +248,7 @@ class Worker:
             if "pace" in header:  # rate=: each item waits for the start time the sidecar gave it
                 fn = Paced(fn, header["pace"])
             stage = "items"
-            items = ser.unpack(frame)
+            items, broken = salvage.unpack_items(frame)
         except BaseException as exc:  # the function or the items could not be rebuilt here
             error = SerializationError(
                 f"the worker could not unpickle the {stage}: {type(exc).__name__}: {exc}. "
@@ -260,6 +261,10 @@ class Worker:
             return
         # After a crash, or with a per-item timeout, every item is marked in the slot; otherwise
         # items run through map() in runs of SUB_BATCH, a fifth of the cost per item.
+        for offset, why in broken.items():  # an item that cannot be rebuilt here fails alone
+            if offset >= resume and offset not in skip:
+                batch.add_problem(offset, ser.FAILED, salvage.unreadable("input", why, start + offset))
+                skip.add(offset)
         careful = bool(skip) or bool(job.get("timeout")) or bool(header.get("careful")) or call == "kwargs"
         run = ChunkRun(self, header, batch, began)
         self.slot.write(started=0.0, chunk=chunk, offset=resume, width=1)
