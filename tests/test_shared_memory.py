@@ -428,3 +428,13 @@ def test_a_call_over_many_arrays_keeps_few_descriptors_at_the_default_limit() ->
     finally:
         nbparallel.shutdown()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_changed_view_is_seen_when_another_view_in_its_segment_is_unchanged() -> None:
+    data = np.arange(16 * MB // 8, dtype=np.float64)
+    eighth = len(data) // 8
+    parts = [data[:eighth], data[eighth : 2 * eighth]]  # small views: placed each alone, in one segment
+    assert nbparallel.map(np.sum, parts, chunksize=2) == [p.sum() for p in parts]
+    data[eighth + 5] = -1.0  # the second view changes, the first does not
+    assert nbparallel.map(np.sum, parts, chunksize=2) == [p.sum() for p in parts]
+    assert nbparallel.map(np.min, parts, chunksize=2) == [0.0, -1.0]

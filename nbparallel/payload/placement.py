@@ -97,11 +97,13 @@ def _map_later(waiting: list[Segment]) -> None:
 class Placement:
     """Bytes ``start..end`` of ``owner``'s memory (``key``: its id), copied to ``offset`` in ``segment``."""
 
-    __slots__ = ("owner", "key", "start", "end", "segment", "offset")
+    __slots__ = ("owner", "key", "start", "end", "segment", "offset", "scopes")
 
-    def __init__(self, owner: weakref.ref[Any], key: int, start: int, end: int, segment: Segment, offset: int) -> None:
+    def __init__(self, owner: weakref.ref[Any], key: int, start: int, end: int, segment: Segment, offset: int,
+                 scope: Hashable) -> None:
         self.owner, self.key, self.start, self.end = owner, key, start, end
         self.segment, self.offset = segment, offset
+        self.scopes = {scope}  # the calls that saw these bytes as they are (placed or compared)
 
 
 _lock = threading.RLock()
@@ -136,7 +138,7 @@ def place(requests: list[Request], scope: Hashable, job: Any, fds: list[int], fd
         if pieces:
             segment = _new_home(pieces, held)
             for piece in pieces:
-                _record(piece, segment)
+                _record(piece, segment, scope)
                 for request, offset in piece.requests:
                     _use(segment, piece.offset + offset, request, job, scope, fds, fd_index)
         _trim()
@@ -192,8 +194,8 @@ def _usable(placement: Placement, scope: Hashable, held: list[set[int] | None]) 
     """Whether the placement still holds the owner's bytes (bringing it up to date where nobody
     else can see it); False: place the request afresh."""
     segment = placement.segment
-    if scope in segment.jobs.values():
-        return True  # the same call sent these bytes already: they are what it sees
+    if scope in placement.scopes and scope in segment.jobs.values():
+        return True  # the same call sent these very bytes already: they are what it sees
     if not _owner_holds(placement):
         _drop(placement)
         return False
@@ -201,10 +203,12 @@ def _usable(placement: Placement, scope: Hashable, held: list[set[int] | None]) 
     at = segment.base() + placement.offset
     counters["compared"] += size
     if segments.same(at, placement.start, size):
+        placement.scopes.add(scope)
         return True
     if not segment.jobs and _clean(segment, held):  # changed, and nobody sees the segment: rewrite it
         segments.copy(at, placement.start, size)
         counters["copied"] += size
+        placement.scopes = {scope}
         return True
     _drop(placement)
     return False
@@ -279,7 +283,7 @@ def _new_home(pieces: list[Piece], held: list[set[int] | None]) -> Segment:
     return segment
 
 
-def _record(piece: Piece, segment: Segment) -> None:
+def _record(piece: Piece, segment: Segment, scope: Hashable) -> None:
     """Remember where the owner's bytes went, while the owner lives."""
     owner = piece.owner
     if owner is None or piece.start is None:
@@ -293,7 +297,7 @@ def _record(piece: Piece, segment: Segment) -> None:
         except TypeError:  # an owner without weak references cannot be found again
             return
         _owners[key], _placed[key] = reference, []
-    placement = Placement(reference, key, piece.start, piece.start + piece.raw.nbytes, segment, piece.offset)
+    placement = Placement(reference, key, piece.start, piece.start + piece.raw.nbytes, segment, piece.offset, scope)
     _placed[key].append(placement)
     segment.placements.append(placement)
 
