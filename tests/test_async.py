@@ -215,6 +215,27 @@ def test_rate_caps_starts_across_the_workers(fn: Any) -> None:
     assert most_in_a_window(starts, 0.25) <= 7  # evenly spaced, no burst
 
 
+async def started_uneven(x: int) -> float:
+    now = time.time()
+    await asyncio.sleep(0.4 if x % 5 == 0 else 0.02)
+    return now
+
+
+def slow_plain(x: int) -> float:
+    now = time.time()
+    time.sleep(0.06)  # longer than the spacing of 20/s: each worker falls behind its start times
+    return now
+
+
+def test_rate_holds_when_items_cannot_start_on_time() -> None:
+    """Start times missed (every place taken, a plain function running long) never pile up into a
+    burst: the items that missed theirs go back for new ones."""
+    starts = nbparallel.map(started_uneven, range(120), concurrency=12, rate="50/s")
+    assert most_in_a_window(starts, 1.0) <= 52 and most_in_a_window(starts, 0.2) <= 12
+    starts = nbparallel.map(slow_plain, range(40), rate="20/s", workers=2)
+    assert most_in_a_window(starts, 1.0) <= 22 and most_in_a_window(starts, 0.25) <= 7
+
+
 def test_rate_continues_across_calls_of_the_same_function() -> None:
     first = nbparallel.map(started, range(5), rate="600/min")
     second = nbparallel.map(started, range(5), rate="600/min")

@@ -37,6 +37,14 @@ EXPECTED: dict[str, list[str]] = {
         "== [sidecar]: True",
     ],
     "parameter_sweep.ipynb": ["36 fits; best", "ok"],
+    "async_requests.ipynb": [
+        "300 rows in",
+        "all right: True",
+        "map(fetch) · at most 200/s: 300 items in",  # the progress display's final state
+        "row 3: TaskTimeout: item 3",  # a coroutine past timeout=, cancelled; the others arrived
+        "the others: [0, 1, 4, 16, 25, 36, 49]",
+        "cell runs: [10000, 10201, 10404, 10609, 10816] ... 40",  # a %%parallel cell with await
+    ],
     "checkpoint_sweep.ipynb": [
         "stopped: ",  # the first run, stopped by a timer pressing the stop button
         "runs/sweep.db: ",  # load() read what had arrived

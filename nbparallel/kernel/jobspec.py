@@ -103,10 +103,11 @@ class Flow:
 
 
 def wrap(fn: Callable[..., Any], limits: Limits, flow: Flow) -> tuple[Callable[..., Any], bool]:
-    """The function a map call's job runs, and whether it is async (a coroutine function, or
-    ``concurrency=`` given): an async one runs its items' timeouts and retries, with backoff, in the
-    worker's event loop (``Attempts``); a plain one retries ``retry_on`` in place (``RetryOn``)."""
-    if flow.concurrency is not None or is_async(fn):
+    """The function a map call's job runs, and whether it runs on the workers' event loops (a
+    coroutine function, ``concurrency=`` given, or a paced call: ``rate=`` is kept there, for plain
+    functions too, one item at a time): then its items' timeouts and retries, with backoff, run there
+    (``Attempts``); otherwise ``retry_on`` is retried in place (``RetryOn``)."""
+    if flow.concurrency is not None or flow.rate is not None or is_async(fn):
         if limits.timeout or limits.retries or limits.retry_on:
             backoff = config.ASYNC_BACKOFF if flow.backoff is None else flow.backoff
             fn = Attempts(fn, timeout=limits.timeout, retries=limits.retries, retry_on=limits.retry_on,

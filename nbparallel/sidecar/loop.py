@@ -369,7 +369,10 @@ class Sidecar:
         job = self.jobs.get(chunk.job)
         if done["final"]:
             worker.assigned.remove(chunk)
-            chunk.close()
+            if done.get("requeue") and job is not None and chunk.remaining():
+                job.queue.appendleft(chunk)  # they missed their start times (rate=): new ones come with it
+            else:
+                chunk.close()
             worker.tasks_done += chunk.count
             worker.head_since = time.monotonic()
             if job is not None:

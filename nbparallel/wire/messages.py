@@ -370,6 +370,7 @@ def worker_hello(*, pid: int) -> WorkerHello:
 class WorkerResultOptional(TypedDict, total=False):
     running: int  # an async job: the items in flight here after this frame
     settled: list[int]  # an async job: offsets past ``upto`` with an outcome in this frame
+    requeue: bool  # a paced chunk's final frame: its items without an outcome go back to the queue
     oob: Segments
 
 

@@ -8,7 +8,11 @@ arrives meanwhile, on one event loop per worker (made once, reused):
   sidecar keeps a second chunk of it queued here, and the loop reads the socket while it runs
   (other frames wait in ``host.pending`` for loop.py's serve loop), so the next chunk's items start
   as places free up and the flow never drains between chunks.
-- A paced chunk (``rate=``) starts its k-th item no earlier than ``not_before + k * spacing``.
+- A paced chunk (``rate=``) starts its k-th item no earlier than ``not_before + k * spacing``, and
+  no later than one spacing (at least ``LATE_BY``) after it: an item that cannot start by then (the
+  places were all taken, a plain function ran long) hands the chunk's items not yet started back to
+  the sidecar (``requeue``), which sends them again with new start times. So start times never pile
+  up into a burst, and the job never starts more than ``rate`` items a second.
 - Outcomes go out as they finish, at most ``FLUSH_INTERVAL`` apart, each chunk's last in its
   ``final`` frame (chunks may finish out of order). ``upto`` is the first offset without an outcome,
   ``settled`` the offsets past it that got one, so after a crash only what had none runs again.
@@ -40,6 +44,7 @@ from ..wire.slot import Slot
 
 FLUSH_INTERVAL = 0.05  # seconds: outcomes of an async chunk go out at least this often
 HEARTBEAT = 0.1  # seconds between heartbeats in the slot (a quarter of a shorter timeout)
+LATE_BY = 0.01  # seconds: a paced item may start this late (or one spacing, if longer), no later
 
 
 class Host(Protocol):
@@ -123,6 +128,7 @@ class Chunk:
         self.careful = bool(header.get("careful"))
         pace = header.get("pace")
         self.not_before, self.spacing = (float(pace[0]), float(pace[1])) if pace else (0.0, 0.0)
+        self.requeue = False  # its items not started go back to the sidecar (they missed their start times)
 
     def advance(self) -> None:
         while self.upto < self.count and self.upto in self.done:
@@ -160,6 +166,8 @@ def send(host: Host, chunk: Chunk, *, final: bool, running: int) -> None:
     settled = [offset for offset, _, _ in outcomes if offset >= chunk.upto]
     if settled:
         header["settled"] = settled
+    if final and chunk.requeue:
+        header["requeue"] = True
     packed = batch.pickle()
     try:
         if packed.specs:
@@ -218,16 +226,22 @@ class AsyncJob:
                 self.wake.clear()
                 await self.wake.wait()
                 continue
-            chunk, k = self.queue[0]
-            if chunk.not_before:
-                delay = chunk.not_before + k * chunk.spacing - time.monotonic()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                    continue  # the queue may have changed meanwhile (a stop)
-            await self.gate.acquire()
-            if not self.queue or self.queue[0] != (chunk, k) or self.closed:
+            entry = chunk, k = self.queue[0]
+            await self.gate.acquire()  # a place first: a paced item then starts on time
+            if not self.queue or self.queue[0] != entry or self.closed:
                 self.gate.release()
-                continue
+                continue  # the queue changed meanwhile (a stop)
+            if chunk.not_before:
+                at = chunk.not_before + k * chunk.spacing
+                if time.monotonic() > at + max(chunk.spacing, LATE_BY):
+                    self.gate.release()
+                    self.hand_back(chunk)
+                    continue
+                if at > time.monotonic():
+                    await asyncio.sleep(at - time.monotonic())
+                    if not self.queue or self.queue[0] != entry or self.closed:
+                        self.gate.release()
+                        continue
             self.queue.popleft()
             offset = chunk.todo[k]
             chunk.unstarted -= 1
@@ -307,6 +321,13 @@ class AsyncJob:
         for chunk in self.chunks.values():
             if chunk.outcomes:
                 send(self.host, chunk, final=False, running=len(self.flying))
+
+    def hand_back(self, chunk: Chunk) -> None:
+        """``chunk``'s next item missed its start time: its items not started go back to the sidecar."""
+        self.queue = deque(entry for entry in self.queue if entry[0] is not chunk)
+        chunk.unstarted = 0
+        chunk.requeue = True
+        self.settle(chunk)
 
     def stop(self) -> None:
         """The first failure with ``stop_on_error``: send it now, start nothing more."""

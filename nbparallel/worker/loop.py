@@ -34,7 +34,6 @@ from ..wire import messages as msg
 from ..wire.frames import Frame, read_frame, send_frame
 from . import display as rich
 from ..wire.slot import OFFSET, SIZE, STARTED, Slot
-from .pacing import Paced
 
 
 OUTPUT_PIECE = 65536  # characters of printed text per frame: escaped, far below the header limit
@@ -245,8 +244,6 @@ class Worker:
         try:
             self.enter_job(job)
             fn = self.function(job["key"])
-            if "pace" in header:  # rate=: each item waits for the start time the sidecar gave it
-                fn = Paced(fn, header["pace"])
             stage = "items"
             items, broken = salvage.unpack_items(frame)
         except BaseException as exc:  # the function or the items could not be rebuilt here
