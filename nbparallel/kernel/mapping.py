@@ -9,7 +9,6 @@ The job itself (opening it, reading its outcomes) is jobs.py's; collecting them 
 from __future__ import annotations
 
 import concurrent.futures as cf
-import itertools
 import queue
 import time
 from collections.abc import Callable, Generator, Iterable
@@ -22,6 +21,7 @@ from ..payload import pickling as ser
 from ..wire import messages as msg
 from ..wire.frames import Frame
 from .chunking import ChunkSizer, iterate, known_length
+from .feeding import Feeder
 from .jobs import Batch as Batch  # what a run yields; the progress observer reads it from here
 from .jobs import Job
 from .jobspec import Flow, Limits, wrap
@@ -95,6 +95,7 @@ class MapRun:
         self.engine = Job(fn, call="star" if self.star else "one")  # pickles fn now: fails fast
         self.total = known_length(iterables)
         self.items = iterate(iterables)
+        self.feeder = Feeder(self.items)  # on a thread of its own once there is a deadline (feeding.py)
         self.limit = config.resolve_workers(workers) if workers is not None else 0
         self.client = client or get_client()
         self.engine.connect(self.client)
@@ -222,13 +223,12 @@ class MapRun:
 
     def read(self, count: int) -> list[Any]:
         """Up to ``count`` items from the input; fewer at its end. What the input raises ends the
-        reading (``input_error``), keeping the items read before it; Ctrl-C propagates."""
-        items: list[Any] = []
-        try:
-            items.extend(itertools.islice(self.items, count))  # keeps what it got if the input raises
-        except KeyboardInterrupt:
-            raise
-        except BaseException as error:
+        reading (``input_error``), keeping the items read before it; Ctrl-C propagates, and so does
+        the deadline's TimeoutError, even while the input blocks."""
+        if self.deadline is not None and time.monotonic() >= self.deadline:  # or results would keep coming
+            raise cf.TimeoutError("the call ran past its deadline")
+        items, error = self.feeder.take(count, self.deadline)
+        if error is not None:
             self.input_error = error
             self.exhausted = True
         return items
@@ -367,6 +367,7 @@ class MapRun:
     def close(self) -> None:
         if self.state == "running":
             self.state = "done" if self.finished else "cancelled"
+        self.feeder.close()
         if self.observer is not None:
             self.observer.finished(self, self.state)
         self.engine.end()

@@ -21,13 +21,16 @@ import threading
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from .. import config
 from ..errors import ClusterUnavailable, ProtocolError, SidecarDied
 from ..payload import placement
 from ..wire import messages as msg
+from ..wire import strays
 from ..wire.frames import Buffer, Frame, check_hello, close_fds, read_frame, send_frame
+from . import inline
+from .sending import Outbox
 
 
 class JobHandle(Protocol):
@@ -62,6 +65,8 @@ class Client:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
         env[config.ROLE_ENV] = "runner"  # see nbparallel/__init__.py
+        self.pool = strays.pool_token(os.getpid())  # marks its processes and theirs (wire/strays.py)
+        env[strays.POOL_ENV] = self.pool
         command, self.kind, start_timeout = runner_command(settings, child.fileno())
         self.cluster = settings.cluster
         self.process = subprocess.Popen(
@@ -104,6 +109,10 @@ class Client:
         self.info: dict[str, Any] = dict(msg.view(hello, msg.HelloReply))
         #: Threads on the cluster (None for the sidecar: its pool is ``settings.workers``).
         self.size: int | None = int(self.info["workers"]) if self.info.get("workers") else None
+        # Frames go out through a thread of their own, which also notices a frozen sidecar (sending.py).
+        self.given_up: str | None = None  # why this side killed the runner, if it did
+        self.outbox = Outbox(self.sock, busy=lambda: bool(self.jobs), failed=self._mark_dead, frozen=self._frozen,
+                             watch=self.kind == "sidecar")
         self.configure(settings)
         self.reader = threading.Thread(target=self._read, name="nbparallel-reader", daemon=True)
         self.reader.start()
@@ -111,14 +120,11 @@ class Client:
     # -- sending ------------------------------------------------------------------------------
 
     def send(self, header: Mapping[str, Any], buffers: Sequence[Buffer] = (), fds: Sequence[int] = ()) -> None:
-        """Send a frame; ``fds`` are duplicated into the sidecar (the caller still closes its own)."""
+        """Send a frame; ``fds`` are duplicated into the sidecar (the caller still closes its own).
+        Never blocks: the frame is queued for the sending thread (sending.py)."""
         if self.dead is not None:
             raise self.dead
-        try:
-            with self.send_lock:
-                send_frame(self.sock, header, buffers, fds)
-        except OSError as exc:
-            raise self._mark_dead() from exc
+        self.outbox.put(header, buffers, fds)
 
     def send_packed(self, header: Mapping[str, Any], packed: Any) -> None:
         """Send a value made by ``serialization.pack``. Its large buffers are placed in shared memory
@@ -201,6 +207,7 @@ class Client:
             except ProtocolError as exc:  # e.g. descriptors dropped at the open-file limit: say so
                 self._mark_dead(str(exc))
                 return
+            self.outbox.heard()
             job = frame.get("job")
             if job is not None:
                 with self.jobs_lock:
@@ -225,6 +232,7 @@ class Client:
 
     def _mark_dead(self, reason: str | None = None) -> SidecarDied:
         """``reason``: why this side gave up on the connection, when it was this side."""
+        reason = reason or self.given_up
         if self.dead is None:
             try:
                 code = self.process.wait(timeout=1)
@@ -232,6 +240,8 @@ class Client:
                 code = None
             how = f"exit code {code}" if code is not None and code >= 0 else (
                 f"killed by signal {-code}" if code is not None else reason or "connection lost")
+            if reason and code is not None:
+                how = f"{reason}; {how}"
             self.dead = SidecarDied(
                 f"the nbparallel {self.kind} (pid {self.pid}) stopped ({how}). Results that had arrived are "
                 f"kept; the next call starts a new {self.kind}."
@@ -244,7 +254,15 @@ class Client:
             for event, _ in list(self.replies.values()):
                 event.set()
             placement.release_all()  # the runner and its workers are gone: nothing is in flight
+            self.outbox.dead = True
+            strays.sweep(self.pool)  # its workers, and what their tasks started, go with it
         return self.dead
+
+    def _frozen(self, why: str) -> None:
+        """The sending thread found the sidecar frozen or wedged: kill it (the calls raise SidecarDied)."""
+        self.given_up = f"{why}: frozen or wedged (stopped, or swapping), it was killed"
+        self._kill()
+        self._mark_dead()
 
     # -- stopping -----------------------------------------------------------------------------
 
@@ -255,6 +273,7 @@ class Client:
                 self.send(msg.shutdown())
             except SidecarDied:
                 pass
+        self.outbox.close(timeout)  # what is queued goes out first
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -263,6 +282,7 @@ class Client:
             self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self._kill()
+        strays.sweep(self.pool)
         self.sock.close()
         placement.release_all()
         placement.clear()  # give the pooled segments back
@@ -283,7 +303,10 @@ settings = config.Settings()
 
 
 def get_client() -> Client:
-    """The process's sidecar client, started (or restarted, with a warning) as needed."""
+    """The process's sidecar client, started (or restarted, with a warning) as needed. In a worker, the
+    inline client: a call a task makes runs right there, serially, never in a pool of its own."""
+    if config.in_worker:
+        return cast(Client, inline.client())  # an InlineClient has what the calls use of a Client
     global _client
     with _client_lock:
         if _client is not None and _client.dead is not None:
