@@ -27,7 +27,10 @@ __all__ = [
     "shared_array",
     "NbParallelError",
     "TaskError",
+    "RemoteTraceback",
+    "details",
     "WorkerCrashed",
+    "InitializerFailed",
     "MemoryLimitExceeded",
     "TaskTimeout",
     "SidecarDied",
@@ -55,15 +58,16 @@ _WHERE = {
     "unload_ipython_extension": "cellmagic.magics",
     "WorkerCrashed": "crashes",
     "MemoryLimitExceeded": "crashes",
-    **{name: "errors" for name in ("NbParallelError", "TaskError", "TaskTimeout",
+    "InitializerFailed": "crashes",
+    **{name: "errors" for name in ("NbParallelError", "TaskError", "RemoteTraceback", "details", "TaskTimeout",
                                    "SidecarDied", "ClusterUnavailable", "SerializationError", "Interrupted")},
 }
 
 if TYPE_CHECKING:
     from .api import configure, imap, map, shutdown, status
-    from .crashes import MemoryLimitExceeded, WorkerCrashed
-    from .errors import (ClusterUnavailable, Interrupted, NbParallelError, SerializationError,
-                         SidecarDied, TaskError, TaskTimeout)
+    from .crashes import InitializerFailed, MemoryLimitExceeded, WorkerCrashed
+    from .errors import (ClusterUnavailable, Interrupted, NbParallelError, RemoteTraceback, SerializationError,
+                         SidecarDied, TaskError, TaskTimeout, details)
     from .futures import Executor, submit
     from .joblib_hook import register_joblib
     from .payload.shm import share, shared_array

@@ -54,7 +54,7 @@ def map(
             but one (joblib's convention).
         chunksize: items sent to a worker at a time; ``"auto"`` adapts it to the task's duration.
         ordered: results in input order (True) or in the order they finished (False).
-        errors: ``"raise"`` stops at the first failure and raises it (``err.completed`` holds the
+        errors: ``"raise"`` stops at the first failure and raises it (``details(err).completed`` holds the
             finished results by index); ``"return"`` puts the exception in that item's place.
         progress: None shows a progress display once the call has run ``progress_after`` seconds
             (a widget in a notebook, a text bar on stderr in a terminal); True always; False never.
@@ -88,11 +88,14 @@ def map(
             with the same function and rate continues the same pace.
 
     Raises:
-        TaskError: ``fn`` raised (the object is also an instance of the original exception type).
+        The exception ``fn`` raised, as itself (its type, its attributes), the remote traceback
+        chained as ``__cause__``; ``nbparallel.details(err)`` gives the item, its index and
+        ``completed`` (the finished results). ``TaskError`` if it cannot be rebuilt here.
         WorkerCrashed: a worker died running an item.
         SidecarDied: the sidecar went away.
         Interrupted: Ctrl-C or the stop button; ``err.completed`` holds the finished results.
     """
+    __tracebackhide__ = True  # IPython shows the caller's line and the task's exception, not our plumbing
     _check_errors(errors)
     if checkpoint is not None:  # a durable sweep: kernel/sweep.py calls this map on what the journal lacks
         return _sweep.run_map(map, fn, iterables, checkpoint, errors=errors, ordered=ordered, workers=workers,

@@ -1,4 +1,5 @@
-"""The worker died: WorkerCrashed and MemoryLimitExceeded.
+"""The errors ProcessPoolExecutor reports as a broken pool: WorkerCrashed and MemoryLimitExceeded
+(the worker died), ResultUnreadable (a result that cannot be unpickled here), InitializerFailed.
 
 They are also ``concurrent.futures.process.BrokenProcessPool``, so code written for
 ProcessPoolExecutor catches them; here the pool itself stays whole (the worker is replaced). Apart
@@ -11,9 +12,9 @@ from __future__ import annotations
 import signal
 from concurrent.futures.process import BrokenProcessPool
 
-from .errors import NbParallelError, which_item
+from .errors import NbParallelError, SerializationError, which_item
 
-__all__ = ["WorkerCrashed", "MemoryLimitExceeded", "describe_exit"]
+__all__ = ["WorkerCrashed", "MemoryLimitExceeded", "ResultUnreadable", "InitializerFailed", "describe_exit"]
 
 
 def describe_exit(exitcode: int | None) -> tuple[int | None, str | None, str]:
@@ -88,3 +89,18 @@ class MemoryLimitExceeded(WorkerCrashed):
         )
         self.exitcode, self.signal = None, "SIGKILL"
         self.pid, self.memory, self.limit, self.attempts = pid, memory, limit, attempts
+
+
+class ResultUnreadable(SerializationError, BrokenProcessPool):
+    """A task's result came back but could not be unpickled in the kernel (its class is not
+    importable here, or unpickling it raised, SystemExit included). Only the items of that result
+    fail; the message says why."""
+
+
+class InitializerFailed(NbParallelError, BrokenProcessPool):
+    """An ``Executor``'s ``initializer`` (or a joblib call's) raised in a worker: that executor is
+    broken, as a ProcessPoolExecutor is (its pending tasks fail with this, and it takes no more).
+    The message names the initializer's exception; ``remote_traceback`` is its traceback."""
+
+    #: What the initializer raised, in words ("the initializer setup raised ValueError: ...").
+    reason: str = ""

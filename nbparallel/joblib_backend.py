@@ -28,7 +28,7 @@ from joblib._parallel_backends import (AutoBatchingMixin, FallbackToBackend, Par
 from . import config
 from .kernel.output import CellTarget
 from .kernel.runner import get_client, settings
-from .kernel.tasks import Task, new_group
+from .kernel.tasks import Task, TaskFuture, new_group
 from .payload.aiocall import is_async
 from .progress.driver import choose_display
 from .progress.tracking import FutureGroup
@@ -57,7 +57,7 @@ class NbParallelBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore
         self.progress = progress
         self.limit = 0
         self.group: int | None = None
-        self.pending: set[cf.Future[Any]] = set()
+        self.pending: set[TaskFuture] = set()
         self.lock = threading.Lock()
         self.target: CellTarget | None = None
         self.display: FutureGroup | None = None
@@ -112,7 +112,7 @@ class NbParallelBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore
             func = AsyncBatch(func)
             self.awaiting = True
         task = Task(func, (), {}, self.limit, self.group, target=self.target, label=label)
-        future: cf.Future[Any] = task.future
+        future = task.future
         with self.lock:
             self.pending.add(future)
         future.add_done_callback(self._forget)
@@ -146,7 +146,7 @@ class NbParallelBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore
         with self.lock:
             pending = list(self.pending)
         for future in pending:
-            future.cancel()
+            future.stop()  # running ones too, unlike cancel()
 
     def terminate(self) -> None:
         self.abort_everything()

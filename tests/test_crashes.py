@@ -15,7 +15,7 @@ import pytest
 
 import nbparallel
 from nbparallel.crashes import WorkerCrashed
-from nbparallel.errors import SerializationError, SidecarDied, TaskError
+from nbparallel.errors import RemoteTraceback, SerializationError, SidecarDied, TaskError, details
 
 
 def _fail_at(bad: int, how: str) -> Any:
@@ -45,7 +45,7 @@ CASES = [
     ("segfault", WorkerCrashed, "SIGSEGV|segmentation fault"),
     ("exit", WorkerCrashed, "status 3"),
     ("sigkill", WorkerCrashed, "SIGKILL"),
-    ("sys.exit", TaskError, "SystemExit"),
+    ("sys.exit", SystemExit, "4"),
     ("unpicklable result", SerializationError, "cannot be sent back"),
 ]
 
@@ -55,10 +55,11 @@ CASES = [
 def test_one_bad_item_fails_alone(how: str, expected: type, message: str) -> None:
     results = nbparallel.map(_fail_at(3, how), range(40), errors="return")
     assert isinstance(results[3], expected)
-    assert results[3].index == 3
+    found = details(results[3])
+    assert found is not None and found.index == 3
     import re
 
-    assert re.search(message, str(results[3]) + repr(getattr(results[3], "exception", ""))), str(results[3])
+    assert re.search(message, str(results[3]) + repr(results[3])), str(results[3])
     assert [r for i, r in enumerate(results) if i != 3] == [x * 10 for x in range(40) if x != 3]
 
 
@@ -67,10 +68,10 @@ def test_one_bad_item_fails_alone(how: str, expected: type, message: str) -> Non
 def test_errors_raise_stops_and_keeps_completed(how: str, expected: type, message: str) -> None:
     with pytest.raises(expected) as caught:
         nbparallel.map(_fail_at(3, how), range(40), chunksize=1)
-    error = caught.value
-    assert error.index == 3
-    assert all(error.completed[i] == i * 10 for i in error.completed)
-    assert 3 not in error.completed
+    found = details(caught.value)
+    assert found is not None and found.index == 3
+    assert all(found.completed[i] == i * 10 for i in found.completed)
+    assert 3 not in found.completed
     # The pool is whole again and the next call works at once.
     assert nbparallel.map(abs, [-1, -2]) == [1, 2]
 
@@ -82,14 +83,15 @@ def test_task_error_keeps_type_traceback_and_item() -> None:
     with pytest.raises(ValueError) as caught:
         nbparallel.map(parse, ["1", "2", "x3"])
     error = caught.value
-    assert isinstance(error, TaskError) and isinstance(error, nbparallel.NbParallelError)
-    assert isinstance(error.exception, ValueError)
-    assert error.index == 2 and error.item == "'x3'"
-    assert "return int(text)" in error.remote_traceback
-    assert "worker.py" not in error.remote_traceback, "our own frames are noise to the user"
-    assert error.completed == {0: 1, 1: 2}
-    rendered = "\n".join(error._render_traceback_())
-    assert "item 2" in rendered and "int(text)" in rendered
+    assert type(error) is ValueError and error.args == ("invalid literal for int() with base 10: 'x3'",)
+    found = details(error)
+    assert isinstance(found, RemoteTraceback) and error.__cause__ is found  # as concurrent.futures chains it
+    assert found.index == 2 and found.item == "'x3'" and found.attempts == 1
+    assert "return int(text)" in found.remote_traceback and "return int(text)" in found.tb
+    assert "worker.py" not in found.remote_traceback, "our own frames are noise to the user"
+    assert found.completed == {0: 1, 1: 2}
+    assert any("item 2" in note for note in getattr(error, "__notes__", [])) or sys.version_info < (3, 11)
+    assert "item 2" in found.tb or sys.version_info >= (3, 11)
 
 
 def test_crash_inside_a_big_chunk_blames_only_that_item() -> None:
@@ -140,18 +142,41 @@ def test_unpicklable_item_is_named() -> None:
     assert caught.value.index == 2
 
 
-class _Unrebuildable(Exception):
+class _OtherInit(Exception):
     def __init__(self, a: int, b: int) -> None:  # pickling calls __init__ with args=(message,) only
         super().__init__(f"{a}-{b}")
+        self.a = a
 
 
-def test_exception_that_cannot_travel_back_is_described() -> None:
+def test_an_exception_whose_init_takes_other_arguments_is_rebuilt() -> None:
     def boom(x: int) -> None:
-        raise _Unrebuildable(x, 1)
+        raise _OtherInit(x, 1)
 
-    results = nbparallel.map(boom, [1], errors="return")
-    assert isinstance(results[0], TaskError)
-    assert "_Unrebuildable" in str(results[0]) and "1-1" in str(results[0])
+    [error] = nbparallel.map(boom, [1], errors="return")
+    assert type(error) is _OtherInit and error.args == ("1-1",) and error.a == 1
+
+
+def _only_in(pid: int) -> Exception:
+    if os.getpid() != pid:
+        raise RuntimeError("this exception can be rebuilt in its worker only")
+    return KeyError("rebuilt")
+
+
+class _WorkerOnly(Exception):
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_only_in, (os.getpid(),))
+
+
+def test_an_exception_that_cannot_be_rebuilt_here_is_a_task_error() -> None:
+    def boom(x: int) -> None:
+        raise _WorkerOnly("in the worker")
+
+    [error] = nbparallel.map(boom, [1], errors="return")
+    assert isinstance(error, TaskError)
+    assert error.type_name.endswith("_WorkerOnly") and error.message == "in the worker"
+    assert "this exception can be rebuilt in its worker only" in str(error)
+    assert "raise _WorkerOnly" in error.remote_traceback and details(error) is error
+    assert error.index == 0
 
 
 @pytest.mark.timeout(60)

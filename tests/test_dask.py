@@ -112,10 +112,11 @@ def test_an_error_keeps_its_type_remote_traceback_and_item(cluster: DaskCluster)
     with pytest.raises(ValueError) as caught:
         nbparallel.map(parse, ["1", "2", "three", "4"], chunksize=1)
     error = caught.value
-    assert isinstance(error, nbparallel.TaskError)
-    assert error.index == 2 and error.item == "'three'"
-    assert "in parse" in error.remote_traceback and "invalid literal" in error.remote_traceback
-    assert error.completed.get(0) == 1
+    assert type(error) is ValueError
+    found = nbparallel.details(error)
+    assert found is not None and found.index == 2 and found.item == "'three'"
+    assert "in parse" in found.remote_traceback and "invalid literal" in found.remote_traceback
+    assert found.completed.get(0) == 1
     values = nbparallel.map(parse, ["5", "x"], errors="return")
     assert values[0] == 5 and isinstance(values[1], ValueError)
     # Limits Dask cannot keep are refused with a reason, not ignored.
@@ -337,7 +338,7 @@ NETNS_SCRIPT = textwrap.dedent(
         nbparallel.map(lambda x: 1 // x, [1, 0])
         raised = None
     except ZeroDivisionError as err:
-        raised = [err.index, "in <lambda>" in err.remote_traceback]
+        raised = [nbparallel.details(err).index, "in <lambda>" in nbparallel.details(err).remote_traceback]
     print(json.dumps({"values": [r[0] for r in results], "where": sorted({r[1] for r in results}),
                       "workers": [w["address"] for w in status["workers"]], "raised": raised}))
     """

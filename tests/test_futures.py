@@ -10,7 +10,7 @@ import pytest
 
 import nbparallel
 from nbparallel.crashes import WorkerCrashed
-from nbparallel.errors import TaskError
+from nbparallel.errors import details
 
 
 def test_submit_returns_a_real_future() -> None:
@@ -32,8 +32,10 @@ def test_submit_exception_is_the_original_type() -> None:
     future = nbparallel.submit(int, "not a number")
     with pytest.raises(ValueError) as caught:
         future.result(timeout=30)
-    assert isinstance(caught.value, TaskError)
+    assert type(caught.value) is ValueError
     assert "invalid literal" in str(caught.value)
+    found = details(caught.value)
+    assert found is not None and found.index is None and found.item == "int('not a number')"
 
 
 def test_submit_crash() -> None:
@@ -51,13 +53,15 @@ def test_as_completed_and_wait_work() -> None:
 
 
 @pytest.mark.timeout(60)
-def test_cancel_stops_a_running_task() -> None:
+def test_stop_stops_a_running_task_which_cancel_leaves_alone() -> None:
     future = nbparallel.submit(time.sleep, 60)
     deadline = time.monotonic() + 10
     while not any(w["state"] == "busy" for w in nbparallel.status()["workers"]):
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    assert future.cancel()
+    assert future.running()
+    assert not future.cancel()  # concurrent.futures: a running future cannot be cancelled
+    assert future.stop()
     assert future.cancelled()
     # The worker that ran it was killed and replaced: nothing stays busy.
     deadline = time.monotonic() + 10

@@ -16,7 +16,7 @@ joblib = pytest.importorskip("joblib")
 import nbparallel  # noqa: E402
 from nbparallel import config  # noqa: E402
 from nbparallel.crashes import WorkerCrashed  # noqa: E402
-from nbparallel.errors import TaskError  # noqa: E402
+from nbparallel.errors import details  # noqa: E402
 
 from joblib import Parallel, delayed, parallel_config  # noqa: E402
 
@@ -51,9 +51,10 @@ def test_an_exception_is_raised_with_its_type_and_remote_traceback() -> None:
 
     with parallel_config(backend="nbparallel"), pytest.raises(KeyError) as caught:
         Parallel(n_jobs=2)(delayed(check)(x) for x in range(20))
-    assert isinstance(caught.value, TaskError)
-    assert "in check" in caught.value.remote_traceback and "no 6" in caught.value.remote_traceback
-    assert "check call" in str(caught.value.item)  # the batch it was in
+    assert type(caught.value) is KeyError and caught.value.args == ("no 6",)
+    found = details(caught.value)
+    assert found is not None and "in check" in found.remote_traceback and "no 6" in found.remote_traceback
+    assert "check call" in str(found.item)  # the batch it was in
     # The backend is ready for the next call.
     with parallel_config(backend="nbparallel"):
         assert Parallel(n_jobs=2)(delayed(abs)(-x) for x in range(4)) == [0, 1, 2, 3]

@@ -80,7 +80,7 @@ def test_a_script_shows_its_path_line_and_source(tmp_path: Path) -> None:
         try:
             nbparallel.map(parse, ["1", "x"], progress=False)
         except ValueError as err:
-            print(err.remote_traceback)
+            print(nbparallel.details(err).remote_traceback)
         nbparallel.shutdown()
     """))
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=80)
@@ -95,8 +95,10 @@ def test_every_frame_of_ours_is_hidden_in_a_local_map() -> None:
         return int(text)
 
     [error] = nbparallel.map(parse, ["x"], errors="return", progress=False)
-    assert f'File "{__file__}"' in error.remote_traceback and "return int(text)" in error.remote_traceback
-    assert "nbparallel/" not in error.remote_traceback
+    remote = nbparallel.details(error)
+    assert remote is not None
+    assert f'File "{__file__}"' in remote.remote_traceback and "return int(text)" in remote.remote_traceback
+    assert "nbparallel/" not in remote.remote_traceback
 
 
 # -- a real kernel ------------------------------------------------------------------------------------
@@ -137,8 +139,8 @@ def test_a_notebook_function_shows_its_cell_line_and_source(kernel: Kernel) -> N
     assert "item 3" in shown
     assert "<dynamic-code>" not in shown and "worker.py" not in shown and "api.py" not in shown
 
-    kept = kernel.value("nbparallel.map(score_sample, range(5), errors='return', progress=False)[3]"
-                        ".remote_traceback")
+    kept = kernel.value("nbparallel.details(nbparallel.map(score_sample, range(5), errors='return', "
+                        "progress=False)[3]).remote_traceback")
     assert f"Cell In[{_count(task)}], line 3, in score_sample" in kept
 
 

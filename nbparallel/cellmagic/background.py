@@ -17,8 +17,10 @@ from concurrent.futures import Future
 from types import SimpleNamespace
 from typing import Any
 
+from ..errors import details
 from ..payload import pickling as ser
 from ..kernel.output import CellTarget
+from ..kernel.tasks import stop
 
 
 class CellOutput:
@@ -42,17 +44,16 @@ class CellOutput:
             print(text, flush=True)
 
     def error(self, error: BaseException) -> None:
-        """The error as the cell's error output: the remote traceback for a task error."""
-        render = getattr(error, "_render_traceback_", None)
-        lines = render() if render is not None else traceback.format_exception_only(type(error), error)
-        original = _original(error)
-        if not self.target.error(type(original).__name__, str(original), lines):
+        """The error as the cell's error output: the remote traceback for what the cell raised."""
+        found = details(error)
+        remote = found.remote_traceback if found is not None else ""
+        lines = remote.rstrip().splitlines() if remote else traceback.format_exception_only(type(error), error)
+        try:
+            text = str(error)
+        except Exception:  # the cell's exception, with a broken __str__
+            text = ""
+        if not self.target.error(type(error).__name__, text, lines):
             print("\n".join(line.rstrip("\n") for line in lines), file=sys.stderr, flush=True)
-
-
-def _original(error: BaseException) -> BaseException:
-    """What the cell raised, for a TaskError (whose own type name is "TaskError")."""
-    return getattr(error, "exception", error)
 
 
 def shorten(text: str, width: int) -> str:
@@ -128,11 +129,11 @@ class BackgroundJob:
             where = f" into {self.out}" if self.out else ""
             text += f"; assigned{where}: {', '.join(self.assigned) or 'nothing'}"
         elif self.state == "failed" and self.error is not None:
-            text += f": {type(_original(self.error)).__name__}"
+            text += f": {type(self.error).__name__}"
         return text
 
     def finish(self, future: Future[Any]) -> None:
-        """Done callback (the client's reader thread, or the caller of cancel)."""
+        """Done callback (a callback thread, or the caller of cancel)."""
         try:
             if future.cancelled():
                 self.state = "cancelled"
@@ -195,7 +196,7 @@ def cancel_running() -> None:
     """Cancel every job still running (before the pool is stopped, so they read "cancelled")."""
     for job in jobs.values():
         if not job.finished.is_set():
-            job.future.cancel()
+            stop(job.future)  # running or not
 
 
 def wait(chosen: list[BackgroundJob]) -> None:

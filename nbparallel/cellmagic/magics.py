@@ -21,10 +21,11 @@ from .. import api, config
 from . import background, cellcode
 from ..payload import tracebacks
 from .cellargs import checkpoint_option, combine, evaluate_maps, split_line
-from ..errors import Interrupted, NbParallelError, SerializationError
+from ..errors import NbParallelError, SerializationError, completed_of, details
 from ..futures import submit
 from .. import checkpoint as durable
 from ..kernel.output import presenting
+from ..kernel.tasks import stop
 from ..progress.tracking import track_future
 from .params import Params
 from ..results import MISSING, Result, Results
@@ -167,14 +168,18 @@ class ParallelMagics(Magics):
                                  checkpoint=args.checkpoint)
         except durable.CheckpointError:  # the journal refused the call: nothing ran, nothing to keep
             raise
-        except (Interrupted, NbParallelError) as error:
+        except BaseException as error:  # a run's own exception too, as it raised it (errors.details)
+            completed = completed_of(error)
+            if completed is None:  # not the call's: nothing was kept
+                raise
             _explain_unpicklable(error, runner)
-            kept = dict(error.completed)
-            failed = getattr(error, "index", None)
+            kept = dict(completed)
+            found = details(error)
+            failed = found.index if found is not None else None
             if failed is not None:  # the run that stopped the call holds its exception
                 kept[failed] = error
             namespace[out] = results(lambda i: kept.get(i, MISSING))
-            print(f"nbparallel: stopped; {len(error.completed)} of {len(items)} results kept in {out} "
+            print(f"nbparallel: stopped; {len(completed)} of {len(items)} results kept in {out} "
                   "(runs that did not finish are MISSING)", file=sys.stderr, flush=True)
             raise
         namespace[out] = stored = results(values.__getitem__)
@@ -274,7 +279,7 @@ class ParallelMagics(Magics):
         if len(rest) != 1:
             raise UsageError("%nbparallel cancel ID: give one job number (see %nbparallel jobs)")
         job = self._job(rest[0])
-        if job.future.cancel():
+        if stop(job.future):  # running or not
             print(f"nbparallel: job {job.number} cancelled")
         else:
             print(f"nbparallel: job {job.number} had already ended ({job.state})")

@@ -1,8 +1,10 @@
 """Collecting a map run's outcomes: into a list (``map``), or as they come (``imap``, ``Executor.map``).
 
 Whatever stops a call (its first error, Ctrl-C, ``total_timeout``), every result that had arrived
-is kept: the error raised carries them as ``err.completed`` ({index: result}), including the late
-batches that arrived while the run was being cancelled.
+is kept: the error raised carries them as ``details(err).completed`` ({index: result}; our own errors
+as ``err.completed``), including the late batches that arrived while the run was being cancelled.
+A task's exception is raised outside every handler here: a task raising TimeoutError or
+KeyboardInterrupt is not mistaken for the call's timeout or for Ctrl-C.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from ..errors import Interrupted, NbParallelError, TaskTimeout
+from ..errors import Interrupted, NbParallelError, TaskTimeout, keep_completed
 from .mapping import Batch, InputFailure, MapRun
 
 
@@ -23,6 +25,7 @@ class Kept:
     def __init__(self) -> None:
         self.spans: list[tuple[int, list[Any]]] = []  # (first index, values) for contiguous batches
         self.singles: dict[int, Any] = {}
+        self.failed: set[int] = set()  # the indices in ``singles`` that hold an error, not a value
 
     def keep(self, batch: Batch) -> None:
         if isinstance(batch.indices, range) and batch.values:
@@ -30,13 +33,14 @@ class Kept:
         else:
             self.singles.update(zip(batch.indices, batch.values))
         self.singles.update(batch.errors)
+        self.failed.update(batch.errors)
 
     def completed(self, run: MapRun) -> dict[int, Any]:
         """``{index: result}`` of what finished, the run's late batches included."""
         completed: dict[int, Any] = {}
         for start, values in self.spans:
             completed.update(zip(range(start, start + len(values)), values))
-        completed.update((i, v) for i, v in self.singles.items() if not isinstance(v, NbParallelError))
+        completed.update((i, v) for i, v in self.singles.items() if i not in self.failed)
         for late in run.late:
             completed.update(zip(late.indices, late.values))
         return completed
@@ -47,18 +51,21 @@ class Kept:
         for late in run.late:
             self.keep(late)
         for index in range(length):
+            if index not in self.singles:
+                self.failed.add(index)
             self.singles.setdefault(index, TaskTimeout(
                 f"item {index} did not finish before the call's total_timeout of {total_timeout:g} s",
                 index=index, limit=total_timeout))
         for start, values in self.spans:  # spans win over placeholders for the indices they cover
             for index in range(start, start + len(values)):
                 self.singles.pop(index, None)
+                self.failed.discard(index)
         return [v for v in self.singles.values() if isinstance(v, TaskTimeout)]
 
     def outcomes(self, run: MapRun) -> dict[int, Any]:
         """``{index: value or error}`` of every item with an outcome (errors="return")."""
         outcomes = self.completed(run)
-        outcomes.update((i, v) for i, v in self.singles.items() if isinstance(v, NbParallelError))
+        outcomes.update((i, v) for i, v in self.singles.items() if i in self.failed)
         return outcomes
 
     def as_list(self, length: int) -> list[Any]:
@@ -77,12 +84,14 @@ def gather(run: MapRun, *, ordered: bool, errors: str, total_timeout: float | No
     arrival: list[Any] = []
     length: int | None = None  # of the list returned: the items read, or every item when it timed out
     failed_input: BaseException | None = None
+    failure: BaseException | None = None  # the first task error, with errors="raise"
     batches = run.batches()
     try:
         for batch in batches:
             if errors == "raise" and batch.errors:
                 kept.keep(batch)
-                raise _stop(run, batch, kept)
+                failure = _stop(run, batch, kept)  # raised below, outside these handlers
+                break
             kept.keep(batch)
             if not ordered:
                 arrival.extend(batch.values)
@@ -107,6 +116,8 @@ def gather(run: MapRun, *, ordered: bool, errors: str, total_timeout: float | No
         raise
     finally:
         batches.close()
+    if failure is not None:
+        raise failure
     if failed_input is not None:
         raise failed_input
     return arrival if not ordered else kept.as_list(run.next_index if length is None else length)
@@ -120,11 +131,12 @@ def stream(run: MapRun, *, ordered: bool, errors: str, deadline: float | None = 
     reached, not when it arrives. ``deadline``: ``time.monotonic()`` past which waiting raises
     ``TimeoutError`` (with ``total_timeout``: our ``TaskTimeout``)."""
     waiting: dict[int, Any] = {}  # ordered: finished but not yet yielded
-    failed: dict[int, NbParallelError] = {}
+    failed: dict[int, BaseException] = {}  # the errors among them
     run.backlog = waiting.__len__
     run.deadline = deadline
     next_index = 0
     failed_input: BaseException | None = None
+    raised: BaseException | None = None  # a task's error to raise, outside the handlers below
     batches = run.batches()
     try:
         while True:
@@ -138,27 +150,29 @@ def stream(run: MapRun, *, ordered: bool, errors: str, deadline: float | None = 
             if batch.errors and errors == "raise" and not raise_in_order:
                 run.cancel("failed")
                 batches.close()
-                error = next(iter(batch.errors.values()))
+                raised = next(iter(batch.errors.values()))
                 waiting.update(zip(batch.indices, batch.values))
                 for late in run.late:
                     waiting.update(zip(late.indices, late.values))
-                error.completed = dict(waiting)
-                raise error
+                keep_completed(raised, dict(waiting))
+                break
             if not ordered:
                 yield from batch.values
                 yield from batch.errors.values()
                 continue
             waiting.update(zip(batch.indices, batch.values))
-            if raise_in_order:
-                failed.update(batch.errors)
+            failed.update(batch.errors)
             waiting.update(batch.errors)
             while next_index in waiting:
                 value = waiting.pop(next_index)
-                if next_index in failed:
+                if raise_in_order and next_index in failed:
                     batches.close()
-                    raise value
+                    raised = value
+                    break
                 next_index += 1
                 yield value
+            if raised is not None:
+                break
     except KeyboardInterrupt:
         batches.close()
         completed = dict(waiting)
@@ -168,12 +182,14 @@ def stream(run: MapRun, *, ordered: bool, errors: str, deadline: float | None = 
     except cf.TimeoutError:
         if total_timeout is None:
             raise  # Executor.map's own timeout: concurrent.futures semantics
-        completed = {i: v for i, v in waiting.items() if not isinstance(v, NbParallelError)}
+        completed = {i: v for i, v in waiting.items() if i not in failed}
         for late in run.late:
             completed.update(zip(late.indices, late.values))
         raise call_timeout(run, total_timeout, completed) from None
     finally:
         batches.close()
+    if raised is not None:
+        raise raised
     if failed_input is not None:
         raise failed_input
 
@@ -230,8 +246,8 @@ def interrupt_message(run: MapRun) -> str:
             "items finished; the finished results are in err.completed")
 
 
-def _stop(run: MapRun, batch: Batch, kept: Kept) -> NbParallelError:
+def _stop(run: MapRun, batch: Batch, kept: Kept) -> BaseException:
     run.cancel("failed")
     error = min(batch.errors.items())[1]
-    error.completed = kept.completed(run)
+    keep_completed(error, kept.completed(run))
     return error

@@ -4,21 +4,25 @@ The one engine under every kind of call: map and imap (mapping.py) send many chu
 ``Executor.submit`` and the joblib backend (tasks.py) send one item. Either way the function is
 pickled before anything starts (fail fast, name the culprit), the job frame says how to call it,
 and each ``result`` or ``crashed`` frame becomes values and errors by item index: a task's own
-exception as a ``TaskError`` with its remote traceback written out with the notebook's cells, the
+exception as itself, unpickled here, its remote traceback (written out with the notebook's cells)
+chained and its item named (``errors.attach``; a ``TaskError`` when it cannot be rebuilt here), the
 machinery's failures and crashed workers as the right ``NbParallelError``.
 """
 
 from __future__ import annotations
 
+import signal
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..crashes import MemoryLimitExceeded, WorkerCrashed
-from ..errors import NbParallelError, SerializationError, SidecarDied, TaskTimeout, make_task_error, which_item
+from ..crashes import InitializerFailed, MemoryLimitExceeded, ResultUnreadable, WorkerCrashed
+from ..errors import NbParallelError, RemoteTraceback, SidecarDied, TaskError, TaskTimeout, attach, which_item
 from ..payload.aiocall import is_async
 from ..payload import pickling as ser
 from ..payload import salvage, tracebacks
+from ..payload.initializing import InitializerError
 from ..payload.retrying import ATTEMPTS_ATTR
 from ..wire import messages as msg
 from ..wire.frames import Frame
@@ -31,11 +35,12 @@ Describe = Callable[[int], str]
 
 @dataclass
 class Batch:
-    """Outcomes of some items: ``values[k]`` belongs to ``indices[k]``; ``errors`` are the failures."""
+    """Outcomes of some items: ``values[k]`` belongs to ``indices[k]``; ``errors`` are the failures:
+    the tasks' own exceptions and nbparallel's errors."""
 
     indices: range | list[int]
     values: list[Any]
-    errors: dict[int, NbParallelError]
+    errors: dict[int, BaseException]
 
 
 class Job:
@@ -71,11 +76,14 @@ class Job:
         self.client.register(self.id, handle)
 
     def open(self, *, limit: int, group: int | None = None, stop_on_error: bool = False,
-             limits: Limits | None = None, concurrency: int | None = None, rate: float | None = None) -> None:
+             limits: Limits | None = None, concurrency: int | None = None, rate: float | None = None,
+             report_started: bool = False, max_tasks: int | None = None) -> None:
         """Send the job (the function travels with it). ``limit`` caps how many workers run it at
         once (0: no cap), shared by the jobs of ``group``. ``concurrency``: the items each worker
         keeps in flight (a coroutine function's job; 1 if it is one and none is given); ``rate``:
-        item starts per second across the job."""
+        item starts per second across the job. ``report_started``: the runner says ``started``
+        when a chunk starts running; ``max_tasks``: a worker is replaced after running that many
+        items of the group."""
         limits = limits or Limits()
         context = caller_context()
         header = msg.job(job=self.id, key=function_key(self.function), call=self.call, limit=limit,
@@ -87,6 +95,10 @@ class Job:
             header["concurrency"] = concurrency or 1
         if rate:
             header["rate"] = rate
+        if report_started:
+            header["report_started"] = True
+        if max_tasks:
+            header["max_tasks"] = max_tasks
         self.client.send_packed(header, self.function)
 
     def send_chunk(self, start: int, count: int, payload: Any) -> int:
@@ -119,44 +131,65 @@ class Job:
 
     def outcomes(self, frame: Frame, start: int, describe: Describe) -> Batch:
         """The values and errors a ``result`` frame carries for the chunk that starts at ``start``.
-        Raises what unpickling raised (e.g. a result of a class the kernel cannot import)."""
+        Raises what unpickling the values raised (e.g. a result of a class the kernel cannot import,
+        or one whose ``__reduce__`` calls ``sys.exit``); an exception that cannot be rebuilt fails
+        its own item only. On the main thread, call it under ``HeldInterrupts``: then a
+        KeyboardInterrupt raised in here comes from the code being unpickled, not from Ctrl-C."""
         offsets, values, problems = salvage.unpack_outcomes(frame)  # a value that cannot load fails alone
         indices: range | list[int]
         if isinstance(offsets, range):
             indices = range(start + offsets.start, start + offsets.stop)
         else:
             indices = [start + o for o in offsets]
-        errors: dict[int, NbParallelError] = {}
+        errors: dict[int, BaseException] = {}
         for offset, (status, value) in problems.items():
             index = start + offset
-            error: NbParallelError
-            if status == ser.RAISED:
-                exception, trace = value
-                error = make_task_error(exception, self.sources.render(trace), index if self.numbered else None,
-                                        describe(index))
-                error.attempts = getattr(exception, ATTEMPTS_ATTR, 1)
-            elif isinstance(value, TaskTimeout):  # a coroutine cancelled past its timeout (payload/retrying.py)
-                error = cancelled_timeout(value, index if self.numbered else None, describe(index))
-            else:  # the machinery's own error, e.g. a result that could not be pickled
-                error = value
-                if self.numbered:
-                    error.index, error.item = index, describe(index)
-            errors[index] = error
+            errors[index] = self.problem(status, value, index if self.numbered else None, describe(index))
         return Batch(indices, values, errors)
 
-    def crashed(self, frame: Frame, describe: Describe) -> dict[int, NbParallelError]:
+    def problem(self, status: int, value: Any, index: int | None, item: str) -> BaseException:
+        """The error for one item's problem (``status`` ``RAISED`` or ``FAILED``)."""
+        if status == ser.RAISED:
+            return self.raised(value, index, item)
+        if isinstance(value, TaskTimeout):  # a coroutine cancelled past its timeout (payload/retrying.py)
+            return cancelled_timeout(value, index, item)
+        error: NbParallelError = value  # the machinery's own error, e.g. a result that could not be pickled
+        if self.numbered:
+            error.index, error.item = index, item
+        return error
+
+    def raised(self, raised: ser.Raised, index: int | None, item: str) -> BaseException:
+        """The exception a task raised, rebuilt here, its remote traceback chained and its item
+        named (``errors.attach``); a ``TaskError`` if it cannot be rebuilt here."""
+        text = self.sources.render(raised.trace)
+        error, why = ser.rebuild_exception(raised)
+        if error is None:
+            failure = TaskError(raised.type_name, raised.message, text, why=why, index=index, item=item)
+            return failure
+        if isinstance(error, InitializerError):  # the machinery's: the executor that asked for it is broken
+            broken = InitializerFailed(f"{which_item(index, item)} could not run: {error}", index=index, item=item)
+            broken.remote_traceback = text
+            broken.reason = str(error)
+            return broken
+        remote = RemoteTraceback(text, index=index, item=item)
+        state = getattr(error, "__dict__", None)
+        if isinstance(state, dict) and ATTEMPTS_ATTR in state:  # left by retry_on's retries (retrying.py)
+            remote.attempts = int(state.pop(ATTEMPTS_ATTR) or 1)
+        return attach(error, remote)
+
+    def crashed(self, frame: Frame, describe: Describe) -> dict[int, BaseException]:
         """The errors for the items a ``crashed`` frame names, by the reason their worker died."""
         crash = msg.view(frame, msg.Crashed)
         return {index: crash_error(crash, index if self.numbered else None, describe(index))
                 for index in crash["indices"]}
 
-    def unreadable(self, exc: Exception, index: int, describe: Describe) -> SerializationError:
+    def unreadable(self, exc: BaseException, index: int, describe: Describe) -> ResultUnreadable:
         """The error for an item whose result came back but could not be unpickled here."""
         why = f"{type(exc).__name__}: {exc}"
         if not self.numbered:
-            return SerializationError(f"the result of {describe(index)} could not be unpickled here: {why}")
-        return SerializationError(f"the results for item {index} could not be unpickled here: {why}. Is everything "
-                                  "the function returns importable in the kernel?", index=index, item=describe(index))
+            return ResultUnreadable(f"the result of {describe(index)} could not be unpickled here: {why}")
+        return ResultUnreadable(f"the results for item {index} could not be unpickled here: {why}. Is everything "
+                                "the function returns importable in the kernel?", index=index, item=describe(index))
 
 
 def cancelled_timeout(timeout: TaskTimeout, index: int | None, item: str) -> TaskTimeout:
@@ -179,3 +212,34 @@ def crash_error(crash: msg.Crashed, index: int | None, item: str) -> NbParallelE
     return WorkerCrashed(index=index, item=item, pid=pid, exitcode=crash.get("exitcode"),
                          memory=crash.get("memory"), attempts=attempts, cause=crash.get("cause"),
                          worker=crash.get("worker"))
+
+
+class HeldInterrupts:
+    """Holds Ctrl-C back while a result is unpickled on the main thread (no other thread gets
+    signals), so that a KeyboardInterrupt raised meanwhile is known to come from the code being
+    unpickled, which fails its items, never cancels the call. ``release()`` then delivers a Ctrl-C
+    that came in the meantime (usually: raises KeyboardInterrupt)."""
+
+    def __init__(self) -> None:
+        self.caught = False
+        self.previous: Any = None
+
+    def __enter__(self) -> HeldInterrupts:
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.getsignal(signal.SIGINT)
+            if callable(previous):  # not ignored, and set from Python: ours to replace for a moment
+                self.previous = previous
+                signal.signal(signal.SIGINT, self._hold)
+        return self
+
+    def _hold(self, signum: int, frame: Any) -> None:
+        self.caught = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+    def release(self) -> None:
+        if self.caught:
+            self.caught = False
+            self.previous(signal.SIGINT, None)

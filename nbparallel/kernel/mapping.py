@@ -23,7 +23,7 @@ from ..wire.frames import Frame
 from .chunking import ChunkSizer, iterate, known_length
 from .feeding import Feeder
 from .jobs import Batch as Batch  # what a run yields; the progress observer reads it from here
-from .jobs import Job
+from .jobs import HeldInterrupts, Job
 from .jobspec import Flow, Limits, wrap
 from .output import CellTarget, flush_std
 from .runner import Client, get_client, settings
@@ -295,10 +295,20 @@ class MapRun:
     def _result(self, frame: Frame) -> Batch:
         result = msg.view(frame, msg.Result)
         flight = self.in_flight[result["chunk"]]
-        try:
-            batch = self.engine.outcomes(frame, flight.start, flight.describe)
-        except Exception as exc:  # e.g. a result of a class the kernel cannot import
-            return self._unreadable(result["chunk"], exc)
+        problem: BaseException | None = None
+        with HeldInterrupts() as held:  # a KeyboardInterrupt in here is the unpickled code's: it fails items
+            try:
+                batch = self.engine.outcomes(frame, flight.start, flight.describe)
+            except BaseException as exc:  # e.g. a result of a class the kernel cannot import, or sys.exit
+                problem = exc
+        batch = self._unreadable(result["chunk"], problem) if problem is not None else self._count(result, batch)
+        if held.caught:  # Ctrl-C came meanwhile: keep the batch (err.completed), then stop the call
+            self.late.append(batch)
+            held.release()
+        return batch
+
+    def _count(self, result: msg.Result, batch: Batch) -> Batch:
+        flight = self.in_flight[result["chunk"]]
         if result["final"] and result.get("n"):
             self.sizer.observe_time(result["n"], result["elapsed"])
         if "running" in result:
@@ -318,10 +328,10 @@ class MapRun:
         self.failed += len(errors)
         return Batch([], [], errors)
 
-    def _unreadable(self, chunk: int, exc: Exception) -> Batch:
+    def _unreadable(self, chunk: int, exc: BaseException) -> Batch:
         """Fail what is left of a chunk whose results the kernel could not unpickle."""
         flight = self.in_flight[chunk]
-        errors: dict[int, NbParallelError] = {
+        errors: dict[int, BaseException] = {
             index: self.engine.unreadable(exc, index, flight.describe)
             for index in range(flight.start, flight.start + len(flight.items)) if not flight.is_settled(index)}
         self.unresolved -= flight.left

@@ -31,6 +31,7 @@ from ..wire import strays
 from ..wire.frames import Buffer, Frame, check_hello, close_fds, read_frame, send_frame
 from . import inline
 from .sending import Outbox
+from .delivery import mark_internal
 
 
 class JobHandle(Protocol):
@@ -198,6 +199,20 @@ class Client:
     # -- receiving ----------------------------------------------------------------------------
 
     def _read(self) -> None:
+        """The reader thread: hands each frame to its job's handle (which runs none of the user's
+        code here: see delivery.py). Should it fail all the same, every pending call fails at once
+        with the reason, and the next call starts a new runner."""
+        mark_internal()
+        try:
+            self._read_frames()
+        except BaseException as exc:  # a bug of ours: no call may wait forever for this thread
+            self._mark_dead(f"nbparallel's reader thread failed: {type(exc).__name__}: {exc}")
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)  # the runner sees the kernel go, and exits
+            except OSError:
+                pass
+
+    def _read_frames(self) -> None:
         while True:
             try:
                 frame = read_frame(self.sock)
@@ -213,7 +228,7 @@ class Client:
                 with self.jobs_lock:
                     handle = self.jobs.get(job)
                 if handle is not None:
-                    handle.on_frame(frame)
+                    self._hand(job, handle, frame)
                 else:
                     close_fds(frame.fds)
             elif frame.get("req") is not None:
@@ -229,6 +244,17 @@ class Client:
                 else:
                     print(f"nbparallel: the {self.kind} reported an internal error:\n{error.get('message')}",
                           file=sys.stderr)
+
+    def _hand(self, job: int, handle: JobHandle, frame: Frame) -> None:
+        """Give ``frame`` to ``handle``; if that fails, fail that call alone, saying why."""
+        try:
+            handle.on_frame(frame)
+        except Exception as exc:  # a bug of ours about one call: the others go on
+            close_fds(frame.fds)
+            with self.jobs_lock:
+                self.jobs.pop(job, None)
+            handle.on_died(SidecarDied(f"nbparallel could not handle a {frame.op!r} frame of this call "
+                                       f"({type(exc).__name__}: {exc}); the other calls go on"))
 
     def _mark_dead(self, reason: str | None = None) -> SidecarDied:
         """``reason``: why this side gave up on the connection, when it was this side."""

@@ -25,7 +25,7 @@ from contextvars import ContextVar
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from ..errors import Interrupted, NbParallelError, TaskError, which_item
+from ..errors import Interrupted, NbParallelError, completed_of, is_failure, keep_completed, renumber
 from .identity import function_id, source
 from .journal import Checkpoint, Journal, as_checkpoint
 from .journalrows import Row
@@ -67,7 +67,7 @@ class Sweep:
             return items[indices.start:indices.stop]
         return [items[i] for i in indices]
 
-    def record(self, batch: Batch) -> tuple[range | list[int], dict[int, NbParallelError]]:
+    def record(self, batch: Batch) -> tuple[range | list[int], dict[int, BaseException]]:
         """Write ``batch`` (run indices) to the journal; return its indices and errors renumbered."""
         run = batch.indices
         indices: range | list[int]
@@ -82,7 +82,7 @@ class Sweep:
             deferred = not isinstance(self.items, dict)  # (a copy of the list: the engine owns batch.values)
             self.journal.record(indices, self.item_list(indices), list(batch.values) if deferred else batch.values,
                                 now=not deferred)
-        errors: dict[int, NbParallelError] = {}
+        errors: dict[int, BaseException] = {}
         for k, error in batch.errors.items():
             index = self.todo[k]
             self.renumber(error, index)
@@ -93,17 +93,10 @@ class Sweep:
 
     def renumber(self, error: BaseException, index: int) -> None:
         """Give ``error`` the caller's index (its message too, where the index is written in it)."""
-        if id(error) in self.renumbered or not isinstance(error, NbParallelError):
+        if id(error) in self.renumbered:
             return
         self.renumbered.add(id(error))
-        old = error.index
-        if old is None or old == index:
-            error.index = index if old is not None else None
-            return
-        if not isinstance(error, TaskError) and error.args and isinstance(error.args[0], str):
-            text = error.args[0].replace(which_item(old, error.item), which_item(index, error.item), 1)
-            error.args = (text, *error.args[1:])
-        error.index = index
+        renumber(error, index)
 
     def catch_up(self, outcomes: dict[int, Any] | list[Any]) -> None:
         """Write the outcomes (by run index: values or errors) that no batch brought: those that
@@ -117,12 +110,12 @@ class Sweep:
             elif isinstance(outcomes, dict) and k in outcomes:
                 late.append((k, outcomes[k]))
             k = written.find(0, k + 1)
-        values = [(k, v) for k, v in late if not isinstance(v, NbParallelError)]
+        values = [(k, v) for k, v in late if not is_failure(v)]
         if values:
             indices = [self.todo[k] for k, _ in values]
             self.journal.record(indices, self.item_list(indices), [v for _, v in values])
         for k, error in late:
-            if isinstance(error, NbParallelError):
+            if is_failure(error):
                 self.renumber(error, self.todo[k])
                 self.journal.record_failure(self.todo[k], self.item_list([self.todo[k]])[0], error)
         for k, _ in late:
@@ -260,7 +253,7 @@ def run_map(map_fn: Callable[..., list[Any]], fn: Callable[..., Any], iterables:
         outcomes, restored, failed = plan(journal, items, spec.rerun_failed)
         if failed and errors == "raise":
             error = failed[min(failed)]
-            error.completed = _kept(outcomes, restored, failed)
+            keep_completed(error, _kept(outcomes, restored, failed))
             raise error
         todo: range | list[int] = range(len(items))
         if restored.count(1):
@@ -273,9 +266,11 @@ def run_map(map_fn: Callable[..., list[Any]], fn: Callable[..., Any], iterables:
             token = _recorder.set(Recorder(sweep))
             try:
                 got = map_fn(fn, *(zip(*pending) if star else (pending,)), errors=errors, ordered=ordered, **options)
-            except (NbParallelError, Interrupted) as error:
-                sweep.catch_up(error.completed)
-                error.completed = sweep.completed(error.completed, _kept(outcomes, restored, failed))
+            except BaseException as error:  # a task's own exception too (see errors.details)
+                completed = completed_of(error)
+                if completed is not None:
+                    sweep.catch_up(completed)
+                    keep_completed(error, sweep.completed(completed, _kept(outcomes, restored, failed)))
                 raise
             finally:
                 _recorder.reset(token)
@@ -378,10 +373,12 @@ def _merge(inner: Iterator[Any], events: deque[tuple[int, bool, Any]], sweep: Sw
                 got.append(value)
             else:
                 yield value
-    except (NbParallelError, Interrupted) as error:
-        sweep.catch_up(error.completed)
-        restored = {index: value for index, is_restored, value in events if is_restored}
-        error.completed = sweep.completed(error.completed, restored)
+    except BaseException as error:  # a task's own exception too (see errors.details)
+        completed = completed_of(error)
+        if completed is not None:
+            sweep.catch_up(completed)
+            restored = {index: value for index, is_restored, value in events if is_restored}
+            keep_completed(error, sweep.completed(completed, restored))
         raise
     finally:
         close = getattr(inner, "close", None)

@@ -46,7 +46,7 @@ class Batch:
             every = {offset: (ser.FAILED, NbParallelError(f"the result could not be sent back: {exc}"))
                      for offset in [*self.offsets, *self.problems]}
             return pack((range(0), [], every))
-        except Exception:
+        except BaseException:  # a value's __reduce__ may raise anything (SystemExit too): see below
             pass
         # One value spoils the batch: pickle each alone and fail only those that cannot travel.
         kept_offsets: list[int] = []
@@ -54,14 +54,16 @@ class Batch:
         problems: dict[int, tuple[int, Any]] = {}
         pairs = [(o, (ser.OK, v)) for o, v in zip(self.offsets, self.values)] + list(self.problems.items())
         for offset, (status, value) in pairs:
-            error = ser.pickling_error(value)
-            if error is not None:
-                what = "result" if status == ser.OK else "exception"
-                shown = value[0] if status == ser.RAISED else value
+            error = None if status == ser.RAISED else ser.pickling_error(value)  # Raised is plain data
+            if error is not None and not isinstance(error, Exception):
+                # Pickling the value raised SystemExit or the like: the item's outcome, as
+                # ProcessPoolExecutor reports it.
+                value, status = ser.encode_exception(error), ser.RAISED
+            elif error is not None:
                 value, status = (
                     SerializationError(
-                        f"the {what} of item {self.start + offset} ({ser.describe(shown)}, a "
-                        f"{type(shown).__name__}) cannot be sent back: {ser.why(error)}. "
+                        f"the result of item {self.start + offset} ({ser.describe(value)}, a "
+                        f"{type(value).__name__}) cannot be sent back: {ser.why(error)}. "
                         "Return plain data (numbers, strings, arrays, dicts) instead.",
                         index=self.start + offset,
                     ),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pickle
 import reprlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import cloudpickle
 
@@ -23,7 +23,7 @@ PROTOCOL = 5
 
 # Outcome status codes inside a result payload.
 OK = 0  # value
-RAISED = 1  # (exception, tracebacks.RemoteTrace)
+RAISED = 1  # Raised: the exception pickled alone, its traceback as data
 FAILED = 2  # NbParallelError made by the machinery (e.g. the result could not be pickled)
 
 _short = reprlib.Repr()
@@ -166,17 +166,76 @@ def _names_used(code: Any) -> list[str]:
     return names
 
 
-def encode_exception(exc: BaseException) -> tuple[BaseException, tracebacks.RemoteTrace]:
-    """The (exception, remote traceback as plain data) pair a worker sends for a raised item; the
-    kernel writes the traceback out (``tracebacks.SourceIndex.render``), where the source is."""
+class Raised(NamedTuple):
+    """An exception a task raised, on its way to the kernel (status ``RAISED``): pickled on its
+    own, so one that cannot be rebuilt there fails only its own item; its traceback as plain data
+    (the kernel writes it out, ``tracebacks.SourceIndex.render``, where the source is); and, for
+    when it cannot be rebuilt, its type's name, its message and why (``blob`` is then None)."""
+
+    blob: bytes | None
+    trace: tracebacks.RemoteTrace
+    type_name: str
+    message: str
+    why: str
+
+
+def encode_exception(exc: BaseException) -> Raised:
+    """What a worker sends for an item that raised ``exc`` (see ``Raised``)."""
     trace = tracebacks.capture(exc)
     exc.__traceback__ = None  # frames cannot travel, and hold references we don't want to keep
+    kind = type(exc)
+    type_name = f"{kind.__module__}.{kind.__qualname__}"
+    problem = ""
+    # As pickle rebuilds it (its class called with its args); failing that, from its args and
+    # attributes without calling __init__ (an exception whose __init__ takes other arguments).
+    for form in (exc, _ByState(exc)):
+        try:
+            blob = dumps(form)
+            pickle.loads(blob)  # what the kernel will do: check here that it can be done at all
+        except BaseException as error:  # a __reduce__ may raise anything, SystemExit included
+            problem = problem or f"{type(error).__name__}: {_text(error)}"
+            continue
+        return Raised(blob, trace, type_name, _text(exc), "")
+    return Raised(None, trace, type_name, _text(exc), f"it cannot be pickled in the worker: {problem}")
+
+
+def rebuild_exception(raised: Raised) -> tuple[BaseException | None, str]:
+    """The exception ``raised`` carries, unpickled here; or None and why it cannot be rebuilt."""
+    if raised.blob is None:
+        return None, raised.why
     try:
-        # The exception must survive the round trip, or the kernel could not rebuild it.
-        pickle.loads(dumps(exc))
-    except Exception:
-        return RemoteException(type(exc), str(exc)), trace
-    return exc, trace
+        error = pickle.loads(raised.blob)
+    except BaseException as problem:  # its class is not importable here, or unpickling raised
+        return None, f"unpickling it here raised {type(problem).__name__}: {_text(problem)}"
+    if not isinstance(error, BaseException):
+        return None, f"it unpickled as a {type(error).__name__}"
+    return error, ""
+
+
+class _ByState:
+    """Pickles an exception as its class, args and attributes (see ``rebuild_by_state``)."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        exc = self.exc
+        return (rebuild_by_state, (type(exc), exc.args, dict(getattr(exc, "__dict__", {}))))
+
+
+def rebuild_by_state(kind: type[BaseException], args: tuple[Any, ...], state: dict[str, Any]) -> BaseException:
+    """An exception of ``kind`` with ``args`` and the attributes ``state``, its __init__ not run."""
+    error = kind.__new__(kind, *args)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
+
+def _text(error: BaseException) -> str:
+    try:
+        return str(error)
+    except Exception:  # a broken __str__ must not hide the error itself
+        return "<exception str() failed>"
 
 
 class RemoteException(Exception):

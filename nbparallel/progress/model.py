@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import TaskError
+from ..errors import TaskError, details
 from .format import format_count, format_duration
 
 # Tunables.
@@ -53,20 +53,22 @@ class Snapshot:
 
 def describe_error(error: BaseException, where: str, index: int | None) -> dict[str, Any]:
     """A failure as the widget lists it: a one-line message and the full (remote) traceback."""
-    if isinstance(error, TaskError):
-        original = error.exception
-        message = f"{type(original).__name__}: {original}" if str(original) else type(original).__name__
-        traceback = error.remote_traceback
+    found = details(error)
+    if isinstance(error, TaskError):  # could not be rebuilt here: what the worker said of it
+        kind, text = error.type_name.rpartition(".")[2], error.message
     else:
-        text = str(error)
-        message = f"{type(error).__name__}: {text}" if text else type(error).__name__
-        traceback = message
-    item = getattr(error, "item", None)
+        kind = type(error).__name__
+        try:
+            text = str(error)
+        except Exception:  # a task's exception with a broken __str__
+            text = ""
+    message = f"{kind}: {text}" if text else kind
+    traceback = found.remote_traceback if found is not None and found.remote_traceback else message
     return {
         "where": where,
         "index": index,
-        "item": item,
-        "kind": type(error.exception if isinstance(error, TaskError) else error).__name__,
+        "item": found.item if found is not None else None,
+        "kind": kind,
         "message": message.splitlines()[0][:MAX_LINE_CHARS] if message else "",
         "traceback": traceback,
     }

@@ -17,6 +17,7 @@ from ..config import resolve_workers
 from ..crashes import WorkerCrashed
 from ..kernel.output import CellTarget
 from ..kernel.runner import current_client, settings
+from ..kernel.tasks import stop
 from .driver import Driver, check_progress, choose_display, make_renderer, poll_workers, progress_after
 from .model import LaneBook, ProgressModel
 
@@ -122,7 +123,7 @@ class FutureGroup:
         with self.lock:
             futures = list(self.futures)
         for future in futures:
-            future.cancel()
+            stop(future)  # running ones too, unlike cancel()
 
     def _poll(self, timeout: float = 2.0) -> None:
         workers = poll_workers(current_client(), timeout)

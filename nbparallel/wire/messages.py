@@ -73,6 +73,8 @@ class JobOptional(TypedDict, total=False):
     memory_limit: int | None
     concurrency: int  # an async job: the items a worker keeps in flight on its event loop
     rate: float  # item starts per second across the job (the sidecar paces its chunks)
+    report_started: bool  # send ``started`` when a chunk of the job starts running on a worker
+    max_tasks: int  # replace a worker once it ran this many items of the job's group
     oob: Segments
 
 
@@ -250,6 +252,18 @@ class Display(DisplayOptional):
 def display(*, job: int | None, index: int | None, pid: int, **optional: Unpack[DisplayOptional]) -> Display:
     """A mime bundle item ``index`` displayed (the payload: ``{"data", "metadata"}`` as JSON)."""
     return {"op": "display", "job": job, "index": index, "pid": pid, **optional}
+
+
+class Started(TypedDict):
+    op: Literal["started"]
+    job: int
+    chunk: int
+    pid: int
+
+
+def started(*, job: int, chunk: int, pid: int) -> Started:
+    """The chunk has started running on the worker ``pid`` (for a job with ``report_started``)."""
+    return {"op": "started", "job": job, "chunk": chunk, "pid": pid}
 
 
 class Cancelled(TypedDict):
@@ -438,6 +452,7 @@ TO_KERNEL: dict[str, Message] = {
     "crashed": (Crashed, crashed),
     "output": (Output, output),
     "display": (Display, display),
+    "started": (Started, started),
     "cancelled": (Cancelled, cancelled),
     "status": (Status, status),
     "error": (Error, error),
