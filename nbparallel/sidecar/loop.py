@@ -36,7 +36,7 @@ from ..errors import ProtocolError
 from ..wire import messages as msg
 from ..wire import strays
 from ..wire.channel import Channel
-from .workers import WorkerProcess, return_free_memory, sample_memory
+from .workers import KILL_GRACE, Stopping, WorkerProcess, return_free_memory, sample_memory, signal_group
 from ..wire.frames import Frame
 from ..wire.frames import close_fds as close_all
 from .health import Startup, describe_exit
@@ -77,6 +77,7 @@ class Sidecar:
         # The mark of this pool's processes (strays.py): the kernel's, or our own when started by hand.
         self.pool = os.environ.get(strays.POOL_ENV) or strays.pool_token(kernel_pid)
         self.marks: dict[int, str] = {}  # worker pid -> the mark its processes carry
+        self.stopping = Stopping()  # stopped workers' process groups and marks, SIGKILLed after a grace
         self.spawned = 0
 
     # -- the loop ---------------------------------------------------------------------------
@@ -122,6 +123,10 @@ class Sidecar:
             self.last_sample = now
             self.sample_memory()
         self.enforce_limits(now)
+        for worker in self.workers.values():  # stopped, and still there past the grace: SIGKILL
+            if worker.stop_by is not None and now >= worker.stop_by:
+                signal_group(worker.pid, signal.SIGKILL)
+        self.stopping.due(now)
         self.resize()
         if self.routed_since_trim > TRIM_AFTER and not any(job.queue for job in self.jobs.values()):
             # glibc keeps freed payload memory around; hand it back so the sidecar stays small.
@@ -133,8 +138,8 @@ class Sidecar:
         for worker in self.workers.values():
             if worker.assigned and worker.kill_reason is None:
                 worker.kill_reason = limit_breached(worker, self.jobs.get(worker.assigned[0].job), now)
-                if worker.kill_reason is not None:
-                    worker.kill()  # its exit is handled like a crash, with the reason attached
+                if worker.kill_reason is not None:  # its exit is handled like a crash, with the reason attached
+                    worker.kill(at_once=worker.kill_reason.reason == "memory")  # memory: no grace
 
     def sample_memory(self) -> None:
         self.rss_peak = max(self.rss_peak, sample_memory(self.workers.values()))
@@ -261,10 +266,10 @@ class Sidecar:
         return max([self.size, *asked])
 
     def resize(self) -> None:
-        if self.max_tasks:
-            for worker in list(self.workers.values()):
-                if not worker.retiring and not worker.assigned and worker.tasks_done >= self.max_tasks:
-                    self.retire(worker)
+        for worker in list(self.workers.values()):
+            if not worker.retiring and not worker.assigned and (
+                    worker.worn_out or (self.max_tasks and worker.tasks_done >= self.max_tasks)):
+                self.retire(worker)
         alive = [w for w in self.workers.values() if not w.retiring]
         for _ in range(self.target_size() - len(alive)):
             if not self.startup.may_spawn(time.monotonic()):  # workers die as they start: pause
@@ -374,6 +379,9 @@ class Sidecar:
             else:
                 chunk.close()
             worker.tasks_done += chunk.count
+            if job is not None and job.header.get("max_tasks"):  # an Executor's max_tasks_per_child
+                done_here = worker.group_tasks[job.group] = worker.group_tasks.get(job.group, 0) + chunk.count
+                worker.worn_out = worker.worn_out or done_here >= int(job.header["max_tasks"])
             worker.head_since = time.monotonic()
             if job is not None:
                 old, new = job.chunk_seconds, float(done["elapsed"])
@@ -396,7 +404,8 @@ class Sidecar:
         slot = worker.slot.read()
         exitcode = worker.reap()
         del self.workers[worker.pid]
-        strays.sweep(self.marks.pop(worker.pid, ""))  # what its tasks started goes with it
+        # What its tasks started goes with it: SIGTERM now, SIGKILL after the grace (workers.py).
+        self.stopping.add(worker.pid, self.marks.pop(worker.pid, ""), worker.stop_by)
         if not worker.ready and not worker.retiring:  # it died while starting
             self.startup.failed(describe_exit(exitcode), self.preload, time.monotonic())
             self.fail_waiting()
@@ -429,7 +438,7 @@ class Sidecar:
     def schedule(self) -> None:
         if not any(job.queue for job in self.jobs.values()):
             return
-        ready = [w for w in self.workers.values() if w.ready and not w.retiring]
+        ready = [w for w in self.workers.values() if w.ready and not w.retiring and not w.worn_out]
         for depth in range(PREFETCH):
             for worker in ready:
                 if len(worker.assigned) != depth:
@@ -470,18 +479,24 @@ class Sidecar:
         if not worker.assigned:
             worker.head_since = time.monotonic()
         worker.assigned.append(chunk)
+        if job.header.get("report_started"):  # a submitted task: its future turns RUNNING
+            self.kernel.send(msg.started(job=chunk.job, chunk=chunk.id, pid=worker.pid))
 
     def stop_all(self) -> None:
         for job_id in list(self.jobs):
             self.drop_job(job_id)
         for worker in self.workers.values():
             worker.kill()
+        deadline = time.monotonic() + KILL_GRACE
         for worker in self.workers.values():
             try:
-                worker.process.wait(timeout=2)
+                worker.process.wait(timeout=max(0.0, deadline - time.monotonic()))
             except Exception:
                 pass
-        strays.sweep(self.pool)  # and whatever their tasks started, in any process group or session
+            self.stopping.add(worker.pid, self.marks.get(worker.pid, ""), deadline)
+        # And whatever their tasks started, in any process group or session: given the rest of the
+        # grace to clean up (a resource tracker), then killed.
+        self.stopping.settle(self.pool, deadline)
         self.kernel.close()
         if self.tmpdir is not None:
             shutil.rmtree(self.tmpdir, ignore_errors=True)

@@ -9,11 +9,13 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections import OrderedDict, deque
 from collections.abc import Iterable
 from typing import Any, Literal, NamedTuple
 
 from ..config import ROLE_ENV
+from ..wire import strays
 from ..wire.channel import Channel
 from ..wire.slot import Slot
 from .jobs import Chunk
@@ -29,6 +31,57 @@ def _slot_file(tmpdir: str | None) -> Any:
 
 
 REAP_WAIT = 0.25  # seconds a worker whose socket closed may take to exit before it is killed
+KILL_GRACE = 1.0  # seconds between SIGTERM and SIGKILL to a stopped worker and what its tasks started
+
+
+def signal_group(pid: int, sig: int) -> None:
+    """Send ``sig`` to the process group led by ``pid`` (a worker's: what its tasks started too)."""
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+class Stopping:
+    """What went with stopped workers and must not outlive them: each worker's process group and
+    the processes carrying its mark (wire/strays.py). They get SIGTERM at once and SIGKILL once
+    ``KILL_GRACE`` has passed: a resource tracker (which ignores SIGTERM) unlinks what it tracks as
+    soon as the processes that hold its pipe are gone, then exits by itself."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[float, int, str]] = []  # (SIGKILL at, process group, mark)
+
+    def add(self, pgid: int, mark: str, deadline: float | None = None) -> None:
+        signal_group(pgid, signal.SIGTERM)
+        for pid in strays.find(mark) if mark else ():
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except OSError:
+                pass
+        self.pending.append((deadline or time.monotonic() + KILL_GRACE, pgid, mark))
+
+    def due(self, now: float, *, everything: bool = False) -> None:
+        """SIGKILL what is past its grace (``everything``: all of it, now)."""
+        keep = []
+        for deadline, pgid, mark in self.pending:
+            if everything or now >= deadline:
+                signal_group(pgid, signal.SIGKILL)
+                if mark:
+                    strays.sweep(mark)
+            else:
+                keep.append((deadline, pgid, mark))
+        self.pending = keep
+
+    def settle(self, token: str, deadline: float) -> None:
+        """Wait until nothing marked ``token`` is left, or ``deadline``; then SIGKILL the rest."""
+        while time.monotonic() < deadline and token and strays.find(token):
+            time.sleep(0.02)
+        self.due(time.monotonic(), everything=True)
+        if token:
+            strays.sweep(token)
 
 
 class Breach(NamedTuple):
@@ -66,7 +119,10 @@ class WorkerProcess:
         self.assigned: deque[Chunk] = deque()
         self.keys: OrderedDict[str, None] = OrderedDict()  # functions it holds, oldest first
         self.jobs: set[int] = set()  # jobs whose settings it has
+        self.stop_by: float | None = None  # killed: when its process group gets SIGKILL
         self.tasks_done = 0
+        self.group_tasks: dict[Any, int] = {}  # items done per job group (an Executor's max_tasks_per_child)
+        self.worn_out = False  # ran a group's max_tasks: takes no more work, replaced once idle
         self.head_since = 0.0  # when the chunk now at the head of ``assigned`` started running
         self.rss = 0
         self.rss_peak = 0
@@ -74,12 +130,16 @@ class WorkerProcess:
     def fileno(self) -> int:
         return self.channel.fileno()
 
-    def kill(self) -> None:
-        """SIGKILL the worker and everything it started."""
+    def kill(self, *, at_once: bool = False) -> None:
+        """Stop the worker and everything it started: SIGTERM to its process group now, so that
+        what a task started can clean up (loky's resource tracker unlinks its semaphores and
+        folders once the processes holding its pipe are gone), SIGKILL ``KILL_GRACE`` later
+        (``Stopping``). ``at_once``: the worker itself gets SIGKILL now (its memory must go)."""
         self.retiring = True
-        try:
-            os.killpg(self.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
+        if self.stop_by is None:
+            self.stop_by = time.monotonic() + KILL_GRACE
+        signal_group(self.pid, signal.SIGTERM)
+        if at_once:
             try:
                 os.kill(self.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
@@ -92,7 +152,7 @@ class WorkerProcess:
         try:
             return self.process.wait(timeout=REAP_WAIT)
         except subprocess.TimeoutExpired:  # closed the socket but lingers: make sure
-            self.kill()
+            self.kill(at_once=True)
             try:
                 return self.process.wait(timeout=1)
             except subprocess.TimeoutExpired:
