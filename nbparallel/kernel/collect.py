@@ -108,8 +108,8 @@ def gather(run: MapRun, *, ordered: bool, errors: str, total_timeout: float | No
         unfinished = kept.mark_unfinished(run, total_timeout, length)
         if not ordered:
             arrival.extend(unfinished)
-    except InputFailure as failure:  # raised outside this handler, so it reads as the input raised it
-        failed_input = input_error(failure, kept.completed(run) if errors == "raise" else kept.outcomes(run))
+    except InputFailure as broken:  # raised outside this handler, so it reads as the input raised it
+        failed_input = input_error(broken, kept.completed(run) if errors == "raise" else kept.outcomes(run))
     except NbParallelError as error:
         if not error.completed:
             error.completed = kept.completed(run)
@@ -142,8 +142,8 @@ def stream(run: MapRun, *, ordered: bool, errors: str, deadline: float | None = 
         while True:
             try:
                 batch = next(batches, None)
-            except InputFailure as failure:
-                failed_input = input_error(failure, dict(waiting))
+            except InputFailure as broken:
+                failed_input = input_error(broken, dict(waiting))
                 break
             if batch is None:
                 break

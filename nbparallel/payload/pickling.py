@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pickle
 import reprlib
+import signal
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -52,11 +53,14 @@ def loads(data: bytes | bytearray | memoryview) -> Any:
 
 def pickling_error(value: Any) -> BaseException | None:
     """Why ``value`` cannot be pickled, or None. For naming the culprit after a batch failed. Any
-    exception a ``__reduce__`` raises counts (SystemExit too); Ctrl-C propagates."""
+    exception a ``__reduce__`` raises counts (SystemExit too); Ctrl-C propagates, where it can come
+    (a worker ignores SIGINT: a KeyboardInterrupt there is the object's)."""
     try:
         dumps(value)
-    except KeyboardInterrupt:
-        raise
+    except KeyboardInterrupt as exc:
+        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+            raise
+        return exc
     except BaseException as exc:
         return exc
     return None

@@ -106,6 +106,10 @@ class TaggedOutput(io.TextIOBase):
     def isatty(self) -> bool:
         return False
 
+    def close(self) -> None:
+        """A task closing sys.stdout must not take the capture away from the items after it."""
+        self.flush()
+
     def fileno(self) -> int:
         raise io.UnsupportedOperation("worker output is captured; it has no file descriptor")
 
@@ -166,6 +170,7 @@ class Worker:
         self.conn = conn
         self.slot = slot
         self.state = WorkerState()
+        self.streams: tuple[Any, Any] = (sys.stdout, sys.stderr)  # what each chunk starts with (main sets them)
         self.function_frames: dict[str, Frame] = {}  # received, not yet unpickled
         self.functions: dict[str, Callable[..., Any]] = {}  # the sidecar says when to forget one
         self.jobs: dict[int, msg.Job] = {}
@@ -238,6 +243,7 @@ class Worker:
         stop_on_error = bool(job.get("stop_on_error"))
         call: msg.CallMode = job.get("call", "one")
         self.state.job = header["job"]
+        sys.stdout, sys.stderr = self.streams  # a task may have replaced them: not for the next ones
         batch = Batch(start)
         began = time.perf_counter()
         stage = "function"
@@ -446,6 +452,7 @@ def main(argv: list[str]) -> None:
     worker = Worker(conn, slot)
     sys.stdout = TaggedOutput(conn, "stdout", worker.state)
     sys.stderr = TaggedOutput(conn, "stderr", worker.state)
+    worker.streams = (sys.stdout, sys.stderr)
     # display() and matplotlib figures in tasks go to the caller's cell (worker/display.py)
     rich.install(lambda header, payload: conn.send(header, list(payload)), lambda: (worker.state.job, worker.state.index))
     os.register_at_fork(after_in_child=worker.forked)
