@@ -165,11 +165,11 @@ function drawHead(parts, m) {
   parts.counts.hidden = single;
   parts.pct.hidden = single;
   parts.rate.hidden = single;
-  parts.counts.textContent = countsText(done, failed, total);
+  parts.counts.textContent = single ? "" : countsText(done, failed, total);
   parts.counts.title = `${formatCount(done)} succeeded, ${formatCount(failed)} failed` +
     (total === null ? ", total not known yet" : ` of ${formatCount(total)}`);
   const bar = barGeometry(done, failed, total);
-  parts.pct.textContent = bar.label;
+  parts.pct.textContent = single ? "" : bar.label;
   const spin = (bar.indeterminate || single) && state === "running";
   parts.bar.classList.toggle("nbp-indeterminate", spin);
   if (single) {

@@ -69,8 +69,11 @@ def _free_port() -> int:
 class JupyterServer:
     """A JupyterLab server (which also serves Notebook 7's pages) for one test."""
 
-    def __init__(self, root: Path, extra_env: dict[str, str] | None = None) -> None:
+    def __init__(self, root: Path, extra_env: dict[str, str] | None = None, *, kernels: bool = True,
+                 save_widget_state: bool = False) -> None:
         self.root = root
+        self.kernels = kernels  # False: no kernel can start (a notebook opened as a reader would)
+        self.save_widget_state = save_widget_state  # JupyterLab's "Save Widget State Automatically"
         self.home = Path(tempfile.mkdtemp(prefix="nbp-jupyter-"))
         self.port = _free_port()
         self.token = secrets.token_hex(16)
@@ -95,6 +98,10 @@ class JupyterServer:
         notices = dirs["settings"] / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
         notices.parent.mkdir(parents=True)
         notices.write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))
+        if self.save_widget_state:
+            widgets = dirs["settings"] / "@jupyter-widgets" / "jupyterlab-manager" / "plugin.jupyterlab-settings"
+            widgets.parent.mkdir(parents=True)
+            widgets.write_text(json.dumps({"saveState": True}))
         env = dict(os.environ)
         env.update(JUPYTER_CONFIG_DIR=str(dirs["config"]), JUPYTER_DATA_DIR=str(dirs["data"]),
                    JUPYTER_RUNTIME_DIR=str(dirs["runtime"]), JUPYTERLAB_SETTINGS_DIR=str(dirs["settings"]),
@@ -111,6 +118,8 @@ class JupyterServer:
             "--LabApp.expose_app_in_browser=True", "--JupyterNotebookApp.expose_app_in_browser=True",
             "--LabApp.news_url=None", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
         ]
+        if not self.kernels:  # only a kernelspec that does not exist is allowed: none can start
+            command.append("--KernelSpecManager.allowed_kernelspecs=nbp-no-kernel")
         with open(self.log_path, "wb") as log:
             # Its own process group, so a stuck server can be killed with everything in it.
             self.proc = subprocess.Popen(command, cwd=self.root, env=self.env, stdout=log,
@@ -178,27 +187,42 @@ def launch_chromium(playwright: Any) -> Any:
     return playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
 
 
-# Every progress widget on the page, as the tests read it.
-READ_WIDGETS = """() => Array.from(document.querySelectorAll('.nbp-progress')).map((root) => {
-  const text = (sel) => root.querySelector(sel)?.textContent ?? null;
-  const lanes = Array.from(root.querySelectorAll('.nbp-lane')).map((lane) => ({
-    state: lane.dataset.state, what: lane.querySelector('.nbp-lane-what')?.textContent,
-    restarts: lane.querySelector('.nbp-lane-restarts')?.textContent ?? null, title: lane.title }));
-  const errors = Array.from(root.querySelectorAll('.nbp-error')).map((row) => ({
-    where: row.querySelector('.nbp-error-where')?.textContent, message: row.querySelector('.nbp-error-msg')?.textContent,
-    traceback: row.querySelector('.nbp-traceback')?.textContent }));
-  const cancel = root.querySelector('.nbp-cancel');
-  return {
-    description: text('.nbp-desc'), state: root.dataset.state, tone: root.dataset.tone,
-    done: Number(root.dataset.done), failed: Number(root.dataset.failed),
-    total: root.dataset.total === '' ? null : Number(root.dataset.total),
-    visible: root.offsetParent !== null, badge: text('.nbp-badge'), counts: text('.nbp-counts'),
-    percent: text('.nbp-pct'), rate: text('.nbp-rate'), time: text('.nbp-time'),
-    bar: root.querySelector('.nbp-bar-done')?.style.width ?? null,
-    barFailed: root.querySelector('.nbp-bar-failed')?.style.width ?? null,
-    summary: text('.nbp-summary'), lanesTitle: text('.nbp-lanes-box > summary'), lanes,
-    errorsTitle: text('.nbp-errors > summary'), errors,
-    outputTitle: text('.nbp-output > summary'), output: text('.nbp-output-lines'),
-    cancelShown: cancel ? !cancel.hidden : false,
-  };
-})"""
+# Every progress display on the page, live widget or static rendering, in page order, as the tests
+# read it. A static rendering in an untrusted notebook has lost its data-* attributes to the
+# sanitizer: what it says is read from its text then.
+READ_DISPLAYS = """() => {
+  const cells = Array.from(document.querySelectorAll('.jp-Notebook .jp-Cell'));
+  return Array.from(document.querySelectorAll('.nbp-progress, .nbp-static')).map((root) => {
+    const text = (sel) => root.querySelector(sel)?.textContent ?? null;
+    const output = root.closest('.jp-OutputArea-child');
+    const siblings = output ? Array.from(output.parentElement.children) : [];
+    const lanes = Array.from(root.querySelectorAll('.nbp-lane')).map((lane) => ({
+      state: lane.dataset.state, what: lane.querySelector('.nbp-lane-what')?.textContent ?? lane.textContent,
+      restarts: lane.querySelector('.nbp-lane-restarts')?.textContent ?? null, title: lane.title }));
+    const errors = Array.from(root.querySelectorAll('.nbp-error')).map((row) => ({
+      where: row.querySelector('.nbp-error-where')?.textContent, message: row.querySelector('.nbp-error-msg')?.textContent,
+      traceback: row.querySelector('.nbp-traceback')?.textContent, open: row.querySelector('details')?.open ?? false }));
+    const sections = {};
+    for (const box of root.querySelectorAll('details')) {
+      sections[box.dataset.nbpSection ?? box.querySelector('summary')?.textContent] = box.open;
+    }
+    const cancel = root.querySelector('.nbp-cancel');
+    const badge = text('.nbp-badge');
+    const fallbackState = badge && badge.startsWith('done') ? 'done' : badge;
+    return {
+      kind: root.classList.contains('nbp-static') ? 'static' : 'live',
+      cell: cells.indexOf(root.closest('.jp-Cell')), position: siblings.indexOf(output),
+      description: text('.nbp-desc'), state: root.dataset.state ?? fallbackState, tone: root.dataset.tone ?? null,
+      done: root.dataset.done === undefined ? null : Number(root.dataset.done),
+      failed: root.dataset.failed === undefined ? null : Number(root.dataset.failed),
+      total: root.dataset.total === undefined || root.dataset.total === '' ? null : Number(root.dataset.total),
+      visible: root.offsetParent !== null, badge, counts: text('.nbp-counts'),
+      percent: text('.nbp-pct'), rate: text('.nbp-rate'), time: text('.nbp-time'),
+      bar: root.querySelector('.nbp-bar-done')?.style.width ?? null,
+      barFailed: root.querySelector('.nbp-bar-failed')?.style.width ?? null,
+      summary: text('.nbp-summary'), lanesTitle: text('.nbp-lanes-box > summary'), lanes,
+      errorsTitle: text('.nbp-errors > summary'), errors, sections,
+      cancelShown: cancel ? !cancel.hidden : false, height: root.getBoundingClientRect().height,
+    };
+  });
+}"""

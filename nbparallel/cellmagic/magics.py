@@ -163,7 +163,7 @@ class ParallelMagics(Magics):
 
         try:
             # The engine pickles the runner first, before it starts anything.
-            with presenting(describe_sweep(names, zipped=args.zip), lambda i: repr(items[i])):
+            with presenting(describe_sweep(names, zipped=args.zip), lambda i: repr(items[i]), unit="runs"):
                 values = api.map(runner, items, workers=args.workers, errors=args.errors, progress=progress,
                                  checkpoint=args.checkpoint)
         except durable.CheckpointError:  # the journal refused the call: nothing ran, nothing to keep

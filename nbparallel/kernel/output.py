@@ -33,6 +33,7 @@ class Presentation:
 
     description: str | None = None
     label: Labeller | None = None
+    unit: str = "items"  # what the display counts: "runs" for a %%parallel cell
 
 
 _presentation: contextvars.ContextVar[Presentation] = contextvars.ContextVar("nbparallel_presentation",
@@ -40,9 +41,10 @@ _presentation: contextvars.ContextVar[Presentation] = contextvars.ContextVar("nb
 
 
 @contextlib.contextmanager
-def presenting(description: str | None = None, label: Labeller | None = None) -> Iterator[None]:
-    """Calls started in this block use ``description`` and ``label`` (see ``Presentation``)."""
-    token = _presentation.set(Presentation(description, label))
+def presenting(description: str | None = None, label: Labeller | None = None, unit: str = "items"
+               ) -> Iterator[None]:
+    """Calls started in this block use ``description``, ``label`` and ``unit`` (see ``Presentation``)."""
+    token = _presentation.set(Presentation(description, label, unit))
     try:
         yield
     finally:

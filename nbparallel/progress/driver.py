@@ -198,11 +198,11 @@ class RunProgress:
     """The Observer of one map/imap call (see ``mapping.Observer``)."""
 
     def __init__(self, kind: str, description: str, *, force: bool, cancellable: bool,
-                 label: Labeller | None = None) -> None:
+                 label: Labeller | None = None, unit: str = "items") -> None:
         self.kind = kind
         self.force = force
         self.label = label  # names an item in failures and lanes (``%%parallel``: its parameters)
-        self.model = ProgressModel(description, cancellable=cancellable)
+        self.model = ProgressModel(description, cancellable=cancellable, unit=unit)
         self.lanes = LaneBook()
         self.driver: Driver | None = None
         self.run: MapRun | None = None
@@ -317,7 +317,7 @@ def for_call(progress: bool | None, fn: Callable[..., Any], verb: str, *,
         return None
     shown = presentation()  # a caller such as %%parallel may name the call and its items itself
     return RunProgress(kind, shown.description or f"{verb}({_name(fn)})", force=progress is True,
-                       cancellable=cancellable and kind == "widget", label=shown.label)
+                       cancellable=cancellable and kind == "widget", label=shown.label, unit=shown.unit)
 
 
 def attach(observer: RunProgress | None, iterator: Iterator[Any]) -> Iterator[Any]:

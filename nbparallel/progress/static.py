@@ -112,9 +112,9 @@ def _bar(snap: Snapshot, colour: str) -> str:
     )
 
 
-def _section(name: str, title: str, body: str, *, open_: bool, title_colour: str = "muted") -> str:
+def _section(name: str, css_class: str, title: str, body: str, *, open_: bool, title_colour: str = "muted") -> str:
     return (
-        f'<details data-nbp-section="{_esc(name)}" style="margin-top:3px"{" open" if open_ else ""}>'
+        f'<details class="{css_class}" data-nbp-section="{_esc(name)}" style="margin-top:3px"{" open" if open_ else ""}>'
         f'<summary style="cursor:pointer;font-size:11px;{_colour("color", title_colour)}">{_esc(title)}</summary>'
         f"{body}</details>"
     )
@@ -143,7 +143,7 @@ def _failures(snap: Snapshot) -> str:
     more = f" (first {format_count(listed)} listed)" if listed < snap.error_count else ""
     body = (f'<ol class="nbp-error-list" data-nbp-scroll="errors" style="margin:2px 0 0;padding-left:12px;'
             f'list-style:none;max-height:480px;overflow-y:auto">{"".join(rows)}</ol>')
-    return _section("errors", f"{format_count(snap.error_count)} failed{more}", body, open_=True,
+    return _section("errors", "nbp-errors", f"{format_count(snap.error_count)} failed{more}", body, open_=True,
                     title_colour="bad")
 
 
@@ -162,7 +162,7 @@ def _lanes(snap: Snapshot) -> str:
             parts.append(str(lane["note"]))
         rows.append(f'<div class="nbp-lane" data-pid="{_esc(lane.get("pid"))}">{_esc(" · ".join(parts))}</div>')
     body = f'<div class="nbp-lanes" style="margin:2px 0 0 12px;font-size:11px">{"".join(rows)}</div>'
-    return _section("lanes", f"workers · {len(snap.lanes)}", body, open_=False)
+    return _section("lanes", "nbp-lanes-box", f"workers · {len(snap.lanes)}", body, open_=False)
 
 
 def html_text(snap: Snapshot, key: str = "") -> str:
