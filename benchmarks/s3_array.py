@@ -17,8 +17,10 @@ kernel allocates the shmem pages as it copies) and "floor: copy into mapped shar
 into a memfd whose pages are already allocated and mapped, the best of memmove and numpy's copy).
 nbparallel's cold call is compared with the first, its warm calls with the second. "nbparallel
 (placing only)" times nothing but nbparallel's move of the 64 slices into shared memory (pickling
-and placement, in the caller, no workers): cold, then warm with the same array (found placed,
-compared), and "new array" warm with a fresh array of the same size every call (a pooled segment).
+and placement, in the caller, no workers): cold (an array never sent, an empty pool), warm (the same
+array again: found placed and compared), and "new array" (another array of the same size each time:
+copied into a pooled segment). Its ratios are over floors measured in the same child, interleaved
+with it repeat by repeat, so both see the same load; its *cold* and *warm* columns are medians.
 """
 
 from __future__ import annotations
@@ -90,7 +92,8 @@ def measure(peer_name: str, params: dict[str, Any]) -> dict[str, Any]:
         samples = (_fresh_floor if peer_name == "floor-fresh" else _warm_floor)(array, params["repeats"])
     elif peer_name == PLACING:
         label = "nbparallel (placing only)"
-        samples, extra["new_array_warm"] = _placing(array, slices, params["repeats"])
+        extra["placing"] = _placing(array, params["repeats"])
+        samples = extra["placing"]["cold"][:1] + extra["placing"]["warm"]
     elif peer_name == "serial":
         for _ in range(params["repeats"]):
             started = time.perf_counter()
@@ -169,33 +172,48 @@ def _warm_floor(array: Any, repeats: int) -> list[float]:
     return samples
 
 
-def _placing(array: Any, slices: list[Any], repeats: int) -> tuple[list[float], float | None]:
-    """nbparallel's move of the slices into shared memory alone, as the runner does it when it
-    sends a call's chunk (pickle, then place; released as a finished call's are): cold, then warm
-    with the same array; and warm with a new array of the same size every call."""
+def _placing(array: Any, repeats: int) -> dict[str, list[float]]:
+    """nbparallel's move of 64 slices into shared memory alone, as the runner does it when it sends
+    a call's chunk (pickle, then place; then released, as a finished call's are), each repeat
+    interleaved with the two floors so the ratios see the same machine load: *cold* (an array never
+    sent, an empty pool), *warm* (the same array again: found placed, compared) and *new array*
+    (another array of the same size: a pooled segment, copied into)."""
     import numpy as np
 
     from nbparallel.payload import pickling, placement
 
-    def place_once(parts: list[Any], job: int) -> float:
+    jobs = iter(range(10**9))
+    edges = np.linspace(0, len(array), SLICES + 1).astype(int)
+
+    def place_once(source: Any) -> float:
+        job = next(jobs)
+        parts = [source[a:b] for a, b in zip(edges[:-1], edges[1:])]
         started = time.perf_counter()
         packed = pickling.pack(parts)
         packed.place(("job", job), ("bench", job))
         took = time.perf_counter() - started
         packed.close()
         placement.release(("bench", job))
+        placement.settle()  # its segments mapped for the next call, as between two cells
         return took
 
-    samples = [place_once(slices, job) for job in range(repeats)]
-    fresh: list[float] = []
-    edges = np.linspace(0, len(array), SLICES + 1).astype(int)
-    for job in range(repeats):
-        other = np.empty_like(array)
-        other[:] = array  # a new array (its pages written) before the clock starts
-        fresh.append(place_once([other[a:b] for a, b in zip(edges[:-1], edges[1:])], repeats + job))
-        del other
+    def written_copy() -> Any:
+        copy = np.empty_like(array)
+        copy[:] = array  # its pages written before the clock starts
+        return copy
+
+    out: dict[str, list[float]] = {"fresh_floor": [], "cold": [], "warm_floor": [], "warm": [], "new_array": []}
+    for _ in range(repeats):
+        placement.clear()  # nothing pooled: the next placement is a first one
+        source = written_copy()
+        out["fresh_floor"] += _fresh_floor(array, 1)
+        out["cold"].append(place_once(source))
+        out["warm_floor"] += _warm_floor(array, 1)
+        out["warm"].append(place_once(source))
+        out["new_array"].append(place_once(written_copy()))
+        del source
     placement.clear()
-    return samples, (med(fresh[1:]) if len(fresh) > 1 else None)
+    return out
 
 
 def _peak_rss() -> int:
@@ -207,6 +225,17 @@ def _cold_warm(peer: str, samples: list[float]) -> tuple[float, float]:
     if peer in FLOOR_LABELS or len(samples) < 2:
         return median(samples), median(samples)
     return samples[0], median(samples[1:])
+
+
+def _placing_row(label: str, placing: dict[str, list[float]], cold_key: str, warm_key: str,
+                 outcome: Outcome) -> list[Any]:
+    """Placing's own row: its ratios over the floors measured in the same child, interleaved."""
+    cold, warm = median(placing[cold_key]), median(placing[warm_key])
+    fresh, mapped = median(placing["fresh_floor"]), median(placing["warm_floor"])
+    speed = f"{outcome.data['array_bytes'] / warm / 2**30:.2f} GiB/s" if warm else None
+    return [label, report.seconds(cold) if warm_key == "warm" else None, report.seconds(warm), speed, None,
+            report.times(cold / fresh) if warm_key == "warm" else None, report.times(warm / mapped),
+            report.mib(outcome.data["caller_peak_extra"]) if warm_key == "warm" else None, None]
 
 
 def render(results: list[tuple[Case, Outcome]], opts: Options) -> str:
@@ -233,10 +262,10 @@ def render(results: list[tuple[Case, Outcome]], opts: Options) -> str:
         floors = (None, None) if case.peer in FLOOR_LABELS else (over(cold, fresh_floor), over(warm, warm_floor))
         lines.append([label, report.seconds(cold), report.seconds(warm), speed, shown_ratio, *floors,
                       report.mib(outcome.data["caller_peak_extra"]), report.status_note(outcome)])
-        new_array = outcome.data.get("new_array_warm")
-        if new_array:
-            lines.append(["nbparallel (placing, new array)", None, report.seconds(new_array), None, None, None,
-                          over(new_array, warm_floor), None, None])
+        placing = outcome.data.get("placing")
+        if placing:
+            lines[-1] = _placing_row(label, placing, "cold", "warm", outcome)
+            lines.append(_placing_row("nbparallel (placing, new array)", placing, "cold", "new_array", outcome))
     head = (f"{TITLE}: {opts.s3_mib} MiB float64, {SLICES} slices, {opts.workers} workers (started), "
             f"{opts.repeats} calls: cold = the first, warm = the median of the others; ÷best compares warm; "
             "÷floor: cold over the fresh-memfd floor, warm over the mapped-pages floor\n")

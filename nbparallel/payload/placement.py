@@ -91,7 +91,19 @@ def _map_later(waiting: list[Segment]) -> None:
                         pass  # base() maps it when it is needed
 
     if waiting:
-        threading.Thread(target=work, name="nbparallel-map-segments", daemon=True).start()
+        thread = threading.Thread(target=work, name="nbparallel-map-segments", daemon=True)
+        _mappers.append(thread)
+        thread.start()
+
+
+_mappers: list[threading.Thread] = []
+
+
+def settle() -> None:
+    """Wait until the segments released so far are mapped (for measurements that must not
+    overlap it)."""
+    while _mappers:
+        _mappers.pop(0).join()
 
 
 class Placement:
