@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import bisect
 import io
-import mmap
 import os
 import pickle
 import sys
@@ -308,22 +307,17 @@ def loads(data: Any, fds: list[int], specs: list[dict[str, Any]], *, private: bo
     else's (used for results, which belong to the caller alone). Otherwise buffers are mapped
     read-only, except those of shared_array segments, which are shared and writable.
     """
-    stream: mmap.mmap | None = None
+    stream: memoryview | None = None
     try:
         if not specs:
             return load(data, [])
         maps: dict[tuple[int, int], memoryview] = {}
         buffers: list[memoryview] = []
-        where = (0, 0)
         for spec in specs:
             fd = fds[spec["fd"]]
             offset, size = spec["offset"], spec["size"]
             if spec.get("stream"):  # the pickle stream itself (see STREAM_OUT_OF_BAND_MIN)
-                try:
-                    stream = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)  # unmapped as soon as it is read
-                except OSError as exc:
-                    raise segments.limit_error(exc, "could not map a shared-memory segment") from None
-                where = (offset, size)
+                stream = segments.map_fd(fd, os.fstat(fd).st_size, segments.READ)[offset : offset + size]
                 continue
             access = segments.COPY if private else (segments.WRITE if spec["writable"] else segments.READ)
             key = (spec["fd"], access)
@@ -331,13 +325,13 @@ def loads(data: Any, fds: list[int], specs: list[dict[str, Any]], *, private: bo
                 keep = spec.get("keep") and not private
                 maps[key] = _kept_map(fd, access) if keep else segments.map_fd(fd, os.fstat(fd).st_size, access)
             buffers.append(maps[key][offset : offset + size])
-        if stream is None:
-            return load(data, buffers)
-        with memoryview(stream) as whole, whole[where[0] : where[0] + where[1]] as part:
-            return load(part, buffers)  # unpickling copies out what it keeps
+        return load(data if stream is None else stream, buffers)
     finally:
         if stream is not None:
-            stream.close()
+            try:
+                stream.release()  # unpickling copied out what it keeps: the mapping goes with this view
+            except BufferError:  # something still reads it: the mapping goes when that does
+                pass
         close_fds(fds)
 
 
