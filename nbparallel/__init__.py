@@ -23,6 +23,7 @@ __all__ = [
     "configure",
     "status",
     "shutdown",
+    "last_results",
     "share",
     "shared_array",
     "NbParallelError",
@@ -48,6 +49,7 @@ _WHERE = {
     "configure": "api",
     "status": "api",
     "shutdown": "api",
+    "last_results": "api",
     "submit": "futures",
     "Executor": "futures",
     "share": "payload.shm",
@@ -64,7 +66,7 @@ _WHERE = {
 }
 
 if TYPE_CHECKING:
-    from .api import configure, imap, map, shutdown, status
+    from .api import configure, imap, last_results, map, shutdown, status
     from .crashes import InitializerFailed, MemoryLimitExceeded, WorkerCrashed
     from .errors import (ClusterUnavailable, Interrupted, NbParallelError, RemoteTraceback, SerializationError,
                          SidecarDied, TaskError, TaskTimeout, details)

@@ -154,6 +154,14 @@ def imap(
     return _progress.attach(observer, iterator)
 
 
+def last_results() -> dict[int, Any]:
+    """``{index: result}`` of the items that had finished when the last stopped call stopped (the
+    stop button, Ctrl-C, a failure with ``errors="raise"``, ``total_timeout``): what that call's
+    exception carries as ``err.completed``, for a cell that did not catch it. Empty if no call has
+    stopped yet. (A ``%%parallel`` cell keeps its finished runs in its ``--out`` variable.)"""
+    return dict(collect.last_stopped)
+
+
 def configure(
     *,
     workers: Any = _UNSET,

@@ -275,3 +275,8 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, message: str = "", completed: dict[int, Any] | None = None):
         super().__init__(message)
         self.completed: dict[int, Any] = completed or {}
+
+    def _render_traceback_(self) -> list[str]:
+        # What IPython shows for it: the message alone. A stop is no bug to debug, and the only
+        # frames under the caller's line are nbparallel's own.
+        return [f"{type(self).__name__}: {self}"]

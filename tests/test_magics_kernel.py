@@ -230,6 +230,24 @@ def test_interrupt_keeps_finished_values_and_the_pool_recovers(kernel: Kernel) -
     assert "2 workers" in status and "0 jobs" in status and "busy" not in status
 
 
+def test_a_stopped_map_says_where_its_finished_results_are(kernel: Kernel) -> None:
+    msg_id = kernel.submit("import time, nbparallel\n"
+                           "def slow(x):\n    print('start', x, flush=True)\n    time.sleep(0.1 if x < 3 else 60)\n"
+                           "    return x * 10\n"
+                           "nbparallel.map(slow, range(6), workers=2)")
+    deadline = time.monotonic() + 60
+    while shown(kernel.messages_for(msg_id)).count("start") < 5:  # 0-2 done, two slow ones running
+        assert time.monotonic() < deadline, shown(kernel.messages_for(msg_id))
+        kernel.pump(0.05)
+    kernel.km.interrupt_kernel()
+    execution = kernel.wait(msg_id)
+    assert execution.ename == "Interrupted"
+    # No err exists in that cell: the message names a way that does, and no frame of ours is shown.
+    assert execution.reply["traceback"] == [f"Interrupted: {execution.reply['evalue']}"]
+    assert "nbparallel.last_results()" in execution.reply["evalue"] and "err.completed" not in execution.reply["evalue"]
+    assert kernel.value("sorted(nbparallel.last_results().items())") == [(0, 0), (1, 10), (2, 20)]
+
+
 def test_install_makes_a_new_kernel_load_the_extension(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("IPYTHONDIR", str(tmp_path))  # the kernel below inherits it
     done = subprocess.run([sys.executable, "-m", "nbparallel", "install"], capture_output=True, text=True,

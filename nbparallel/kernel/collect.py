@@ -14,8 +14,20 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from ..errors import Interrupted, NbParallelError, TaskTimeout, keep_completed
+from ..errors import Interrupted, NbParallelError, TaskTimeout, completed_of, keep_completed
 from .mapping import Batch, InputFailure, MapRun
+
+#: ``{index: result}`` of the last call that stopped before its end (``nbparallel.last_results()``):
+#: a cell stopped by the stop button has no ``err`` to read ``err.completed`` from.
+last_stopped: dict[int, Any] = {}
+
+
+def remember(error: BaseException) -> None:
+    """Keep what had finished when a call stopped with ``error`` (nothing for other exceptions)."""
+    global last_stopped
+    completed = completed_of(error)
+    if completed is not None:
+        last_stopped = completed
 
 
 class Kept:
@@ -80,6 +92,16 @@ class Kept:
 def gather(run: MapRun, *, ordered: bool, errors: str, total_timeout: float | None) -> list[Any]:
     """Drive ``run`` to the end and return its results: in input order, or as they finished.
     ``errors``: ``"raise"`` stops at the first failure, ``"return"`` puts it in its item's place."""
+    __tracebackhide__ = True  # IPython shows the caller's line and the task's exception, not our plumbing
+    try:
+        return _gather(run, ordered=ordered, errors=errors, total_timeout=total_timeout)
+    except BaseException as error:
+        remember(error)
+        raise
+
+
+def _gather(run: MapRun, *, ordered: bool, errors: str, total_timeout: float | None) -> list[Any]:
+    __tracebackhide__ = True
     kept = Kept()
     arrival: list[Any] = []
     length: int | None = None  # of the list returned: the items read, or every item when it timed out
@@ -130,6 +152,18 @@ def stream(run: MapRun, *, ordered: bool, errors: str, deadline: float | None = 
     ``raise_in_order`` (concurrent.futures semantics): an item's error is raised when its place is
     reached, not when it arrives. ``deadline``: ``time.monotonic()`` past which waiting raises
     ``TimeoutError`` (with ``total_timeout``: our ``TaskTimeout``)."""
+    __tracebackhide__ = True  # as in gather
+    try:
+        yield from _stream(run, ordered=ordered, errors=errors, deadline=deadline, raise_in_order=raise_in_order,
+                           total_timeout=total_timeout)
+    except BaseException as error:
+        remember(error)
+        raise
+
+
+def _stream(run: MapRun, *, ordered: bool, errors: str, deadline: float | None = None,
+            raise_in_order: bool = False, total_timeout: float | None = None) -> Iterator[Any]:
+    __tracebackhide__ = True
     waiting: dict[int, Any] = {}  # ordered: finished but not yet yielded
     failed: dict[int, BaseException] = {}  # the errors among them
     run.backlog = waiting.__len__
@@ -234,7 +268,7 @@ def call_timeout(run: MapRun, total_timeout: float | None, completed: dict[int, 
     """The error of a call that ran past ``total_timeout``, carrying what had finished."""
     error = TaskTimeout(
         f"the call ran past its total_timeout of {total_timeout:g} s with {run.done} items finished; it was "
-        "cancelled (the finished results are in err.completed). Raise total_timeout, or pass "
+        "cancelled (nbparallel.last_results() returns the finished results). Raise total_timeout, or pass "
         'errors="return" to get the finished results in place.', limit=total_timeout)
     error.completed = completed
     return error
@@ -243,7 +277,7 @@ def call_timeout(run: MapRun, total_timeout: float | None, completed: dict[int, 
 def interrupt_message(run: MapRun) -> str:
     total = run.next_index if run.exhausted else run.total
     return (f"nbparallel: cancelled after {run.done} of {total if total is not None else 'an unknown number of'} "
-            "items finished; the finished results are in err.completed")
+            "items finished; nbparallel.last_results() returns the finished results ({index: result})")
 
 
 def _stop(run: MapRun, batch: Batch, kept: Kept) -> BaseException:
