@@ -189,10 +189,12 @@ class ParallelMagics(Magics):
         captured = cellcode.capture(code, self.namespace)
         runner = cellcode.CellRunner(code.source, code.filename, (), captured, mode="names", assigns=code.assigns)
         try:
-            if args.checkpoint is None:
-                future = submit(runner)
-            else:  # done at once when the journal holds this very cell's names
-                future = durable.submit(args.checkpoint, runner)
+            # Its progress display is named for the cell from its first frame on.
+            with presenting(f"%%parallel --bg: {background.describe_cell(cell, list(code.assigns))}"):
+                if args.checkpoint is None:
+                    future = submit(runner)
+                else:  # done at once when the journal holds this very cell's names
+                    future = durable.submit(args.checkpoint, runner)
                 if getattr(future, "restored", False):
                     print(f"nbparallel: restored from {args.checkpoint.path} (the cell did not run again)")
         except SerializationError as error:

@@ -86,6 +86,8 @@ class Driver:
         self.broken = False
 
     def start(self, show_now: bool = False) -> None:
+        if self.stop.is_set():  # finished before it was started (a future that was done at once)
+            return
         if self.poll is not None:
             # On the caller's thread, before any item is sent: this first sample is the baseline of
             # each worker's task count, so a lane counts only this call's tasks.

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..config import resolve_workers
 from ..crashes import WorkerCrashed
-from ..kernel.output import CellTarget
+from ..kernel.output import CellTarget, presentation
 from ..kernel.runner import current_client, settings
 from ..kernel.tasks import stop
 from .driver import Driver, check_progress, choose_display, make_renderer, poll_workers, progress_after
@@ -154,6 +154,7 @@ def track(future: cf.Future[Any], description: str | None = None, *,
         return None
     if progress is False or choose_display(force=progress is True) != "widget":
         return None
+    description = presentation().description or description  # e.g. a %%parallel --bg cell names itself
     key = CellTarget.capture().key  # the cell tracking it: its futures share one widget
     while True:
         with _groups_lock:
@@ -163,11 +164,11 @@ def track(future: cf.Future[Any], description: str | None = None, *,
                 group = FutureGroup(description or "background task", force=progress is True)
                 _groups[key] = group
         assert group is not None
-        if fresh:
-            group.driver.start(show_now=True)  # now, while the cell that started the work still runs
-        elif description and group.model.description != description:
+        if not fresh and description and group.model.description != description:
             group.model.description = "background tasks"  # several kinds of call share this widget
         if group.add(future):
+            if fresh:  # shown now, while the cell that started the work still runs (its first frame counts it)
+                group.driver.start(show_now=True)
             try:
                 setattr(future, _TRACKED, group)
             except AttributeError:  # a future class with __slots__: tracking it twice adds it twice
