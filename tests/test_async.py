@@ -328,6 +328,17 @@ def test_bad_arguments_are_clear() -> None:
     assert Flow(rate=50.0).plan(2, "auto") == (2, 32, 13)
 
 
+def test_a_cell_with_top_level_await_is_run_as_a_coroutine() -> None:
+    from nbparallel.cellmagic.cellcode import CellRunner, analyse, capture  # what %%parallel builds
+    from nbparallel.payload.aiocall import is_async
+
+    code = analyse("import asyncio\nawait asyncio.sleep(0.01)\ny = base + i\nawait asyncio.sleep(0) or y * 2")
+    assert code.reads == ["base", "i"] and code.assigns == ["asyncio", "y"]
+    runner = CellRunner(code.source, code.filename, ("i",), capture(code, {"base": 10}, ("i",)))
+    assert is_async(runner) and not is_async(CellRunner("1 + 1", "<c>", (), {}))
+    assert nbparallel.map(runner, [(1,), (2,), (3,)]) == [22, 24, 26]
+
+
 def test_a_cell_with_await_runs_in_a_real_kernel() -> None:
     from _notebooks import Kernel  # starts a kernel: only this test needs it
 
