@@ -208,8 +208,9 @@ class AsyncJob:
         sock = self.host.conn.sock
         loop.add_reader(sock.fileno(), self.on_readable)
         ticker = loop.create_task(self.tick())
+        self.feeding = loop.create_task(self.feed())
         try:
-            await self.feed()
+            await asyncio.wait({self.feeding})
         finally:
             if not self.closed:
                 loop.remove_reader(sock.fileno())
@@ -285,7 +286,7 @@ class AsyncJob:
         except (EOFError, OSError):  # the sidecar is gone: stop; loop.py's serve loop then exits
             self.closed = True
             asyncio.get_running_loop().remove_reader(self.host.conn.sock.fileno())
-            self.wake.set()
+            self.feeding.cancel()  # it may wait for a place that never frees up
             return
         if frame.op == "chunk" and frame.get("job") == self.job:
             self.add(frame)
