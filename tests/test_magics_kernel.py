@@ -181,6 +181,14 @@ def test_rich_output_from_tasks_reaches_the_cell_tagged(kernel: Kernel) -> None:
              for m in execution.messages if m["msg_type"] in ("stream", "display_data")]
     flat = [text for _, text in order]
     assert any(text and "printed 0" in text for text in flat[: flat.index("<b>run 0</b>")])
+    # A display a task gave an id to, then updated: the update replaces it in the cell.
+    execution = kernel.run("def counting(k):\n    handle = display(HTML('step 0'), display_id=True)\n"
+                           "    handle.update(HTML('step 1'))\n    return k\n"
+                           "nbparallel.map(counting, [0], progress=False)")
+    first = [m["content"] for m in execution.messages if m["msg_type"] == "display_data"]
+    updated = [m["content"] for m in execution.messages if m["msg_type"] == "update_display_data"]
+    assert [c["data"]["text/html"] for c in first] == ["step 0"] and [c["data"]["text/html"] for c in updated] == ["step 1"]
+    assert first[0]["transient"]["display_id"] == updated[0]["transient"]["display_id"]
 
 
 def test_figures_and_dataframes_from_a_sweep(kernel: Kernel) -> None:

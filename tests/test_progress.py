@@ -379,7 +379,7 @@ def test_a_finished_group_reports_failures(tracked: type[Recorder]) -> None:
 
 def test_widget_traits_repr_and_module() -> None:
     from nbparallel.progress.view import widget_state
-    from nbparallel.progress.widget import ProgressWidget, esm_source, js_dir
+    from nbparallel.progress.widget import ProgressWidget, esm_source, js_dir, shared_view
 
     model = ProgressModel("map(f)", total=10, workers=2)
     model.set_counts(7, 3)
@@ -395,6 +395,11 @@ def test_widget_traits_repr_and_module() -> None:
     source = esm_source()
     assert 'from "./format.js"' not in source and "export default { render }" in source
     assert "export function formatRate" in source
+    # Each widget carries only the loader; the view's code is in one shared model per kernel.
+    other = ProgressWidget(**widget_state(model.snapshot()))
+    assert widget._esm == other._esm and "function drawHead" not in widget._esm and len(widget._esm) < 4000
+    assert widget.view_code == other.view_code == shared_view().model_id and "function drawHead" in shared_view().code
+    other.close()
     assert js_dir() == ROOT / "js"  # a source checkout (editable install)
     widget.close()
 

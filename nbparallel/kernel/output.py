@@ -143,9 +143,14 @@ class CellTarget:
         except (ValueError, TypeError, AttributeError):  # not a bundle: say so rather than lose the call
             data, metadata = {"text/plain": "[nbparallel: a display from a worker could not be read]"}, {}
         index = header.get("index")
+        display_id = header.get("display_id")
+        transient = {"display_id": str(display_id)} if display_id else {}
+        if display_id and header.get("update"):  # replaces what the task showed under that id
+            self.send("update_display_data", {"data": data, "metadata": metadata, "transient": transient})
+            return
         if tagged and index is not None:
             self.stream("stdout", f"[{item_label(index, self.label)}]\n")
-        if not self.send("display_data", {"data": data, "metadata": metadata, "transient": {}}):
+        if not self.send("display_data", {"data": data, "metadata": metadata, "transient": transient}):
             self.stream("stdout", str(data.get("text/plain", "")) + "\n")
 
     def error(self, ename: str, evalue: str, traceback: list[str]) -> bool:
