@@ -346,7 +346,7 @@ def test_a_cell_with_await_runs_in_a_real_kernel() -> None:
     try:
         kernel.run("%load_ext nbparallel\n%nbparallel workers 2")
         began = time.monotonic()
-        execution = kernel.run("%%parallel --map i=range(40) --out res\n"
+        execution = kernel.run("%%parallel --map i=range(40) --concurrency 20 --out res\n"
                                "import asyncio\n"
                                "await asyncio.sleep(0.5)\n"
                                "print('fetched', i)\n"

@@ -24,6 +24,7 @@ from .cellargs import checkpoint_option, combine, evaluate_maps, split_line
 from ..errors import NbParallelError, SerializationError, completed_of, details
 from ..futures import submit
 from .. import checkpoint as durable
+from ..kernel.jobspec import Flow
 from ..kernel.output import presenting
 from ..kernel.tasks import stop
 from ..progress.tracking import track_future
@@ -46,6 +47,10 @@ OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
     (("--errors",), dict(choices=("raise", "return"), default="raise",
                          help="raise: stop at the first failure; return: keep the exception as that run's value")),
     (("--no-progress",), dict(action="store_true", help="show no progress display")),
+    (("--concurrency",), dict(type=int, metavar="N", help="a cell with top-level await: at most N runs in flight "
+                              "across the workers (default 64)")),
+    (("--rate",), dict(metavar="RATE", help="at most RATE runs start per unit of time across the workers, "
+                       "e.g. 50/s or 3000/min")),
     (("--bg",), dict(action="store_true",
                      help="run the cell once, in the background; its variables come back when it finishes")),
     (("--checkpoint",), dict(metavar="PATH", help="write each run's result to the journal PATH as it finishes; "
@@ -134,10 +139,15 @@ class ParallelMagics(Magics):
             raise UsageError(f"%%parallel: {exc}") from None
         if args.out is not None and not args.out.isidentifier():
             raise UsageError(f"%%parallel: --out needs a variable name, got {args.out!r}")
-        if args.bg and (args.map or args.zip or args.workers is not None):
-            raise UsageError("%%parallel: --bg runs the cell once; --map, --zip and -n do not apply to it")
+        if args.bg and (args.map or args.zip or args.workers is not None or args.concurrency or args.rate):
+            raise UsageError("%%parallel: --bg runs the cell once; --map, --zip, -n, --concurrency and --rate do "
+                             "not apply to it")
         if not args.bg and not args.map:
             raise UsageError("%%parallel: say what to run: --map NAME=EXPR (once per value) or --bg")
+        try:
+            Flow.make(args.concurrency, args.rate, None)  # "--rate fast" is refused before anything runs
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"%%parallel: {exc}") from None
         if args.workers is not None:
             try:
                 config.resolve_workers(args.workers)
@@ -165,7 +175,7 @@ class ParallelMagics(Magics):
             # The engine pickles the runner first, before it starts anything.
             with presenting(describe_sweep(names, zipped=args.zip), lambda i: repr(items[i]), unit="runs"):
                 values = api.map(runner, items, workers=args.workers, errors=args.errors, progress=progress,
-                                 checkpoint=args.checkpoint)
+                                 checkpoint=args.checkpoint, concurrency=args.concurrency, rate=args.rate)
         except durable.CheckpointError:  # the journal refused the call: nothing ran, nothing to keep
             raise
         except BaseException as error:  # a run's own exception too, as it raised it (errors.details)
