@@ -73,7 +73,7 @@ class NbParallelError(Exception):
     def _where(self) -> str:
         if self.index is None:  # a submitted call: ``item`` says what ran, e.g. "fn(1, key='x')"
             return self.item or "the task"
-        return f"item {self.index}" + (f" ({self.item})" if self.item else "")
+        return which_item(self.index, self.item)
 
 
 class TaskError(NbParallelError):
@@ -225,10 +225,11 @@ def renumber(error: BaseException, index: int) -> None:
 
 
 def which_item(index: int | None, item: str | None) -> str:
-    """How messages name an item: "item 3 ('x')", or "the task" for a submitted call."""
+    """How messages name an item: "item 3 ('x')", "item 3" when its repr says no more than its
+    index (``map(f, range(n))``), or "the task" for a submitted call."""
     if index is None:
         return f"the task{' (' + item + ')' if item else ''}"
-    return f"item {index}{' (' + item + ')' if item else ''}"
+    return f"item {index}{' (' + item + ')' if item and item != str(index) else ''}"
 
 
 class TaskTimeout(NbParallelError):
