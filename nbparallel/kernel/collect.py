@@ -62,17 +62,22 @@ class Kept:
         not yet read from the input); returns them."""
         for late in run.late:
             self.keep(late)
-        for index in range(length):
-            if index not in self.singles:
-                self.failed.add(index)
-            self.singles.setdefault(index, TaskTimeout(
+        settled = bytearray(length)  # 1 where an outcome is kept: only the others get a TaskTimeout
+        for start, values in self.spans:
+            settled[start : start + len(values)] = b"\x01" * len(values)
+        for index in self.singles:
+            if index < length:
+                settled[index] = 1
+        unfinished: list[TaskTimeout] = []
+        index = settled.find(0)
+        while index >= 0:
+            self.singles[index] = timeout = TaskTimeout(
                 f"item {index} did not finish before the call's total_timeout of {total_timeout:g} s",
-                index=index, limit=total_timeout))
-        for start, values in self.spans:  # spans win over placeholders for the indices they cover
-            for index in range(start, start + len(values)):
-                self.singles.pop(index, None)
-                self.failed.discard(index)
-        return [v for v in self.singles.values() if isinstance(v, TaskTimeout)]
+                index=index, limit=total_timeout)
+            self.failed.add(index)
+            unfinished.append(timeout)
+            index = settled.find(0, index + 1)
+        return unfinished
 
     def outcomes(self, run: MapRun) -> dict[int, Any]:
         """``{index: value or error}`` of every item with an outcome (errors="return")."""

@@ -44,6 +44,8 @@ class Job:
     fds: list[int] = field(default_factory=list)  # shared-memory segments of the function
     queue: deque[Chunk] = field(default_factory=deque)
     chunk_seconds: float | None = None  # recent time a chunk takes, from the workers' reports
+    deaths_outside: int = 0  # workers dead outside any of its items since its last result (policy.lost)
+    last_death: tuple[int, int | None] = (0, None)  # the pid and exit code of the last of them
     pace_next: float = 0.0  # with a rate: the next free start time (time.monotonic())
 
     @property

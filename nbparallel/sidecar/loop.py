@@ -41,7 +41,7 @@ from ..wire.frames import Frame
 from ..wire.frames import close_fds as close_all
 from .health import Startup, describe_exit
 from .jobs import Chunk, Job
-from .policy import PREFETCH, blame, functions_to_forget, limit_breached, may_prefetch, next_chunk_for, pace
+from .policy import PREFETCH, blame, lost, functions_to_forget, limit_breached, may_prefetch, next_chunk_for, pace
 
 TICK = 0.25  # seconds between housekeeping passes (kernel alive? memory samples)
 SAMPLE_INTERVAL = 0.5  # seconds between memory samples of the workers
@@ -199,6 +199,8 @@ class Sidecar:
         else:
             job.queue.append(chunk)
             self.fail_waiting()  # at once, if no worker can start
+            if lost(job):  # nor run this job's items
+                self.fail_queue(job)
 
     def drop_job(self, job_id: int) -> Job | None:
         """Forget a job and release the shared memory it held (workers keep their own mappings)."""
@@ -372,6 +374,8 @@ class Sidecar:
         if "settled" in done:  # an async chunk's outcomes past ``upto``: never run them again
             chunk.skip.extend(done["settled"])
         job = self.jobs.get(chunk.job)
+        if job is not None:
+            job.deaths_outside = 0  # its items do run
         if done["final"]:
             worker.assigned.remove(chunk)
             if done.get("requeue") and job is not None and chunk.remaining():
@@ -434,6 +438,20 @@ class Sidecar:
             self.jobs[running.job].queue.appendleft(running)
         else:
             running.close()
+        self.jobs[running.job].last_death = (worker.pid, exitcode)
+        if lost(self.jobs[running.job]):
+            self.fail_queue(self.jobs[running.job])
+
+    def fail_queue(self, job: Job) -> None:
+        """Fail every item of ``job`` still waiting for a worker: ``crashed``, as its last worker died."""
+        pid, exitcode = job.last_death
+        while job.queue:
+            chunk = job.queue.popleft()
+            indices = [chunk.start + offset for offset in chunk.remaining()]
+            chunk.close()
+            if indices:
+                self.kernel.send(msg.crashed(job=job.id, chunk=chunk.id, indices=indices, pid=pid, exitcode=exitcode,
+                                             memory=None, attempts=max(1, chunk.deaths)))
 
     def schedule(self) -> None:
         if not any(job.queue for job in self.jobs.values()):

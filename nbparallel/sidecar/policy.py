@@ -87,6 +87,12 @@ def functions_to_forget(worker: WorkerProcess, jobs: dict[int, Job]) -> list[str
     return [key for key in worker.keys if key not in in_use][: max(0, excess)]
 
 
+def lost(job: Job) -> bool:
+    """Workers keep dying before they run any of ``job``'s items (unpickling its function kills
+    them, say): its waiting chunks fail now, rather than each killing two more workers."""
+    return job.deaths_outside >= 2 * (max(1, job.retries) + 1)
+
+
 def blame(chunk: Chunk, job: Job, slot_chunk: int, offset: int, width: int) -> tuple[list[int], int]:
     """A worker died running ``chunk``; its slot read (``slot_chunk``, ``offset``, ``width``).
     Returns the offsets that fail now and their attempt count, and marks ``chunk`` for its rerun."""
@@ -107,6 +113,7 @@ def blame(chunk: Chunk, job: Job, slot_chunk: int, offset: int, width: int) -> t
     # again elsewhere, as many times as ``retries`` allows (once at least). A chunk that keeps
     # killing its workers there (its items' unpickling does) fails what is left of it.
     chunk.deaths += 1
+    job.deaths_outside += 1
     if chunk.deaths <= max(1, job.retries):
         return [], chunk.deaths
     culprits = chunk.remaining()
