@@ -12,7 +12,7 @@ from __future__ import annotations
 import signal
 from concurrent.futures.process import BrokenProcessPool
 
-from .errors import NbParallelError, SerializationError, which_item
+from .errors import NbParallelError, Unreadable, which_item
 
 __all__ = ["WorkerCrashed", "MemoryLimitExceeded", "ResultUnreadable", "InitializerFailed", "describe_exit"]
 
@@ -91,10 +91,10 @@ class MemoryLimitExceeded(WorkerCrashed):
         self.pid, self.memory, self.limit, self.attempts = pid, memory, limit, attempts
 
 
-class ResultUnreadable(SerializationError, BrokenProcessPool):
-    """A task's result came back but could not be unpickled in the kernel (its class is not
-    importable here, or unpickling it raised, SystemExit included). Only the items of that result
-    fail; the message says why."""
+class ResultUnreadable(Unreadable, BrokenProcessPool):
+    """A task's input could not be unpickled in its worker, or its result in the kernel (its class is
+    not importable there, or unpickling it raised, SystemExit included). Only that item fails (or,
+    when a whole result frame cannot be read, that frame's items); the message says why."""
 
 
 class InitializerFailed(NbParallelError, BrokenProcessPool):

@@ -263,6 +263,12 @@ class SerializationError(NbParallelError, pickle.PicklingError):
     Also a ``pickle.PicklingError``, so code written for ProcessPoolExecutor catches it."""
 
 
+class Unreadable(SerializationError):
+    """An item's input (in its worker), or its result (here) could not be unpickled: that item
+    alone fails. The kernel raises it as ``crashes.ResultUnreadable``, also a BrokenProcessPool, as
+    ProcessPoolExecutor reports it (its pool breaks; ours stays whole)."""
+
+
 class ProtocolError(NbParallelError):
     """A message on the wire was malformed or came from an incompatible version."""
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from .crashes import InitializerFailed
 from .errors import SerializationError
-from .kernel.tasks import Task, TaskFuture, await_at_exit, call_label, new_group
+from .kernel.tasks import Task, TaskFuture, await_at_exit, call_label, catch_up_with_runner, new_group
 from .payload.initializing import Chunked, Initialized
 from .progress.tracking import track_future
 
@@ -84,7 +84,9 @@ class Executor(cf.Executor):
         self._initargs = tuple(initargs)
         self._initializer_key = uuid.uuid4().hex  # this executor's own: its workers run it anew
         self._max_tasks_per_child = max_tasks_per_child
-        self._tasks: dict[cf.Future[Any], Task] = {}  # not finished yet
+        # Its tasks not finished yet (each is held by the runner until then; a result is the
+        # caller's alone once it has it, as concurrent.futures' tests check).
+        self._tasks: weakref.WeakSet[Task] = weakref.WeakSet()
         self._lock = threading.Lock()
         self._shutdown = False
         #: Why the executor cannot take more work (a failed initializer), as ProcessPoolExecutor's.
@@ -101,24 +103,20 @@ class Executor(cf.Executor):
                 task_fn = Initialized(fn, self._initializer_key, self._initializer, self._initargs)
             try:
                 task = Task(task_fn, args, kwargs, self._max_workers or 0, self._group,
-                            label=call_label(fn, args, kwargs), max_tasks=self._max_tasks_per_child)
+                            label=call_label(fn, args, kwargs), max_tasks=self._max_tasks_per_child,
+                            on_error=self._task_failed)
             except SerializationError as error:  # as ProcessPoolExecutor: the future fails, a PicklingError
                 failed: cf.Future[Any] = TaskFuture()
                 failed.set_exception(error)
                 return failed
             future: cf.Future[Any] = task.future
-            self._tasks[future] = task
+            self._tasks.add(task)
         await_at_exit(future)
         track_future(future, _describe_call(fn))
-        future.add_done_callback(self._settled)  # outside the lock: it runs at once if already done
         return future
 
-    def _settled(self, future: cf.Future[Any]) -> None:
-        with self._lock:
-            self._tasks.pop(future, None)
-        if future.cancelled():
-            return
-        error = future.exception()
+    def _task_failed(self, error: BaseException) -> None:
+        # On the results thread, as the future fails (kernel/tasks.py): no user code, no waiting.
         if isinstance(error, InitializerFailed):
             self._break(error)
 
@@ -130,7 +128,7 @@ class Executor(cf.Executor):
                 return
             LOGGER.critical("Exception in initializer:\n%s", error.remote_traceback or error)
             self._broken = f"{error.reason or error}; this Executor is not usable anymore (make a new one)"
-            pending = list(self._tasks.values())
+            pending = [task for task in list(self._tasks) if not task.future.done()]
         for task in pending:
             task.fail(InitializerFailed(str(self._broken)))
 
@@ -156,8 +154,9 @@ class Executor(cf.Executor):
         for the others."""
         with self._lock:
             self._shutdown = True
-            pending = list(self._tasks)
+            pending = [task.future for task in list(self._tasks) if not task.future.done()]
         if cancel_futures:
+            catch_up_with_runner()  # the tasks a worker was given are running: those are not cancelled
             for future in pending:
                 future.cancel()  # only those not running yet
         if wait:

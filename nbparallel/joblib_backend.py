@@ -30,6 +30,7 @@ from .kernel.output import CellTarget
 from .kernel.runner import get_client, settings
 from .kernel.tasks import Task, TaskFuture, new_group
 from .payload.aiocall import is_async
+from .payload.initializing import Initialized, key_of
 from .progress.driver import choose_display
 from .progress.tracking import FutureGroup
 
@@ -62,6 +63,9 @@ class NbParallelBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore
         self.target: CellTarget | None = None
         self.display: FutureGroup | None = None
         self.parallel: Any = None
+        self.initializer: Any = None  # see configure
+        self.initargs: tuple[Any, ...] = ()
+        self.initializer_key = ""
         self.awaiting = False  # the call's functions are coroutine functions (see AsyncBatch)
 
     def effective_n_jobs(self, n_jobs: int | None) -> int:
@@ -82,6 +86,12 @@ class NbParallelBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore
         self.parallel = parallel
         self.limit = n_jobs
         self.group = new_group()  # the call's tasks share its n_jobs cap, as an Executor's do
+        # Parallel(initializer=..., initargs=...) or parallel_config(initializer=...): run in each
+        # worker before its first batch of a call with that initializer and those arguments.
+        options = {**self.backend_kwargs, **backend_kwargs}
+        self.initializer = options.get("initializer")
+        self.initargs = tuple(options.get("initargs") or ())
+        self.initializer_key = key_of(self.initializer, self.initargs) if self.initializer is not None else ""
         return n_jobs
 
     def start_call(self) -> None:
@@ -108,9 +118,12 @@ class NbParallelBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore
         """Run one batch (a joblib ``BatchedCalls``) as a task; ``callback`` when it is done."""
         calls = len(func) if hasattr(func, "__len__") else 1
         label = _describe(func, calls)
+        name = _function_name(func)
         if _awaits(func):  # delayed(coroutine function): the batch's calls run concurrently on an event loop
             func = AsyncBatch(func)
             self.awaiting = True
+        if self.initializer is not None:
+            func = Initialized(func, self.initializer_key, self.initializer, self.initargs)
         task = Task(func, (), {}, self.limit, self.group, target=self.target, label=label)
         future = task.future
         with self.lock:
@@ -119,7 +132,7 @@ class NbParallelBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore
         display = self.display
         if display is not None:
             if display.model.description == "joblib":
-                display.model.description = f"joblib: {_function_name(func)}"
+                display.model.description = f"joblib: {name}"
             display.add(future, calls)
         if callback is not None:
             future.add_done_callback(callback)

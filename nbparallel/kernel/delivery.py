@@ -67,9 +67,14 @@ class Lane:
                 work()
             except BaseException:  # a bug of ours (the work catches what the user's code raises)
                 print(f"nbparallel: internal error on {self.name}:\n{traceback.format_exc()}", file=sys.stderr)
+            work = _done  # the future it settled, and its result, are the caller's alone now
 
 
 _internal = threading.local()
+
+
+def _done() -> None:
+    pass
 
 
 def mark_internal() -> None:

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..crashes import InitializerFailed, MemoryLimitExceeded, ResultUnreadable, WorkerCrashed
-from ..errors import NbParallelError, RemoteTraceback, SidecarDied, TaskError, TaskTimeout, attach, which_item
+from ..errors import (NbParallelError, RemoteTraceback, SidecarDied, TaskError, TaskTimeout, Unreadable, attach,
+                      which_item)
 from ..payload.aiocall import is_async
 from ..payload import pickling as ser
 from ..payload import salvage, tracebacks
@@ -154,6 +155,8 @@ class Job:
         if isinstance(value, TaskTimeout):  # a coroutine cancelled past its timeout (payload/retrying.py)
             return cancelled_timeout(value, index, item)
         error: NbParallelError = value  # the machinery's own error, e.g. a result that could not be pickled
+        if isinstance(value, Unreadable) and not isinstance(value, ResultUnreadable):  # ProcessPoolExecutor's type
+            error = ResultUnreadable(*value.args, index=value.index, item=value.item)
         if self.numbered:
             error.index, error.item = index, item
         return error

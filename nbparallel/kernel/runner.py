@@ -229,6 +229,7 @@ class Client:
                     handle = self.jobs.get(job)
                 if handle is not None:
                     self._hand(job, handle, frame)
+                    handle = None  # a finished call's future, and its result, must not wait for the next frame
                 else:
                     close_fds(frame.fds)
             elif frame.get("req") is not None:

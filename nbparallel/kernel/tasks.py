@@ -15,8 +15,9 @@ import concurrent.futures as cf
 import itertools
 import os
 import threading
+import weakref
 from collections.abc import Callable
-from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, PENDING, RUNNING
+from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING, RUNNING
 from typing import Any
 
 from ..errors import SerializationError, SidecarDied
@@ -26,7 +27,7 @@ from ..wire.frames import Frame
 from . import delivery
 from .jobs import Job
 from .output import CellTarget, flush_std
-from .runner import get_client
+from .runner import current_client, get_client
 
 _group_numbers = itertools.count(1)
 
@@ -74,8 +75,25 @@ class TaskFuture(cf.Future):  # type: ignore[type-arg]  # Future is generic only
         return True
 
     def _invoke_callbacks(self) -> None:
+        if not self._done_callbacks:  # type: ignore[attr-defined]  # a private list of Future's
+            return
         # Settled by nbparallel's own thread: the callbacks run on a thread of their own (delivery.py).
         delivery.run_callbacks(super()._invoke_callbacks)  # type: ignore[misc]
+
+
+def catch_up_with_runner(timeout: float = 2.0) -> None:
+    """Return once the runner has said which of the tasks sent so far it handed to workers (their
+    ``started`` notices are read): two round trips, since the runner schedules what it read after
+    answering the first. For ``Executor.shutdown(cancel_futures=True)``: it cancels what no worker
+    has been given, not merely what this side has not heard about yet."""
+    client = current_client()
+    if client is None or client.dead is not None:
+        return
+    for _ in range(2):
+        try:
+            client.ask_status(timeout)
+        except (SidecarDied, TimeoutError):  # gone or slow: cancel what is known to be pending
+            return
 
 
 def stop(future: cf.Future[Any]) -> bool:
@@ -91,12 +109,14 @@ class Task:
 
     def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
                  limit: int, group: int | None, *, target: CellTarget | None = None, label: str | None = None,
-                 max_tasks: int | None = None) -> None:
+                 max_tasks: int | None = None, on_error: Callable[[BaseException], None] | None = None) -> None:
         """``target``: where worker output goes (default: the cell running now); ``label``: how errors
         name the task (default: its arguments). The joblib backend sets both: it submits from a
         callback thread, on behalf of the cell that started the joblib call. ``max_tasks``: a
         worker is replaced after that many tasks of ``group`` (an Executor's max_tasks_per_child).
-        Raises RuntimeError once the interpreter is shutting down."""
+        ``on_error(exception)``: called when the future fails, before its callbacks, on the thread
+        that settles it (ours: it must not block). Raises RuntimeError once the interpreter is
+        shutting down."""
         check_accepting()
         engine = self.engine = Job(fn, call="kwargs", numbered=False)  # before the runner is even started
         try:
@@ -116,6 +136,7 @@ class Task:
         self.job = engine.id  # what the progress display matches the runner's worker list against
         self.settled = threading.Lock()
         self.ended = False
+        self.on_error = on_error
         flush_std()
         engine.route(self)
         engine.open(limit=limit, group=group, report_started=True, max_tasks=max_tasks)
@@ -171,12 +192,17 @@ class Task:
             self._settle(lambda f: f.set_exception(failure))
 
     def _settle(self, how: Callable[[cf.Future[Any]], None], send_end: bool = True) -> None:
+        future = self.future
         with self.settled:
-            if not self.future.done():
+            if not future.done():
                 try:
-                    how(self.future)
+                    how(future)
                 except cf.InvalidStateError:  # cancelled in the meantime
                     pass
+                else:
+                    failed = future._exception if future._state == FINISHED else None
+                    if failed is not None and self.on_error is not None:
+                        self.on_error(failed)
         self._end(send_end)
 
     # -- any thread ------------------------------------------------------------------------------
@@ -204,7 +230,9 @@ class Task:
 
 _exit_lock = threading.Lock()
 _exiting = False
-_awaited: set[cf.Future[Any]] = set()  # an Executor's pending futures: the interpreter waits for them
+# An Executor's futures: the interpreter waits for those pending (their tasks hold them; a weak set,
+# so that a result is the caller's alone once it has it).
+_awaited: weakref.WeakSet[cf.Future[Any]] = weakref.WeakSet()
 
 
 def await_at_exit(future: cf.Future[Any]) -> None:
@@ -212,7 +240,6 @@ def await_at_exit(future: cf.Future[Any]) -> None:
     concurrent.futures executor."""
     with _exit_lock:
         _awaited.add(future)
-    future.add_done_callback(_awaited.discard)
 
 
 def check_accepting() -> None:
@@ -227,7 +254,7 @@ def _wait_at_exit() -> None:
     global _exiting
     with _exit_lock:
         _exiting = True
-        pending = list(_awaited)
+        pending = [future for future in list(_awaited) if not future.done()]
     if pending:
         cf.wait(pending)
 

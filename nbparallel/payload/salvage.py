@@ -22,7 +22,7 @@ from typing import Any
 
 from . import pickling as ser
 from . import shm
-from ..errors import SerializationError
+from ..errors import SerializationError, Unreadable
 from ..wire.frames import Frame
 
 # Ops that change an object below them on the stack and leave it there, and ops that only drop.
@@ -341,8 +341,8 @@ def unpack_outcomes(frame: Frame) -> Any:
     return kept_offsets, kept_values, failures
 
 
-def unreadable(what: str, error: BaseException, index: int | None = None) -> SerializationError:
+def unreadable(what: str, error: BaseException, index: int | None = None) -> Unreadable:
     """The error of an item whose ``what`` (its input, result or exception) cannot be unpickled here."""
     which = "this item" if index is None else f"item {index}"
-    return SerializationError(f"the {what} of {which} could not be unpickled here ({type(error).__name__}: {error}). "
+    return Unreadable(f"the {what} of {which} could not be unpickled here ({type(error).__name__}: {error}). "
                               "Is everything it holds importable here (same sys.path, same cwd)?", index=index)
