@@ -347,3 +347,57 @@ def test_the_caller_killed_takes_everything_with_it(sig: signal.Signals) -> None
     finally:
         proc.kill()
         proc.wait()
+
+
+INTERRUPTED = textwrap.dedent("""
+    import os, signal, sys, threading, time, nbparallel
+    where = sys.argv[1]
+    nbparallel.configure(workers=2)
+    print("pool", nbparallel.status()["pid"], flush=True)
+    def slow(x):
+        time.sleep(0.02)
+        return x
+    def items():
+        yield from range(40)
+        threading.Event().wait()  # the input blocks
+    if where == "frozen":
+        os.kill(nbparallel.status()["pid"], signal.SIGSTOP)
+    print("go", flush=True)
+    started = time.monotonic()
+    try:
+        nbparallel.map(slow, items() if where == "input" else range(100_000), progress=False)
+    except KeyboardInterrupt as error:
+        done = getattr(error, "completed", None)
+        print("interrupted", type(error).__name__, round(time.monotonic() - started, 1),
+              all(v == i for i, v in (done or {}).items()), flush=True)
+""")
+
+
+@pytest.mark.parametrize("where", ["input", "frozen", "running"])
+def test_one_ctrl_c_stops_the_call_wherever_it_waits(where: str) -> None:
+    """Ctrl-C while the caller waits on a blocked input, on a frozen sidecar, or on results: one is
+    enough, the call raises Interrupted at once, with what had finished."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH")]))
+    proc = subprocess.Popen([sys.executable, "-c", INTERRUPTED, where], stdout=subprocess.PIPE, text=True, env=env)
+    sidecar = 0
+    try:
+        assert proc.stdout is not None
+        sidecar = int(proc.stdout.readline().split()[1])
+        assert proc.stdout.readline().strip() == "go"
+        time.sleep(1.0)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        line = proc.stdout.readline()
+        assert time.monotonic() - sent < 3, "one Ctrl-C did not stop the call at once"
+        assert line.startswith("interrupted Interrupted"), line
+        assert line.split()[-1] == "True"
+        proc.wait(timeout=15)
+    finally:
+        if sidecar:
+            try:
+                os.kill(sidecar, signal.SIGCONT)  # a stopped sidecar cannot see its caller go
+            except ProcessLookupError:
+                pass
+        proc.kill()
+        proc.wait()
