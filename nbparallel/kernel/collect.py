@@ -134,6 +134,9 @@ def _gather(run: MapRun, *, ordered: bool, errors: str, total_timeout: float | N
         length = max(run.next_index, run.total or 0)
         unfinished = kept.mark_unfinished(run, total_timeout, length)
         if not ordered:
+            for late in run.late:  # arrived while the call was being cancelled: theirs too
+                arrival.extend(late.values)
+                arrival.extend(late.errors.values())
             arrival.extend(unfinished)
     except InputFailure as broken:  # raised outside this handler, so it reads as the input raised it
         failed_input = input_error(broken, kept.completed(run) if errors == "raise" else kept.outcomes(run))

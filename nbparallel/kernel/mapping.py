@@ -207,6 +207,8 @@ class MapRun:
             if self.in_flight and (self.unresolved + self.backlog() >= max_chunks * config.MAX_CHUNK_ITEMS
                                    or self.bytes_in_flight >= config.MAX_BYTES_IN_FLIGHT):
                 return
+            if self.deadline is not None and time.monotonic() >= self.deadline:
+                return  # nothing more goes out: what arrived is still handed on, then wait() times out
             remaining = None if self.total is None else self.total - self.next_index
             items = self.read(self.sizer.next_size(remaining))
             if not items:
@@ -225,8 +227,6 @@ class MapRun:
         """Up to ``count`` items from the input; fewer at its end. What the input raises ends the
         reading (``input_error``), keeping the items read before it; Ctrl-C propagates, and so does
         the deadline's TimeoutError, even while the input blocks."""
-        if self.deadline is not None and time.monotonic() >= self.deadline:  # or results would keep coming
-            raise cf.TimeoutError("the call ran past its deadline")
         items, error = self.feeder.take(count, self.deadline)
         if error is not None:
             self.input_error = error
