@@ -87,6 +87,13 @@ class Outbox:
     # -- the thread ---------------------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # a bug of ours: no call may wait forever on frames never sent
+            self.dead = True
+            self.failed(f"nbparallel's sending thread failed: {type(exc).__name__}: {exc}")
+
+    def _loop(self) -> None:
         frame: _Frame | None = None
         last = time.monotonic()
         while True:

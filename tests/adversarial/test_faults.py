@@ -137,12 +137,14 @@ def test_a_stopped_worker_is_ended_by_the_items_timeout_and_resumed_otherwise() 
 # -- the sidecar --------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("seed", range(2))
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
-def test_the_sidecar_killed_mid_call(sig: signal.Signals) -> None:
+def test_the_sidecar_killed_mid_call(sig: signal.Signals, seed: int) -> None:
     sidecar, workers = pool()
     import threading
 
-    threading.Thread(target=lambda: (time.sleep(0.4), os.kill(sidecar, sig)), daemon=True).start()
+    delay = random.Random(seed).uniform(0.05, 0.8)
+    threading.Thread(target=lambda: (time.sleep(delay), os.kill(sidecar, sig)), daemon=True).start()
     with pytest.raises(SidecarDied) as caught:
         nbparallel.map(slow, range(2000), progress=False)
     assert all(v == 3 * i for i, v in completed_of(caught.value).items())
@@ -267,6 +269,27 @@ def test_a_limit_on_processes_does_not_take_the_pool_down() -> None:
     assert done.returncode == 0, done.stderr
     limited = done.stdout.split("limited ", 1)[1]
     assert "WorkerCrashed" in limited or "[1, 2, 3]" in limited
+
+
+def test_a_limit_on_memory_fails_the_item_that_passes_it() -> None:
+    """Under RLIMIT_AS (inherited by the sidecar and the workers), an item that asks for more gets
+    MemoryError as its outcome; the others, and the pool, go on."""
+    code = textwrap.dedent("""
+        import resource, nbparallel
+        resource.setrlimit(resource.RLIMIT_AS, (3 * 2**30, 3 * 2**30))
+        nbparallel.configure(workers=2)
+        def task(x):
+            if x == 3:
+                return len(bytearray(4 * 2**30))
+            return x
+        results = nbparallel.map(task, range(8), errors="return", progress=False)
+        print("results", [type(r).__name__ if isinstance(r, BaseException) else r for r in results])
+        print("after", nbparallel.map(abs, range(-3, 0), progress=False))
+    """)
+    done = script(code)
+    assert done.returncode == 0, done.stderr
+    assert "results [0, 1, 2, 'MemoryError', 4, 5, 6, 7]" in done.stdout
+    assert "after [3, 2, 1]" in done.stdout
 
 
 def test_a_low_limit_on_descriptors_fails_cleanly() -> None:
