@@ -66,6 +66,9 @@ CANCEL_WAIT = 0.8
 # the call raises SidecarDied.
 LIVENESS_QUIET = 1.0
 LIVENESS_LIMIT = 5.0
+# A stopped worker's process group, and what its tasks started, get SIGTERM and then, this many seconds
+# later, SIGKILL: a resource tracker (loky's, multiprocessing's) unlinks what it tracked meanwhile.
+KILL_GRACE = 1.0
 # How long the sidecar may take to start and answer its first message.
 START_TIMEOUT = 30.0
 # The Dask bridge answers once it has reached the scheduler (or started a LocalCluster): longer.

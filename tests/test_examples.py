@@ -29,7 +29,7 @@ EXPECTED: dict[str, list[str]] = {
         "all there: True",
         "powers of two: [1, 2, 4, 8, 16, 32]",
         "0.0 -> failed: log of non-positive number 0.0",
-        "caught a TaskError; also a ValueError: True",
+        "caught the ValueError itself: True",
         "item 3: WorkerCrashed (exit code 3)",
         "item 5: WorkerCrashed (signal SIGSEGV)",
         "item 7: 70",  # the items after the crashes still ran

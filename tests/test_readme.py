@@ -12,6 +12,7 @@ definitions in PREAMBLE. The only change made to the README's code is SKIPPED_LI
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 

@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -309,6 +310,11 @@ class Client:
             self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self._kill()
+        # What the runner's workers started and is still going (a resource tracker unlinking what it
+        # tracked, once the processes holding its pipe are gone) gets the grace; then it is killed.
+        deadline = time.monotonic() + config.KILL_GRACE
+        while time.monotonic() < deadline and strays.find(self.pool):
+            time.sleep(0.02)
         strays.sweep(self.pool)
         self.sock.close()
         placement.release_all()

@@ -32,11 +32,12 @@ import time
 import traceback
 from collections.abc import Callable
 
+from .. import config
 from ..errors import ProtocolError
 from ..wire import messages as msg
 from ..wire import strays
 from ..wire.channel import Channel
-from .workers import KILL_GRACE, Stopping, WorkerProcess, return_free_memory, sample_memory, signal_group
+from .workers import Stopping, WorkerProcess, return_free_memory, sample_memory, signal_group
 from ..wire.frames import Frame
 from ..wire.frames import close_fds as close_all
 from .health import Startup, describe_exit
@@ -505,7 +506,7 @@ class Sidecar:
             self.drop_job(job_id)
         for worker in self.workers.values():
             worker.kill()
-        deadline = time.monotonic() + KILL_GRACE
+        deadline = time.monotonic() + config.KILL_GRACE
         for worker in self.workers.values():
             try:
                 worker.process.wait(timeout=max(0.0, deadline - time.monotonic()))

@@ -14,7 +14,7 @@ from collections import OrderedDict, deque
 from collections.abc import Iterable
 from typing import Any, Literal, NamedTuple
 
-from ..config import ROLE_ENV
+from ..config import KILL_GRACE, ROLE_ENV
 from ..wire import strays
 from ..wire.channel import Channel
 from ..wire.slot import Slot
@@ -31,7 +31,6 @@ def _slot_file(tmpdir: str | None) -> Any:
 
 
 REAP_WAIT = 0.25  # seconds a worker whose socket closed may take to exit before it is killed
-KILL_GRACE = 1.0  # seconds between SIGTERM and SIGKILL to a stopped worker and what its tasks started
 
 
 def signal_group(pid: int, sig: int) -> None:
