@@ -150,7 +150,7 @@ def test_a_parallel_cell_shows_its_own_lines(kernel: Kernel) -> None:
 total = k * 2
 total / (k - 1)
 """))
-    assert failed.status == "error"
+    assert failed.status == "error" and failed.ename == "ZeroDivisionError"  # the run's own exception
     shown = "\n".join(failed.reply["traceback"])
     assert f"Cell In[{_count(failed)}], line 3, in <module>" in shown, shown
     assert "total / (k - 1)" in shown and "cellcode.py" not in shown
@@ -166,6 +166,7 @@ second = first / 0
     kernel.drain()
     errors = [m for m in kernel.messages_for(started.msg_id) if m["msg_type"] == "error"]
     assert errors, "the background cell's error should land under it"
+    assert errors[0]["content"]["ename"] == "ZeroDivisionError"  # the cell's own exception
     shown = "\n".join(errors[0]["content"]["traceback"])
     assert f"Cell In[{_count(started)}], line 3, in <module>" in shown, shown
     assert "second = first / 0" in shown
