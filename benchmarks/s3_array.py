@@ -235,7 +235,7 @@ def _placing_row(label: str, placing: dict[str, list[float]], cold_key: str, war
     speed = f"{outcome.data['array_bytes'] / warm / 2**30:.2f} GiB/s" if warm else None
     return [label, report.seconds(cold) if warm_key == "warm" else None, report.seconds(warm), speed, None,
             report.times(cold / fresh) if warm_key == "warm" else None, report.times(warm / mapped),
-            report.mib(outcome.data["caller_peak_extra"]) if warm_key == "warm" else None, None]
+            None, None]  # its caller peak holds the copies it makes to have new arrays: not comparable
 
 
 def render(results: list[tuple[Case, Outcome]], opts: Options) -> str:
