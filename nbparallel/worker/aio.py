@@ -208,9 +208,13 @@ class AsyncJob:
         sock = self.host.conn.sock
         loop.add_reader(sock.fileno(), self.on_readable)
         ticker = loop.create_task(self.tick())
-        self.feeding = loop.create_task(self.feed())
         try:
-            await asyncio.wait({self.feeding})
+            while True:
+                self.feeding = loop.create_task(self.feed())
+                await asyncio.wait({self.feeding})
+                # The reader may have taken a chunk after the feed ended, before this line ran: then on.
+                if self.closed or not self.chunks:
+                    break
         finally:
             if not self.closed:
                 loop.remove_reader(sock.fileno())
