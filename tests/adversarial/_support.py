@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import pytest
 
 import nbparallel
 from nbparallel.payload import placement
@@ -141,3 +142,15 @@ def gone(pids: list[int]) -> bool:
         except psutil.Error:
             continue
     return True
+
+
+@pytest.fixture(scope="module")
+def two_workers() -> Iterator[None]:
+    """Each adversarial module runs on a pool of two workers; the settings are restored after it."""
+    from nbparallel.kernel import runner
+
+    saved = (runner.settings.workers, list(runner.settings.preload), runner.settings.max_tasks_per_worker)
+    nbparallel.configure(workers=WORKERS, preload=[], max_tasks_per_worker=None)
+    yield
+    workers, preload, max_tasks = saved
+    nbparallel.configure(workers=workers, preload=preload, max_tasks_per_worker=max_tasks)

@@ -18,13 +18,13 @@ from typing import Any
 
 import psutil
 import pytest
-from _support import gone, leaves_nothing, marked, pool, script, wait_for
+from _support import gone, leaves_nothing, marked, pool, script, two_workers, wait_for  # two_workers: the pool they run on
 
 import nbparallel
 from nbparallel.crashes import WorkerCrashed
 from nbparallel.errors import SidecarDied, TaskTimeout
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("two_workers")]
 
 
 def slow(x: int) -> int:

@@ -11,12 +11,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from _support import leaves_nothing
+from _support import leaves_nothing, two_workers  # two_workers: the pool they run on
 
 import nbparallel
 from nbparallel.errors import TaskTimeout
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = [pytest.mark.timeout(90), pytest.mark.usefixtures("two_workers")]
 
 
 class InputBroke(Exception):

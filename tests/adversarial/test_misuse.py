@@ -13,12 +13,12 @@ from typing import Any
 
 import psutil
 import pytest
-from _support import descendants, leaves_nothing, pool
+from _support import descendants, leaves_nothing, pool, two_workers  # two_workers: the pool they run on
 
 import nbparallel
 from nbparallel.errors import SidecarDied
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = [pytest.mark.timeout(90), pytest.mark.usefixtures("two_workers")]
 
 
 def square(x: int) -> int:

@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 import pytest
-from _support import leaves_nothing
+from _support import leaves_nothing, two_workers  # two_workers: the pool they run on
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -19,7 +19,7 @@ import nbparallel
 from nbparallel.crashes import WorkerCrashed
 from nbparallel.errors import TaskTimeout
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("two_workers")]
 
 KINDS = ["good"] * 6 + ["slow", "raise", "stop", "exit", "print", "crash", "segfault"]
 

@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _support import leaves_nothing
+from _support import leaves_nothing, two_workers  # two_workers: the pool they run on
 
 import nbparallel
 from nbparallel.crashes import WorkerCrashed
 from nbparallel.errors import SerializationError, TaskTimeout
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = [pytest.mark.timeout(90), pytest.mark.usefixtures("two_workers")]
 
 IN_WORKER = "NBPARALLEL_POOL"  # set in the workers' environment, not in the kernel's
 

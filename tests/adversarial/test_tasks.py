@@ -15,13 +15,13 @@ from typing import Any
 
 import psutil
 import pytest
-from _support import gone, leaves_nothing, pool, wait_for
+from _support import gone, leaves_nothing, pool, two_workers, wait_for  # two_workers: the pool they run on
 
 import nbparallel
 from nbparallel.crashes import MemoryLimitExceeded, WorkerCrashed
 from nbparallel.errors import TaskTimeout
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = [pytest.mark.timeout(90), pytest.mark.usefixtures("two_workers")]
 
 
 def raised(outcome: Any) -> BaseException | None:
