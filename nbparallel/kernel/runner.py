@@ -283,7 +283,9 @@ class Client:
                 event.set()
             placement.release_all()  # the runner and its workers are gone: nothing is in flight
             self.outbox.dead = True
-            strays.sweep(self.pool)  # its workers, and what their tasks started, go with it
+            # Its workers, and what their tasks started, go with it: SIGTERM, SIGKILL after a grace
+            # (so a resource tracker among them unlinks what it tracked, as when the sidecar stops them).
+            strays.stop(self.pool, config.KILL_GRACE)
         return self.dead
 
     def _frozen(self, why: str) -> None:
@@ -315,7 +317,7 @@ class Client:
         deadline = time.monotonic() + config.KILL_GRACE
         while time.monotonic() < deadline and strays.find(self.pool):
             time.sleep(0.02)
-        strays.sweep(self.pool)
+        strays.stop(self.pool, config.KILL_GRACE)  # nothing, unless the sidecar could not stop it all
         self.sock.close()
         placement.release_all()
         placement.clear()  # give the pooled segments back

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Iterable
 
 #: The environment variable that marks the processes of one pool (and of one worker in it).
@@ -71,3 +72,18 @@ def sweep(token: str, spare: Iterable[int] = ()) -> int:
                 pass
         spare.update(pids)  # zombies keep their environment until reaped: don't count them twice
     return killed
+
+
+def stop(token: str, grace: float) -> int:
+    """SIGTERM every process marked ``token`` or below it, wait up to ``grace`` seconds for them to
+    go (a resource tracker unlinks what it tracked once its clients are gone), then ``sweep`` what is
+    left; return how many got SIGKILL."""
+    for pid in find(token):
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except OSError:
+            pass
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and find(token):
+        time.sleep(0.02)
+    return sweep(token)
