@@ -16,6 +16,7 @@ import sys
 import textwrap
 import threading
 import time
+import traceback
 import uuid
 import warnings
 from pathlib import Path
@@ -124,7 +125,7 @@ def test_the_remote_traceback_prints_with_the_exception() -> None:
     # The rest of CPython's ProcessPoolExecutorTest.test_traceback (its exact-type check excepted).
     error = nbparallel.submit(_raise, "finicky").exception(timeout=30)
     assert error is not None
-    printed = "".join(__import__("traceback").format_exception(error))
+    printed = "".join(traceback.format_exception(type(error), error, error.__traceback__))
     assert "raise Finicky(1, 2)" in printed and "The above exception was the direct cause" in printed
 
 
