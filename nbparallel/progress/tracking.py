@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import threading
+import time
 from typing import Any
 
 from ..config import resolve_workers
@@ -113,6 +114,9 @@ class FutureGroup:
             state = "failed"
         else:
             state = "done"
+        reveal = self.driver.reveal_after
+        if not model.shown and reveal is not None and time.monotonic() - model.started >= reveal:
+            model.reveal()  # ran long enough to be shown, whether or not the display thread got to it
         model.finish(state)
         self.driver.finish(show=model.shown)
 
