@@ -180,6 +180,10 @@ def test_rich_output_from_tasks_reaches_the_cell_tagged(kernel: Kernel) -> None:
              for m in execution.messages if m["msg_type"] in ("stream", "display_data")]
     flat = [text for _, text in order]
     assert any(text and "printed 0" in text for text in flat[: flat.index("<b>run 0</b>")])
+    # A submitted call's displays reach its cell too.
+    execution = kernel.run("nbparallel.submit(show, 5).result()")
+    assert [m["content"]["data"]["text/html"] for m in execution.messages
+            if m["msg_type"] == "display_data" and "text/html" in m["content"]["data"]] == ["<b>run 5</b>"]
     # A display a task gave an id to, then updated: the update replaces it in the cell.
     execution = kernel.run("def counting(k):\n    handle = display(HTML('step 0'), display_id=True)\n"
                            "    handle.update(HTML('step 1'))\n    return k\n"

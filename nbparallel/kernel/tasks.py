@@ -151,6 +151,8 @@ class Task:
         if frame.op == "output":
             out = msg.view(frame, msg.Output)
             self.target.stream(out.get("stream", "stdout"), out.get("text", ""))
+        elif frame.op == "display":
+            self.target.show_frame(frame, tagged=False)
         elif frame.op == "started":
             self.started()
         elif frame.op in ("result", "crashed"):
