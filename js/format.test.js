@@ -1,4 +1,4 @@
-// Unit tests for the widget's pure helpers: `node --test js/` (pytest runs it too, tests/test_js.py).
+// Unit tests for the widget's pure helpers: `node --test js/` (pytest runs it too, tests/system/test_js.py).
 import assert from "node:assert/strict";
 import { test } from "node:test";
 

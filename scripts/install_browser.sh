@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the system programs the widget tests drive: Debian's Chromium at /usr/bin/chromium for
-# tests/test_browser.py, and Node for tests/test_js.py (`node --test js/`). Playwright itself comes
+# tests/system/test_browser.py, and Node for tests/system/test_js.py (`node --test js/`). Playwright itself comes
 # with the test extra; never run `playwright install`, which downloads browsers of its own.
 # Idempotent: installs only what is missing. Needs root (apt-get).
 set -euo pipefail

@@ -11,7 +11,7 @@ Python (one without nbparallel installed), and we must not pick that one up. Not
 globally to achieve this; the kernelspec is made in memory (``ThisPythonKernelSpecs``).
 
 Exit status: 0 when every cell ran, 1 when a cell raised, timed out or the kernel died.
-The tests (tests/test_examples.py, tests/test_kernel.py) import this file and use the same code path.
+The tests (tests/system/test_examples.py, tests/system/test_kernel.py) import this file and use the same code path.
 """
 
 from __future__ import annotations

@@ -11,6 +11,11 @@ from pathlib import Path
 
 import psutil
 import pytest
+
+# tests/unit: pure code, no processes; tests/system (and adversarial/, contract/): real processes,
+# kernels and a browser; tests/support: the helpers they share, importable by their module names.
+sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))
+
 from _ci_markers import pytest_collection_modifyitems  # noqa: F401  # the dask and slow markers CI selects by
 from _shm_leftovers import OURS as SHM_OURS
 from _shm_leftovers import TAG_VARIABLE as SHM_TAG
@@ -89,7 +94,7 @@ def no_leaked_processes() -> Iterator[None]:
 def _watch_shared_memory() -> ShmWatcher:
     """Named shared memory and semaphores (ours have none; peers' pools and Dask's nannies do).
 
-    Only entries a process of this session held count (tests/_shm_leftovers.py says how that is
+    Only entries a process of this session held count (tests/support/_shm_leftovers.py says how that is
     known): /dev/shm is the whole machine's, and other programs come and go in it during a run.
     """
     tag = f"{os.getpid()}-{time.time_ns()}"

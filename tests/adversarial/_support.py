@@ -34,7 +34,7 @@ def fds(pid: int) -> int:
 def shm_entries() -> set[str]:
     """Named shared memory of ours: there should never be any (our segments are anonymous). The
     machine's other entries come and go with other programs; the session's end checks those its
-    own processes held (tests/_shm_leftovers.py)."""
+    own processes held (tests/support/_shm_leftovers.py)."""
     return set(glob.glob("/dev/shm/*nbp*")) | set(glob.glob("/dev/shm/*nbparallel*"))
 
 

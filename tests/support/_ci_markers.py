@@ -17,27 +17,27 @@ import pytest
 
 DASK = {
     # starts a Dask LocalCluster in the kernel
-    "tests/test_examples.py::test_notebook_runs_and_prints_what_it_should[cluster.ipynb]",
+    "tests/system/test_examples.py::test_notebook_runs_and_prints_what_it_should[cluster.ipynb]",
 }
 
 MYPY = {
     # mypy checks as Python 3.10 whatever Python runs it (pyproject.toml): the main leg runs the newest
     # mypy, the lowest leg the oldest the test extra allows
-    "tests/test_typing.py::test_mypy_strict_is_clean",
+    "tests/system/test_typing.py::test_mypy_strict_is_clean",
 }
 
 SLOW = {
     # notebooks run end to end; their parts are tested one by one on every leg
-    "tests/test_examples.py::test_notebook_runs_and_prints_what_it_should[progress_demo.ipynb]",
-    "tests/test_examples.py::test_notebook_runs_and_prints_what_it_should[scikit_learn.ipynb]",
-    "tests/test_progress.py::test_headless_notebook_saves_the_final_state",
-    "tests/test_examples.py::test_notebook_runs_and_prints_what_it_should[checkpoint_sweep.ipynb]",
-    "tests/test_examples.py::test_notebook_runs_and_prints_what_it_should[parameter_sweep.ipynb]",
+    "tests/system/test_examples.py::test_notebook_runs_and_prints_what_it_should[progress_demo.ipynb]",
+    "tests/system/test_examples.py::test_notebook_runs_and_prints_what_it_should[scikit_learn.ipynb]",
+    "tests/system/test_progress.py::test_headless_notebook_saves_the_final_state",
+    "tests/system/test_examples.py::test_notebook_runs_and_prints_what_it_should[checkpoint_sweep.ipynb]",
+    "tests/system/test_examples.py::test_notebook_runs_and_prints_what_it_should[parameter_sweep.ipynb]",
     # robustness under many kills and at the descriptor limit: 15 to 45 s each
-    "tests/test_checkpoint.py::test_twenty_random_kills_then_a_complete_run_matches_a_serial_one",
-    "tests/test_checkpoint.py::test_sigkill_of_the_kernel_mid_sweep_then_a_new_kernel_resumes",
-    "tests/test_shared_memory.py::test_many_kept_results_hold_no_descriptors_at_the_default_limit",
-    "tests/test_shared_memory.py::test_a_call_over_many_arrays_keeps_few_descriptors_at_the_default_limit",
+    "tests/system/test_checkpoint.py::test_twenty_random_kills_then_a_complete_run_matches_a_serial_one",
+    "tests/system/test_checkpoint.py::test_sigkill_of_the_kernel_mid_sweep_then_a_new_kernel_resumes",
+    "tests/system/test_shared_memory.py::test_many_kept_results_hold_no_descriptors_at_the_default_limit",
+    "tests/system/test_shared_memory.py::test_a_call_over_many_arrays_keeps_few_descriptors_at_the_default_limit",
 }
 
 

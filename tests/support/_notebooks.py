@@ -19,7 +19,7 @@ from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.manager import KernelManager
 from jupyter_client.provisioning.local_provisioner import LocalProvisioner
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 READY_TIMEOUT = 90.0  # seconds for a fresh kernel to answer: generous on a loaded machine
 EXEC_TIMEOUT = 60.0  # seconds for one cell in these tests
 GONE_TIMEOUT = 3.0  # seconds for the sidecar and workers to disappear after a SIGKILL (invariant: 2 s)

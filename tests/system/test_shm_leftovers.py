@@ -1,4 +1,4 @@
-"""The rule of the session's /dev/shm leftover check (tests/_shm_leftovers.py), with real processes:
+"""The rule of the session's /dev/shm leftover check (tests/support/_shm_leftovers.py), with real processes:
 an entry counts only when a process of this session held it; another program's entries never do."""
 
 from __future__ import annotations

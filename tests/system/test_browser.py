@@ -27,7 +27,7 @@ from _browser import OUTPUT, READ_DISPLAYS, JupyterServer, launch_chromium, requ
 from _notebooks import load_runner
 from nbformat.v4 import new_code_cell, new_notebook
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "examples" / "progress_demo.ipynb"
 SHOTS = OUTPUT / "browser"
 KERNELSPEC = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}

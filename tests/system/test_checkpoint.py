@@ -30,7 +30,7 @@ from nbparallel.kernel.identity import digest, function_id
 
 from _notebooks import Kernel, wait_gone
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def logging_square(log: str, delay: float = 0.0, fail_flag: str = "") -> Callable[[int], int]:

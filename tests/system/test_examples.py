@@ -16,7 +16,7 @@ import pytest
 from _notebooks import load_runner
 from nbformat.v4 import new_code_cell, new_notebook
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "examples").glob("*.ipynb"))
 SCRIPT = ROOT / "scripts" / "run_notebook.py"
 

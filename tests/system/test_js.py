@@ -15,7 +15,7 @@ from _browser import in_ci
 
 pytestmark = pytest.mark.browser  # Node comes with the browser (scripts/install_browser.sh)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 JS = ROOT / "js"
 
 

@@ -27,7 +27,7 @@ from nbparallel.progress import driver as progress
 from nbparallel.progress import tracking
 from nbparallel.progress.model import MAX_ERRORS, MAX_OUTPUT_LINES, LaneBook, ProgressModel, Snapshot
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # -- the model --------------------------------------------------------------------------------------

@@ -104,7 +104,7 @@ def as_run_here(code: str) -> str:
         statement = line.split("#", 1)[0].strip()
         if statement in SKIPPED_LINES:
             indent = line[: len(line) - len(line.lstrip())]
-            line = f"{indent}pass  # skipped by tests/test_readme.py: {SKIPPED_LINES[statement]}"
+            line = f"{indent}pass  # skipped by tests/system/test_readme.py: {SKIPPED_LINES[statement]}"
         lines.append(line)
     return "\n".join(lines) + "\n"
 

@@ -2,7 +2,7 @@
 
 Pure code, no processes, and the same answers on every Python from 3.10 (3.12 inlines list, set and
 dict comprehensions, so ``symtable`` no longer shows them as scopes of their own). Runs without
-installing nbparallel: ``PYTHONPATH=. python -m pytest tests/test_cell_analysis.py``.
+installing nbparallel: ``PYTHONPATH=. python -m pytest tests/unit/test_cell_analysis.py``.
 """
 
 from __future__ import annotations

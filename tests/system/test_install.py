@@ -69,7 +69,7 @@ def test_the_module_runs_as_a_command(ipython_dir: Path) -> None:
 
 # -- packaging: what the wheel and the sdist carry ------------------------------------------------
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 LOWEST = ROOT / "constraints" / "lowest.txt"
 # What the sdist holds at its top: the package, what builds it, what its tests read and run, and
 # nothing else (no benchmarks or their results, no CI script, no caches or venvs).
@@ -173,10 +173,10 @@ def test_the_unpacked_sdist_runs_its_own_tests(dist: dict[str, Path], tmp_path: 
     collected = subprocess.run([*base, "--collect-only"], cwd=unpacked, env=env, capture_output=True,
                                text=True, timeout=120)
     assert collected.returncode == 0, collected.stdout[-3000:] + collected.stderr[-3000:]
-    chosen = ["tests/test_examples.py::test_there_are_examples",
-              "tests/test_examples.py::test_notebook_is_stored_clean",
-              "tests/test_examples.py::test_script_prints_each_cell_and_uses_this_python_in_the_notebook_folder",
-              "tests/test_install.py::test_the_lowest_constraints_pin_every_lower_bound"]
+    chosen = ["tests/system/test_examples.py::test_there_are_examples",
+              "tests/system/test_examples.py::test_notebook_is_stored_clean",
+              "tests/system/test_examples.py::test_script_prints_each_cell_and_uses_this_python_in_the_notebook_folder",
+              "tests/system/test_install.py::test_the_lowest_constraints_pin_every_lower_bound"]
     ran = subprocess.run([*base, *chosen], cwd=unpacked, env=env, capture_output=True, text=True, timeout=240)
     assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
     assert " passed" in ran.stdout and "skipped" not in ran.stdout, ran.stdout[-3000:]
