@@ -21,6 +21,12 @@ Dask reruns a task whose worker died (``allowed-failures``); when it gives up, t
 with ``WorkerCrashed``. ``cancel`` cancels the tasks; a running one stops at its next item. The bridge
 exits with the kernel, closing a LocalCluster it started. docs/protocol.md, "The Dask bridge", has
 the details.
+
+``Bridge`` is the kernel's side: the socket, the outbox and its writer thread, the ops the kernel
+sends, the status thread, watching the kernel, stopping. The Dask side, the jobs and their tasks, is
+a ``DaskTasks`` (submit.py) that the bridge holds as ``self.tasks`` once its client is connected,
+and hands the kernel's ``job``, ``chunk``, ``cancel`` and ``end``; it sends outcomes back through
+``Bridge.send``.
 """
 
 from __future__ import annotations
@@ -38,16 +44,13 @@ import time
 import traceback
 
 import psutil
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from . import frames
-from .status import describe_workers
-from .frames import Chunk, Job
-from .submit import DaskSide
+from .submit import DaskTasks
 from .task import Preload
-from ..errors import NbParallelError, ProtocolError
+from ..errors import ProtocolError
 from ..wire import messages as msg
 from ..wire.frames import PROTOCOL_VERSION, Buffer, Frame, close_fds, read_frame, send_frame
 
@@ -59,8 +62,9 @@ WINDOW = 16
 SUBMIT_BATCH = 256  # chunks submitted to Dask at most at once
 
 
-class Bridge(DaskSide):
-    """The kernel's side of the bridge, its threads and its life; the Dask side is ``DaskSide``."""
+class Bridge:
+    """The kernel's side of the bridge, its threads and its life; the Dask side is ``self.tasks``, a
+    ``DaskTasks``."""
 
     def __init__(self, sock: socket.socket, kernel_pid: int, address: str, options: dict[str, Any]) -> None:
         self.sock = sock
@@ -70,24 +74,16 @@ class Bridge(DaskSide):
         self.outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()  # frames for the kernel, in order
         self.writer = threading.Thread(target=self.write_out, name="nbparallel-bridge-writer", daemon=True)
         self.writer.start()
-        self.lock = threading.RLock()  # the jobs and their tasks
-        # Held while deciding to send a job's outcomes and queueing them, and while marking a job
-        # cancelled and queueing ``cancelled``: so no outcome follows ``cancelled``, as from the sidecar.
-        self.out_lock = threading.Lock()
-        self.jobs: dict[int, Job] = {}
-        self.by_key: dict[str, Chunk] = {}
-        self.in_group: Counter[Any] = Counter()  # tasks submitted and not finished, per limit group
-        self.done: queue.SimpleQueue[Any] = queue.SimpleQueue()  # finished Dask futures
         self.status_requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self.tasks_done: Counter[str] = Counter()  # items run, per Dask worker address
-        self.pids: dict[str, int] = {}  # Dask worker address -> its process id
         self.preload: list[str] = []
-        self.scattered = 0  # payloads scattered to the cluster (the status reply says how many)
-        self.bytes_scattered = 0
         self.rss_peak = 0
         self.token = secrets.token_hex(4)  # keeps our task keys apart from other clients' on a shared scheduler
+        # The jobs and their Dask tasks: made in start() with the client, before ``client`` is set,
+        # so that whenever ``client`` is set, ``tasks`` is too.
+        self.tasks: DaskTasks
         self.client: Any = None
         self.cluster: Any = None
+        self.stop_lock = threading.Lock()
         self.stopping = False
 
     # -- life ----------------------------------------------------------------------------------
@@ -99,14 +95,15 @@ class Bridge(DaskSide):
         if hello.op != "hello" or version != PROTOCOL_VERSION:
             raise ProtocolError(f"the kernel began with {hello.op!r}, protocol version {version}")
         try:
-            self.client, self.cluster = frames.connect(self.address, int(self.options.get("workers") or 1),
-                                                      float(self.options.get("connect_timeout") or
-                                                            frames.CONNECT_TIMEOUT))
+            client, cluster = frames.connect(self.address, int(self.options.get("workers") or 1),
+                                             float(self.options.get("connect_timeout") or frames.CONNECT_TIMEOUT))
         except Exception as exc:
             where = "start a local Dask cluster" if self.address == "local" else f"reach the Dask scheduler at {self.address}"
             self.send(msg.error(message=f"could not {where}: {type(exc).__name__}: {exc}", fatal=True))
             return False
-        for target, name in ((self.collect, "collector"), (self.answer_status, "status"),
+        self.tasks = DaskTasks(client, self.send, self.token)
+        self.client, self.cluster = client, cluster
+        for target, name in ((self.tasks.collect, "collector"), (self.answer_status, "status"),
                              (self.watch_kernel, "watch-kernel")):
             threading.Thread(target=target, name=f"nbparallel-bridge-{name}", daemon=True).start()
         info = self.client.scheduler_info()
@@ -139,7 +136,7 @@ class Bridge(DaskSide):
                 # many tasks costs Dask far less than one each.
                 if queued and (queued >= SUBMIT_BATCH or not self.kernel_has_more()):
                     queued = 0
-                    self.submit_all()
+                    self.tasks.submit_all()
             except Exception:  # a bug here is reported, and the bridge goes on
                 self.send(msg.error(message=traceback.format_exc()))
             finally:
@@ -163,7 +160,7 @@ class Bridge(DaskSide):
     def stop(self) -> None:
         """Cancel our tasks, close the client (and a LocalCluster we started), and exit, within
         STOP_WITHIN seconds whatever Dask does."""
-        with self.lock:
+        with self.stop_lock:
             if self.stopping:
                 return
             self.stopping = True
@@ -175,9 +172,7 @@ class Bridge(DaskSide):
                 self.cluster.close(timeout=STOP_WITHIN / 2)
             elif self.client is not None:  # a shared cluster: stop our tasks; when our connection
                 # closes, the scheduler forgets the rest (Client.close would only wait longer)
-                futures = [chunk.future for chunk in self.by_key.values() if chunk.future is not None]
-                if futures:
-                    self.client.cancel(futures, force=True)
+                self.tasks.cancel_all()
         except BaseException:
             pass
         finally:
@@ -217,48 +212,17 @@ class Bridge(DaskSide):
             self.client.register_plugin(Preload(preload), name=Preload.name)
 
     def on_job(self, frame: Frame) -> None:
-        header = msg.view(frame, msg.Job)
-        function: Any = frames.payload_from(frame)
-        if frames.size_of(function) > frames.SCATTER_ABOVE:
-            function = self.scatter(function, broadcast=True)
-        with self.lock:
-            self.jobs[header["job"]] = Job(header, function, frames.unsupported(header))
+        self.tasks.add_job(msg.view(frame, msg.Job), frames.payload_from(frame))
 
     def on_chunk(self, frame: Frame) -> None:
-        header = msg.view(frame, msg.Chunk)
-        items = frames.payload_from(frame)
-        with self.lock:
-            job = self.jobs.get(header["job"])
-            if job is None or job.cancelled:
-                return
-            chunk = Chunk(header["job"], header["chunk"], header["start"], header["count"], items)
-            if job.refusal is not None:  # a limit Dask cannot keep: say so rather than ignore it
-                self.send_failure(chunk, NbParallelError(job.refusal), job)
-                return
-            job.waiting.append(chunk)  # serve() submits it, with the others that came along
+        # serve() submits it, with the others that came along
+        self.tasks.add_chunk(msg.view(frame, msg.Chunk), frames.payload_from(frame))
 
     def on_cancel(self, frame: Frame) -> None:
-        job_id = msg.view(frame, msg.Cancel)["job"]
-        with self.lock:
-            job = self.jobs.get(job_id)
-            futures = self.forget_tasks(job) if job is not None else []
-            with self.out_lock:
-                if job is not None:
-                    job.cancelled = True
-                self.send(msg.cancelled(job=job_id))
-        if futures:
-            self.client.cancel(futures, force=True)
-        self.submit_all()  # the call's places in its group are free for the others
+        self.tasks.cancel(msg.view(frame, msg.Cancel)["job"])
 
     def on_end(self, frame: Frame) -> None:
-        with self.lock:
-            job = self.jobs.pop(msg.view(frame, msg.End)["job"], None)
-            futures = self.forget_tasks(job) if job is not None else []
-        if futures:
-            self.client.cancel(futures, force=True)
-        if job is not None and hasattr(job.function, "release"):
-            job.function.release()
-        self.submit_all()
+        self.tasks.end(msg.view(frame, msg.End)["job"])
 
     def on_status(self, frame: Frame) -> None:
         self.status_requests.put(msg.view(frame, msg.StatusRequest).get("req"))
@@ -275,24 +239,13 @@ class Bridge(DaskSide):
         """The answer to ``status``; a worker's pid is asked of the worker once, when first seen."""
         info = self.client.scheduler_info()
         processing = self.client.processing()
-        unknown = [address for address in info.get("workers", {}) if address not in self.pids]
-        if unknown:
-            self.pids.update(self.client.run(os.getpid, workers=unknown))
-
-        def chunk_of(key: Any) -> tuple[int, int] | None:
-            chunk = self.by_key.get(key) if isinstance(key, str) else None
-            return None if chunk is None else (chunk.job, chunk.start)
-
-        with self.lock:
-            workers = describe_workers(info, processing, self.pids, self.tasks_done, chunk_of)
-            queued = sum(len(job.waiting) for job in self.jobs.values())
-            jobs = len(self.jobs)
+        workers, queued, jobs = self.tasks.describe(info, processing)
         rss = psutil.Process().memory_info().rss
         self.rss_peak = max(self.rss_peak, rss)
         return msg.status(req=req, pid=os.getpid(), rss=rss, rss_peak=self.rss_peak, runner="dask",
                           size=sum(int(w.get("threads") or 0) for w in workers), workers=workers, queued=queued,
                           jobs=jobs, cluster=info.get("address") or self.address, dashboard=self.dashboard(),
-                          scattered=self.scattered, bytes_scattered=self.bytes_scattered)
+                          scattered=self.tasks.scattered, bytes_scattered=self.tasks.bytes_scattered)
 
     def answer_status(self) -> None:
         # On a thread of its own: the scheduler's answer takes a round trip, and a cancel must not

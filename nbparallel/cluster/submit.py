@@ -1,46 +1,132 @@
 """The Dask side of the bridge: chunks submitted as Dask tasks, finished tasks handed to the kernel.
 
-``DaskSide`` holds what the bridge knows of its jobs and their tasks; ``Bridge`` (dask_bridge.py)
-adds the kernel's side. Three threads meet here: the bridge's main thread (submitting, cancelling),
-Dask's callback thread (a task finished: its future goes on ``done``) and the collector (fetching
-results and sending them on). ``lock`` guards the books; ``out_lock`` makes deciding to send a job's
-outcomes and queueing them one step, so none can follow the job's ``cancelled``.
+``DaskTasks(client, send, token)`` owns what the bridge knows of its jobs and their tasks: the jobs,
+our tasks by Dask key, the tasks running per limit group, the queue of finished futures, the items
+run per worker, what was scattered, and the locks that guard them. ``Bridge`` (bridge.py) holds one
+(``bridge.tasks``), built once the client is connected, and hands it the kernel's ``job``, ``chunk``,
+``cancel`` and ``end``; what goes back to the kernel leaves through ``send``, the bridge's outbox,
+which never blocks.
+
+Three threads meet here: the bridge's main thread (submitting, cancelling), Dask's callback thread
+(a task finished: its future goes on ``done``) and the collector (``collect``, on a thread the
+bridge starts: fetching results and sending them on); the bridge's status thread reads the books
+too. ``lock`` guards the books; ``out_lock`` makes deciding to send a job's outcomes and queueing
+them one step, so none can follow the job's ``cancelled``.
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import traceback
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from . import frames
 from .frames import Chunk, Job
 from ..errors import NbParallelError
+from .status import describe_workers
 from .task import run_chunk
 from ..wire import messages as msg
 from ..wire.frames import Buffer, close_fds
 
+class Send(Protocol):
+    """Queues a frame for the kernel (``owned``: close ``fds`` once sent); it never blocks (see
+    ``Bridge.send``)."""
 
-class DaskSide:
-    client: Any  # distributed.Client
-    token: str  # keeps our task keys apart from other clients' on a shared scheduler
-    jobs: dict[int, Job]
-    by_key: dict[str, Chunk]  # our tasks on the cluster, by Dask key
-    in_group: Counter[Any]  # tasks submitted and not finished, per limit group
-    done: queue.SimpleQueue[Any]  # finished Dask futures, for the collector
-    tasks_done: Counter[str]  # items run, per Dask worker address
-    pids: dict[str, int]  # Dask worker address -> its process id
-    scattered: int  # payloads scattered to the cluster (the status reply says how many)
-    bytes_scattered: int
-    lock: threading.RLock
-    out_lock: threading.Lock
+    def __call__(self, header: Mapping[str, Any], buffers: Sequence[Buffer] = (), fds: Sequence[int] = (),
+                 *, owned: bool = False) -> None: ...
 
-    def send(self, header: Mapping[str, Any], buffers: Sequence[Buffer] = (), fds: Sequence[int] = (),
-             *, owned: bool = False) -> None:
-        raise NotImplementedError
+
+class DaskTasks:
+    """Our jobs and their Dask tasks, on one client; outcomes go to the kernel through ``send``."""
+
+    def __init__(self, client: Any, send: Send, token: str) -> None:
+        self.client = client  # distributed.Client
+        self.send = send
+        self.token = token  # keeps our task keys apart from other clients' on a shared scheduler
+        self.lock = threading.RLock()  # the jobs and their tasks
+        # Held while deciding to send a job's outcomes and queueing them, and while marking a job
+        # cancelled and queueing ``cancelled``: so no outcome follows ``cancelled``, as from the sidecar.
+        self.out_lock = threading.Lock()
+        self.jobs: dict[int, Job] = {}
+        self.by_key: dict[str, Chunk] = {}  # our tasks on the cluster, by Dask key
+        self.in_group: Counter[Any] = Counter()  # tasks submitted and not finished, per limit group
+        self.done: queue.SimpleQueue[Any] = queue.SimpleQueue()  # finished Dask futures, for the collector
+        self.tasks_done: Counter[str] = Counter()  # items run, per Dask worker address
+        self.pids: dict[str, int] = {}  # Dask worker address -> its process id
+        self.scattered = 0  # payloads scattered to the cluster (the status reply says how many)
+        self.bytes_scattered = 0
+
+    # -- from the kernel ---------------------------------------------------------------------------
+
+    def add_job(self, header: msg.Job, function: Any) -> None:
+        """A new call (``job``); a large function is scattered to every worker once."""
+        if frames.size_of(function) > frames.SCATTER_ABOVE:
+            function = self.scatter(function, broadcast=True)
+        with self.lock:
+            self.jobs[header["job"]] = Job(header, function, frames.unsupported(header))
+
+    def add_chunk(self, header: msg.Chunk, items: Any) -> None:
+        """A chunk of a job: it waits until ``submit_all`` (the bridge submits those that came along
+        together at once)."""
+        with self.lock:
+            job = self.jobs.get(header["job"])
+            if job is None or job.cancelled:
+                return
+            chunk = Chunk(header["job"], header["chunk"], header["start"], header["count"], items)
+            if job.refusal is not None:  # a limit Dask cannot keep: say so rather than ignore it
+                self.send_failure(chunk, NbParallelError(job.refusal), job)
+                return
+            job.waiting.append(chunk)
+
+    def cancel(self, job_id: int) -> None:
+        """Cancel the job's tasks and answer ``cancelled``; no outcome of the job follows it."""
+        with self.lock:
+            job = self.jobs.get(job_id)
+            futures = self.forget_tasks(job) if job is not None else []
+            with self.out_lock:
+                if job is not None:
+                    job.cancelled = True
+                self.send(msg.cancelled(job=job_id))
+        if futures:
+            self.client.cancel(futures, force=True)
+        self.submit_all()  # the call's places in its group are free for the others
+
+    def end(self, job_id: int) -> None:
+        """Forget the job, cancel what it still has running, and release a scattered function."""
+        with self.lock:
+            job = self.jobs.pop(job_id, None)
+            futures = self.forget_tasks(job) if job is not None else []
+        if futures:
+            self.client.cancel(futures, force=True)
+        if job is not None and hasattr(job.function, "release"):
+            job.function.release()
+        self.submit_all()
+
+    def cancel_all(self) -> None:
+        """Cancel every task of ours still on the cluster (the bridge is stopping; no lock taken)."""
+        futures = [chunk.future for chunk in self.by_key.values() if chunk.future is not None]
+        if futures:
+            self.client.cancel(futures, force=True)
+
+    def describe(self, info: dict[str, Any], processing: Mapping[str, Any]) -> tuple[list[dict[str, Any]], int, int]:
+        """For the status reply: the workers (a worker's pid is asked of it once, when first seen),
+        the chunks waiting and the jobs open."""
+        unknown = [address for address in info.get("workers", {}) if address not in self.pids]
+        if unknown:
+            self.pids.update(self.client.run(os.getpid, workers=unknown))
+
+        def chunk_of(key: Any) -> tuple[int, int] | None:
+            chunk = self.by_key.get(key) if isinstance(key, str) else None
+            return None if chunk is None else (chunk.job, chunk.start)
+
+        with self.lock:
+            workers = describe_workers(info, processing, self.pids, self.tasks_done, chunk_of)
+            queued = sum(len(job.waiting) for job in self.jobs.values())
+            return workers, queued, len(self.jobs)
 
     # -- to Dask -----------------------------------------------------------------------------------
 
