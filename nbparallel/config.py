@@ -38,7 +38,7 @@ class Settings:
     #: in megabytes of text).
     max_output_bytes: int = 2 * 2**20
     #: Where calls run: None for this machine's sidecar; a Dask scheduler's address
-    #: ("tcp://host:8786"), or "local" for a Dask LocalCluster, for the Dask bridge (dask_bridge.py).
+    #: ("tcp://host:8786"), or "local" for a Dask LocalCluster, for the Dask bridge (cluster/bridge.py).
     cluster: str | None = None
 
 

@@ -1,6 +1,6 @@
 """What runs on a Dask worker: one chunk of a call, its outcomes packed as worker.py packs them.
 
-The Dask bridge (dask_bridge.py) submits ``run_chunk`` once per chunk. Its arguments are opaque
+The Dask bridge (bridge.py) submits ``run_chunk`` once per chunk. Its arguments are opaque
 bytes made in the kernel (the pickled function, the pickled items, their large buffers); they are
 unpickled here, on the Dask worker, and nowhere else on the way. nbparallel must therefore be
 importable on every Dask worker (``pip install nbparallel`` in the workers' environment): Dask

@@ -4,7 +4,7 @@ One ``Client`` per process, made on first use and reused by every call (``get_cl
 reader thread hands every frame about a job to that job's handle; the caller's thread does the rest.
 If the sidecar has died, the next call starts a new one and says so once.
 
-The runner is the sidecar, or, with ``configure(cluster=...)``, the Dask bridge (dask_bridge.py):
+The runner is the sidecar, or, with ``configure(cluster=...)``, the Dask bridge (cluster/bridge.py):
 another process that speaks the same protocol, so nothing else here knows the difference.
 """
 
