@@ -4,7 +4,7 @@ worker output in the cell and the interrupt guarantees.
 
 Each batch joblib dispatches becomes one task (``kernel.tasks.Task``, as ``nbparallel.submit`` makes),
 so the kernel never forks and functions defined in the notebook travel by value. joblib's contract
-(joblib 1.3+): ``submit`` returns a future-like object and calls ``callback`` when it is done (here on
+(joblib 1.5+): ``submit`` returns a future-like object and calls ``callback`` when it is done (here on
 the client's reader thread, which then dispatches joblib's next batch); ``retrieve_result_callback``
 turns it into the batch's results or raises the task's error (a ``TaskError`` that is also the
 original type, with the remote traceback); ``abort_everything`` cancels what is still queued or
@@ -140,7 +140,7 @@ class NbParallelBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore
 
     def _forget(self, future: cf.Future[Any]) -> None:
         with self.lock:
-            self.pending.discard(future)
+            self.pending.discard(future)  # type: ignore[arg-type,unused-ignore]  # it is one of ours
 
     def compute_batch_size(self) -> int:
         """joblib's automatic batch size; coroutines of a batch run side by side, so their batches

@@ -305,7 +305,9 @@ def run_imap(imap_fn: Callable[..., Iterator[Any]], fn: Callable[..., Any], iter
         events: deque[tuple[int, bool, Any]] = deque()  # (index, restored, value) in input order
 
         def feed() -> Iterator[Any]:
-            source = zip(*iterables) if star else iter(iterables[0])
+            source: Iterator[Any] = iter(iterables[0])
+            if star:
+                source = zip(*iterables)
             for index, item in enumerate(source):
                 found = _lookup(where.pop(index, ()), item)
                 if found is not None and (not found[0] or not spec.rerun_failed):
