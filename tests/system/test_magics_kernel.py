@@ -134,7 +134,7 @@ def test_runs_are_named_by_their_parameters(kernel: Kernel) -> None:
              if m["msg_type"] == "update_display_data" and "text/html" in m["content"]["data"]]
     if final:  # shown only when the call ran past progress_after
         assert final[-1]["text/plain"].startswith("%%parallel k × seed: ")
-    assert kernel.value("_parallel[1].params, isinstance(_parallel[1].value, KeyError)") == ({"k": 1, "seed": 3}, True)
+    assert kernel.value("_parallel[1].params == {'k': 1, 'seed': 3} and isinstance(_parallel[1].value, KeyError)")
 
 
 def test_name_error_for_a_name_a_running_job_will_assign_says_so(kernel: Kernel) -> None:
