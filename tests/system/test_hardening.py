@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 import nbparallel
 from nbparallel.crashes import MemoryLimitExceeded, WorkerCrashed
 from nbparallel.errors import TaskError, TaskTimeout, details
+from nbparallel.payload import placement
 
 
 def _fds(pid: int) -> int:
@@ -42,6 +43,7 @@ def leak_check() -> Iterator[None]:
     """After the test: same sidecar, pool back to size, no fd or /dev/shm segment leaked."""
     before = _pool_snapshot()
     yield
+    placement.clear()  # segments the kernel pools for its next calls (bounded, given back in 30 s) are no leak
     deadline = time.monotonic() + 10
     while True:
         after = _pool_snapshot()
