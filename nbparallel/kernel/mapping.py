@@ -29,6 +29,7 @@ from .output import CellTarget, flush_std
 from .runner import Client, get_client, settings
 
 WAIT_SLICE = 0.25  # seconds: the caller re-checks its state at least this often while waiting
+DRAIN_GRACE = 0.5  # seconds past a call's deadline to hand on results that had already arrived
 
 
 class Observer(Protocol):
@@ -270,7 +271,12 @@ class MapRun:
         while True:
             timeout = WAIT_SLICE
             if self.deadline is not None:
-                timeout = min(timeout, max(0.0, self.deadline - time.monotonic()))
+                now = time.monotonic()
+                # Past the deadline what already arrived is still handed on, but a stream that never
+                # runs dry (results keep coming) must not keep the call alive: a bounded grace.
+                if now >= self.deadline + DRAIN_GRACE:
+                    raise cf.TimeoutError("the results did not all arrive before the timeout")
+                timeout = min(timeout, max(0.0, self.deadline - now))
             try:
                 return self.events.get(timeout=timeout)
             except queue.Empty:
