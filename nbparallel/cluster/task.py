@@ -36,6 +36,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from ..payload import aiocall
 from ..payload import pickling as ser
 from ..errors import SerializationError
+from ..payload.calls import call_item
 from ..payload.shm import OUT_OF_BAND_MIN
 from ..payload.outcomes import Batch
 from ..wire.messages import CallMode
@@ -153,16 +154,6 @@ def _function(key: str, payload: Payload) -> Callable[..., Any]:
     return fn
 
 
-def _call(fn: Callable[..., Any], call: CallMode, item: Any) -> Any:
-    # The same three conventions as worker.py's loop (kept inline there: it is the hot path).
-    __tracebackhide__ = True  # our plumbing: remote tracebacks start at the user's function
-    if call == "one":
-        return fn(item)
-    if call == "star":
-        return fn(*item)
-    return fn(*item[0], **item[1])  # "kwargs": submit's (args, kwargs)
-
-
 class _Cancelled:
     """Whether Dask has cancelled the task running this chunk (the caller cancelled the call).
     A running thread cannot be stopped from outside; the chunk stops at its next item instead."""
@@ -254,7 +245,7 @@ def run_chunk(function: Payload, job: str, start: int, count: int, items: Payloa
                 break
             _capture.index = start + offset
             try:
-                value = _call(fn, call, values[offset])
+                value = call_item(fn, call, values[offset])
             except BaseException as exc:  # SystemExit and KeyboardInterrupt in a task are its outcome too
                 batch.add_problem(offset, ser.RAISED, ser.encode_exception(exc))
                 if stop_on_error:

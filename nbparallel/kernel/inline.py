@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from ..payload.calls import call_item
 from ..payload import pickling as ser
 from ..payload import shm
 from ..payload.outcomes import Batch
@@ -113,12 +114,7 @@ class InlineClient:
         upto = len(items)
         for offset, item in enumerate(items):
             try:
-                if call == "one":
-                    value = fn(item)
-                elif call == "star":
-                    value = fn(*item)
-                else:  # "kwargs": submit's (args, kwargs)
-                    value = fn(*item[0], **item[1])
+                value = call_item(fn, call, item)
                 if inspect.isawaitable(value):  # a coroutine function's item: on an event loop of its own
                     value = _run_awaitable(value)
             except BaseException as exc:  # SystemExit and KeyboardInterrupt in a task are its outcome too
