@@ -35,6 +35,7 @@ from collections.abc import Callable
 from .. import config
 from ..errors import ProtocolError
 from ..wire import messages as msg
+from ..wire import worker_messages as wmsg
 from ..wire import strays
 from ..wire.channel import Channel
 from .workers import Stopping, WorkerProcess, return_free_memory, sample_memory, signal_group
@@ -321,7 +322,7 @@ class Sidecar:
             worker.kill()
         else:
             worker.retiring = True
-            worker.channel.send(msg.exit())
+            worker.channel.send(wmsg.exit())
 
     def requeue_others(self, worker: WorkerProcess, except_job: int | None) -> None:
         """Put the worker's chunks back at the front of their queues (dropping ``except_job``'s)."""
@@ -345,12 +346,12 @@ class Sidecar:
             if frame.op == "result":
                 self.on_worker_result(worker, frame)
             elif frame.op == "output":
-                line = msg.view(frame, msg.WorkerOutput)
+                line = msg.view(frame, wmsg.WorkerOutput)
                 if line["job"] in self.jobs:
                     self.kernel.send(msg.output(job=line["job"], index=line["index"], stream=line["stream"],
                                                 text=line["text"], pid=worker.pid))
             elif frame.op == "display":  # a task's display(): its bundle is passed on as it is
-                shown = msg.view(frame, msg.WorkerDisplay)
+                shown = msg.view(frame, wmsg.WorkerDisplay)
                 if shown["job"] in self.jobs:
                     header = msg.display(job=shown["job"], index=shown["index"], pid=worker.pid)
                     if "display_id" in shown:
@@ -365,7 +366,7 @@ class Sidecar:
             self.on_worker_exit(worker)
 
     def on_worker_result(self, worker: WorkerProcess, frame: Frame) -> None:
-        done = msg.view(frame, msg.WorkerResult)
+        done = msg.view(frame, wmsg.WorkerResult)
         # The head's, but an async job's chunks run side by side and may finish in any order.
         chunk = next((c for c in worker.assigned if c.id == done["chunk"]), None)
         if chunk is None:
@@ -481,9 +482,9 @@ class Sidecar:
                 worker.keys[key] = None
                 for old in functions_to_forget(worker, self.jobs):
                     del worker.keys[old]
-                    worker.channel.send(msg.forget(key=old))
+                    worker.channel.send(wmsg.forget(key=old))
             worker.jobs.add(chunk.job)
-        header = msg.worker_chunk(job=chunk.job, chunk=chunk.id, start=chunk.start, count=chunk.count)
+        header = wmsg.worker_chunk(job=chunk.job, chunk=chunk.id, start=chunk.start, count=chunk.count)
         if chunk.resume:
             header["resume"] = chunk.resume
         if chunk.skip:

@@ -1,13 +1,17 @@
-"""Every message of the protocol: one ``TypedDict`` for its header and one builder (docs/protocol.md).
+"""The kernel's side of the protocol: one ``TypedDict`` for each message's header and one builder
+(docs/protocol.md), for what the kernel sends a runner (the sidecar, or the Dask bridge) and what a
+runner answers; and ``view``, how any receiver reads a frame's header. What the sidecar and its
+workers say to each other is in worker_messages.py.
 
-Senders build headers only through the builders here; receivers read a frame's header through its
-type (``view(frame, Result)``). A builder takes the message's required fields as keyword arguments;
-its optional fields are sent only when passed (a receiver reads a missing field as its default).
-The framing fields (``sizes``, ``fds``) are added and removed by frames.py, never seen here.
+Senders build headers only through the builders here and in worker_messages.py; receivers read a
+frame's header through its type (``view(frame, Result)``). A builder takes the message's required
+fields as keyword arguments; its optional fields are sent only when passed (a receiver reads a
+missing field as its default). The framing fields (``sizes``, ``fds``) are added and removed by
+frames.py, never seen here.
 
-The registries at the end (``TO_RUNNER``, ``TO_KERNEL``, ``TO_WORKER``, ``FROM_WORKER``) list each
-direction's ops with their type and builder; tests/unit/test_messages.py checks them against the
-tables in docs/protocol.md. Only the standard library: the sidecar imports this module.
+The registries at the end (``TO_RUNNER``, ``TO_KERNEL``) list each direction's ops with their type
+and builder; tests/unit/test_messages.py checks them against the tables in docs/protocol.md. Only
+the standard library: the sidecar imports this module.
 """
 
 from __future__ import annotations
@@ -323,112 +327,6 @@ def unknown_op(op: str, runner: str) -> Error:
                          f"{', '.join(sorted(TO_RUNNER))}); are the kernel and the {runner} from different installs?")
 
 
-# -- sidecar -> worker (also ``job`` and ``end``, as above) -------------------------------------------
-
-
-class WorkerChunkOptional(TypedDict, total=False):
-    resume: int
-    skip: list[int]
-    careful: bool
-    pace: list[float]  # a paced job (rate): [not_before, spacing], time.monotonic() seconds
-    oob: Segments
-
-
-class WorkerChunk(WorkerChunkOptional):
-    op: Literal["chunk"]
-    job: int
-    chunk: int
-    start: int
-    count: int
-
-
-def worker_chunk(*, job: int, chunk: int, start: int, count: int,
-                 **optional: Unpack[WorkerChunkOptional]) -> WorkerChunk:
-    """Run items ``resume..count-1`` of the chunk except the offsets in ``skip``."""
-    return {"op": "chunk", "job": job, "chunk": chunk, "start": start, "count": count, **optional}
-
-
-class Forget(TypedDict):
-    op: Literal["forget"]
-    key: str
-
-
-def forget(*, key: str) -> Forget:
-    """Drop a cached function."""
-    return {"op": "forget", "key": key}
-
-
-class Exit(TypedDict):
-    op: Literal["exit"]
-
-
-def exit() -> Exit:  # named for its op; nothing here needs the builtin
-    """Exit now."""
-    return {"op": "exit"}
-
-
-# -- worker -> sidecar -----------------------------------------------------------------------------
-
-
-class WorkerHello(TypedDict):
-    op: Literal["hello"]
-    version: int
-    pid: int
-
-
-def worker_hello(*, pid: int) -> WorkerHello:
-    """A worker's first frame: it is ready."""
-    return {"op": "hello", "version": PROTOCOL_VERSION, "pid": pid}
-
-
-class WorkerResultOptional(TypedDict, total=False):
-    running: int  # an async job: the items in flight here after this frame
-    settled: list[int]  # an async job: offsets past ``upto`` with an outcome in this frame
-    requeue: bool  # a paced chunk's final frame: its items without an outcome go back to the queue
-    oob: Segments
-
-
-class WorkerResult(WorkerResultOptional):
-    op: Literal["result"]
-    job: int
-    chunk: int
-    upto: int
-    n: int
-    failed: int
-    elapsed: float
-    final: bool
-
-
-def worker_result(*, job: int, chunk: int, upto: int, n: int, failed: int, elapsed: float, final: bool,
-                  **optional: Unpack[WorkerResultOptional]) -> WorkerResult:
-    """Outcomes of the chunk's items up to offset ``upto`` (the sidecar adds ``start`` and ``pid``)."""
-    return {"op": "result", "job": job, "chunk": chunk, "upto": upto, "n": n, "failed": failed,
-            "elapsed": elapsed, "final": final, **optional}
-
-
-class WorkerOutput(TypedDict):
-    op: Literal["output"]
-    job: int | None
-    index: int | None
-    stream: str
-    text: str
-
-
-def worker_output(*, job: int | None, index: int | None, stream: str, text: str) -> WorkerOutput:
-    """Text printed while item ``index`` ran (the sidecar adds ``pid``)."""
-    return {"op": "output", "job": job, "index": index, "stream": stream, "text": text}
-
-
-class WorkerDisplay(DisplayOptional):
-    op: Literal["display"]
-    job: int | None
-    index: int | None
-
-
-def worker_display(*, job: int | None, index: int | None, **optional: Unpack[DisplayOptional]) -> WorkerDisplay:
-    """A mime bundle displayed while item ``index`` ran (the sidecar adds ``pid``)."""
-    return {"op": "display", "job": job, "index": index, **optional}
-
 
 # -- the registries: each direction's ops, their header type and their builder ------------------------
 
@@ -456,19 +354,4 @@ TO_KERNEL: dict[str, Message] = {
     "cancelled": (Cancelled, cancelled),
     "status": (Status, status),
     "error": (Error, error),
-}
-#: What the sidecar sends a worker (``job`` is the kernel's header, forwarded).
-TO_WORKER: dict[str, Message] = {
-    "job": (Job, job),
-    "chunk": (WorkerChunk, worker_chunk),
-    "end": (End, end),
-    "forget": (Forget, forget),
-    "exit": (Exit, exit),
-}
-#: What a worker sends the sidecar.
-FROM_WORKER: dict[str, Message] = {
-    "hello": (WorkerHello, worker_hello),
-    "result": (WorkerResult, worker_result),
-    "output": (WorkerOutput, worker_output),
-    "display": (WorkerDisplay, worker_display),
 }

@@ -39,6 +39,7 @@ from ..payload import aiocall
 from ..payload import pickling as ser
 from ..payload.outcomes import Batch
 from ..wire import messages as msg
+from ..wire import worker_messages as wmsg
 from ..wire.frames import Frame, read_frame
 from ..wire.slot import Slot
 
@@ -85,7 +86,7 @@ def settle(batch: Batch, state: Any) -> None:
 
 def run_chunk(host: Host, frame: Frame) -> None:
     """Run an async job's chunk, and the chunks of that job that arrive meanwhile, to the end."""
-    header = msg.view(frame, msg.WorkerChunk)
+    header = msg.view(frame, wmsg.WorkerChunk)
     job = host.jobs[header["job"]]
     try:
         host.enter_job(job)
@@ -110,7 +111,7 @@ def run_chunk(host: Host, frame: Frame) -> None:
 class Chunk:
     """One chunk here: what is left to start, what has an outcome, the outcomes not yet sent."""
 
-    def __init__(self, header: msg.WorkerChunk, items: list[Any], began: float) -> None:
+    def __init__(self, header: wmsg.WorkerChunk, items: list[Any], began: float) -> None:
         self.header = header
         self.id, self.start, self.count = header["chunk"], header["start"], header["count"]
         self.items = items
@@ -160,9 +161,9 @@ def send(host: Host, chunk: Chunk, *, final: bool, running: int) -> None:
             batch.values.append(value)
         else:
             batch.add_problem(offset, status, value)
-    header = msg.worker_result(job=chunk.header["job"], chunk=chunk.id, upto=chunk.upto, n=len(outcomes),
-                               failed=len(batch.problems), elapsed=time.perf_counter() - chunk.began, final=final,
-                               running=running)
+    header = wmsg.worker_result(job=chunk.header["job"], chunk=chunk.id, upto=chunk.upto, n=len(outcomes),
+                                failed=len(batch.problems), elapsed=time.perf_counter() - chunk.began, final=final,
+                                running=running)
     settled = [offset for offset, _, _ in outcomes if offset >= chunk.upto]
     if settled:
         header["settled"] = settled
@@ -298,7 +299,7 @@ class AsyncJob:
             self.host.pending.append(frame)
 
     def add(self, frame: Frame) -> None:
-        header = msg.view(frame, msg.WorkerChunk)
+        header = msg.view(frame, wmsg.WorkerChunk)
         chunk = Chunk(header, [], time.perf_counter())
         try:
             chunk.items = ser.unpack(frame)

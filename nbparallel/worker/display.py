@@ -32,14 +32,14 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
 
-from ..wire import messages as msg
+from ..wire import worker_messages as wmsg
 
 #: A bundle bigger than this (as JSON) is replaced by a line saying so: it would cost the kernel and
 #: the notebook file more than it can be worth.
 MAX_BUNDLE_BYTES = 16 * 2**20
 BACKEND = "module://nbparallel.worker.figures"
 
-Send = Callable[[msg.WorkerDisplay, Sequence[bytes]], None]
+Send = Callable[[wmsg.WorkerDisplay, Sequence[bytes]], None]
 Where = Callable[[], "tuple[int | None, int | None]"]  # (job, index) being run now
 
 
@@ -93,7 +93,7 @@ def publish(data: dict[str, Any], metadata: dict[str, Any] | None = None, *, mad
         kinds = ", ".join(sorted(data))
         note = f"[nbparallel: a display of {len(payload) / 2**20:.0f} MiB ({kinds}) was left out]"
         payload = json.dumps({"data": {"text/plain": note}, "metadata": {}}).encode()
-    header = msg.worker_display(job=job, index=index)
+    header = wmsg.worker_display(job=job, index=index)
     if display_id:
         header["display_id"] = display_id
         if update:

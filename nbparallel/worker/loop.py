@@ -31,6 +31,7 @@ from ..payload import salvage
 from ..errors import NbParallelError, SerializationError
 from ..payload.outcomes import Batch
 from ..wire import messages as msg
+from ..wire import worker_messages as wmsg
 from ..wire.frames import Frame, read_frame, send_frame
 from . import display as rich
 from ..wire.slot import OFFSET, SIZE, STARTED, Slot
@@ -99,8 +100,8 @@ class TaggedOutput(io.TextIOBase):
             end = at + OUTPUT_PIECE
             if end < len(text):
                 end = text.rfind("\n", at, end) + 1 or end
-            self.conn.send(msg.worker_output(job=self.state.job, index=self.state.index, stream=self.stream,
-                                             text=text[at:end]))
+            self.conn.send(wmsg.worker_output(job=self.state.job, index=self.state.index, stream=self.stream,
+                                              text=text[at:end]))
             at = end
 
     def isatty(self) -> bool:
@@ -152,7 +153,7 @@ class WorkerState:
 class ChunkRun:
     """The outcomes of one chunk so far, sent in pieces when the chunk runs long."""
 
-    def __init__(self, worker: Worker, chunk: msg.WorkerChunk, batch: Batch, began: float) -> None:
+    def __init__(self, worker: Worker, chunk: wmsg.WorkerChunk, batch: Batch, began: float) -> None:
         self.worker, self.chunk, self.batch, self.began = worker, chunk, batch, began
         self.start = chunk["start"]
         self.last_flush = began
@@ -204,7 +205,7 @@ class Worker:
             elif op == "end":
                 self.jobs.pop(msg.view(frame, msg.End)["job"], None)
             elif op == "forget":
-                key = msg.view(frame, msg.Forget)["key"]
+                key = msg.view(frame, wmsg.Forget)["key"]
                 self.functions.pop(key, None)
                 stale = self.function_frames.pop(key, None)
                 if stale is not None:
@@ -235,7 +236,7 @@ class Worker:
 
             aio.run_chunk(self, frame)
             return
-        header = msg.view(frame, msg.WorkerChunk)
+        header = msg.view(frame, wmsg.WorkerChunk)
         chunk, start, count = header["chunk"], header["start"], header["count"]
         job = self.jobs[header["job"]]
         skip = set(header.get("skip", ()))
@@ -356,14 +357,14 @@ class Worker:
             run.flush_if_due(last)
         return count
 
-    def send_result(self, chunk: msg.WorkerChunk, batch: Batch, upto: int, began: float, *, final: bool) -> None:
+    def send_result(self, chunk: wmsg.WorkerChunk, batch: Batch, upto: int, began: float, *, final: bool) -> None:
         if batch.values and hasattr(batch.values[0], "__await__"):  # a plain function returned awaitables
             from . import aio  # asyncio is loaded only by workers that run coroutines
 
             aio.settle(batch, self.state)
-        header = msg.worker_result(job=chunk["job"], chunk=chunk["chunk"], upto=upto,
-                                   n=len(batch.offsets) + len(batch.problems), failed=len(batch.problems),
-                                   elapsed=time.perf_counter() - began, final=final)
+        header = wmsg.worker_result(job=chunk["job"], chunk=chunk["chunk"], upto=upto,
+                                    n=len(batch.offsets) + len(batch.problems), failed=len(batch.problems),
+                                    elapsed=time.perf_counter() - began, final=final)
         packed = batch.pickle()
         try:
             if packed.specs:
@@ -461,7 +462,7 @@ def main(argv: list[str]) -> None:
             importlib.import_module(name)
         except BaseException as exc:  # sys.exit at import too: the worker goes on without that module
             print(f"nbparallel: preload of {name!r} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-    conn.send(msg.worker_hello(pid=os.getpid()))
+    conn.send(wmsg.worker_hello(pid=os.getpid()))
     worker.serve()
     flush_std()
     # Now, whatever a task left behind: a thread that never ends would keep a plain exit waiting.

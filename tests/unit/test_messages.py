@@ -16,6 +16,7 @@ from typing import Any, Literal, get_type_hints
 import pytest
 
 from nbparallel.wire import messages as msg
+from nbparallel.wire import worker_messages as wmsg
 from nbparallel.wire.frames import FrameParser, encode
 from nbparallel.wire.slot import SIZE, Slot, SlotState
 
@@ -25,8 +26,8 @@ DOC = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
 DIRECTIONS = {
     "Kernel → sidecar": msg.TO_RUNNER,
     "Sidecar → kernel": msg.TO_KERNEL,
-    "Sidecar → worker": msg.TO_WORKER,
-    "Worker → sidecar": msg.FROM_WORKER,
+    "Sidecar → worker": wmsg.TO_WORKER,
+    "Worker → sidecar": wmsg.FROM_WORKER,
 }
 #: Fields a builder fills in itself rather than taking as arguments.
 FIXED = {"op", "version"}
@@ -134,13 +135,14 @@ def test_one_builder_and_one_type_per_message() -> None:
     registered = {entry for registry in DIRECTIONS.values() for entry in registry.values()}
     types = {kind for kind, _ in registered}
     builders = {builder for _, builder in registered}
-    for name, value in vars(msg).items():
-        if isinstance(value, type) and issubclass(value, dict) and value.__module__ == msg.__name__:
-            if "op" in value.__annotations__:
-                assert value in types, f"messages.{name} is in no registry, so in no table of docs/protocol.md"
-        elif inspect.isfunction(value) and value.__module__ == msg.__name__ and name not in HELPERS:
-            if inspect.signature(value).return_annotation in {k.__name__ for k in types}:
-                assert value in builders, f"messages.{name} builds a message no registry lists"
+    for module in (msg, wmsg):
+        for name, value in vars(module).items():
+            if isinstance(value, type) and issubclass(value, dict) and value.__module__ == module.__name__:
+                if "op" in value.__annotations__:
+                    assert value in types, f"{module.__name__}.{name} is in no registry, so in no table of protocol.md"
+            elif inspect.isfunction(value) and value.__module__ == module.__name__ and name not in HELPERS:
+                if inspect.signature(value).return_annotation in {k.__name__ for k in types}:
+                    assert value in builders, f"{module.__name__}.{name} builds a message no registry lists"
     assert len(types) == len(builders) == len(registered)
 
 
