@@ -2,8 +2,9 @@
 
 The only module that imports IPython. A thin layer over the public API: a ``--map`` cell is one
 ``api.map`` call, a ``--bg`` cell one ``submit``. The rest lives in IPython-free modules: the line
-in ``cellargs``, the cell turned into something a worker runs in ``cellcode``, what a ``--map``
-cell stores in ``results``, and ``--bg`` jobs in ``background``.
+in ``cellargs``, the names a cell reads in ``cellcode``, the cell turned into something a worker
+runs in ``cellrunner``, what a ``--map`` cell stores in ``results``, and ``--bg`` jobs in
+``background``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class, no_
 from IPython.core.magic_arguments import argument, magic_arguments
 
 from .. import api, config
-from . import background, cellcode
+from . import background, cellcode, cellrunner
 from ..payload import tracebacks
 from .cellargs import checkpoint_option, combine, evaluate_maps, split_line
 from ..errors import NbParallelError, SerializationError, completed_of, details
@@ -164,7 +165,7 @@ class ParallelMagics(Magics):
         params = evaluate_maps(args.map, namespace)
         names, plain = combine(params, zipped=args.zip)
         items = [Params(names, values) for values in plain]  # named by their parameters: "k=0, seed=3"
-        runner = cellcode.CellRunner(code.source, code.filename, names, cellcode.capture(code, namespace, names))
+        runner = cellrunner.CellRunner(code.source, code.filename, names, cellrunner.capture(code, namespace, names))
         progress = False if args.no_progress else None
         out = args.out or DEFAULT_OUT
 
@@ -196,8 +197,8 @@ class ParallelMagics(Magics):
         return None if args.out else stored
 
     def _background(self, args: Any, code: cellcode.CellCode, cell: str) -> None:
-        captured = cellcode.capture(code, self.namespace)
-        runner = cellcode.CellRunner(code.source, code.filename, (), captured, mode="names", assigns=code.assigns)
+        captured = cellrunner.capture(code, self.namespace)
+        runner = cellrunner.CellRunner(code.source, code.filename, (), captured, mode="names", assigns=code.assigns)
         try:
             # Its progress display is named for the cell from its first frame on.
             with presenting(f"%%parallel --bg: {background.describe_cell(cell, list(code.assigns))}"):
@@ -313,10 +314,10 @@ def describe_sweep(names: tuple[str, ...], *, zipped: bool) -> str:
     return "%%parallel " + (", " if zipped else " × ").join(names)
 
 
-def _explain_unpicklable(error: BaseException, runner: cellcode.CellRunner) -> None:
+def _explain_unpicklable(error: BaseException, runner: cellrunner.CellRunner) -> None:
     """If ``error`` is the engine failing to pickle the cell, raise a usage error naming the variable."""
     if isinstance(error, SerializationError) and error.index is None:
-        problem = cellcode.unpicklable_capture(runner)
+        problem = cellrunner.unpicklable_capture(runner)
         if problem is not None:
             raise UsageError(f"%%parallel: {problem}") from None
 

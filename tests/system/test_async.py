@@ -330,7 +330,8 @@ def test_bad_arguments_are_clear() -> None:
 
 
 def test_a_cell_with_top_level_await_is_run_as_a_coroutine() -> None:
-    from nbparallel.cellmagic.cellcode import CellRunner, analyse, capture  # what %%parallel builds
+    from nbparallel.cellmagic.cellcode import analyse  # what %%parallel builds
+    from nbparallel.cellmagic.cellrunner import CellRunner, capture
     from nbparallel.payload.aiocall import is_async
 
     code = analyse("import asyncio\nawait asyncio.sleep(0.01)\ny = base + i\nawait asyncio.sleep(0) or y * 2")

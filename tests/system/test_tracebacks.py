@@ -153,7 +153,7 @@ total / (k - 1)
     assert failed.status == "error" and failed.ename == "ZeroDivisionError"  # the run's own exception
     shown = "\n".join(failed.reply["traceback"])
     assert f"Cell In[{_count(failed)}], line 3, in <module>" in shown, shown
-    assert "total / (k - 1)" in shown and "cellcode.py" not in shown
+    assert "total / (k - 1)" in shown and "cellrunner.py" not in shown
 
 
 @pytest.mark.timeout(120)

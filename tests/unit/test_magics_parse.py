@@ -22,7 +22,8 @@ from nbparallel.cellmagic import background
 from nbparallel.kernel import runner as client
 from nbparallel.payload import pickling as ser
 from nbparallel.cellmagic.cellargs import combine, evaluate_maps, split_line
-from nbparallel.cellmagic.cellcode import CellError, CellRunner, ModuleRef, analyse, capture, unpicklable_capture
+from nbparallel.cellmagic.cellcode import CellError, analyse
+from nbparallel.cellmagic.cellrunner import CellRunner, ModuleRef, capture, unpicklable_capture
 from nbparallel.cellmagic.magics import DEFAULT_OUT, MISSING, ParallelMagics
 from nbparallel.results import Result, Results
 
