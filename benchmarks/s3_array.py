@@ -60,7 +60,7 @@ def _shared_array_factory() -> Any:
         except AttributeError:
             continue
     try:
-        from nbparallel.payload.shm import shared_array  # type: ignore[import-not-found,unused-ignore]
+        from nbparallel.payload.shared import shared_array  # type: ignore[import-not-found,unused-ignore]
     except ImportError:
         return None
     return shared_array

@@ -52,8 +52,8 @@ _WHERE = {
     "last_results": "api",
     "submit": "futures",
     "Executor": "futures",
-    "share": "payload.shm",
-    "shared_array": "payload.shm",
+    "share": "payload.shared",
+    "shared_array": "payload.shared",
     "register_joblib": "joblib_hook",
     # IPython is imported only when IPython itself asks for these (``%load_ext nbparallel``).
     "load_ipython_extension": "cellmagic.magics",
@@ -72,7 +72,7 @@ if TYPE_CHECKING:
                          SidecarDied, TaskError, TaskTimeout, details)
     from .futures import Executor, submit
     from .joblib_hook import register_joblib
-    from .payload.shm import share, shared_array
+    from .payload.shared import share, shared_array
     from .cellmagic.magics import load_ipython_extension, unload_ipython_extension
 
 

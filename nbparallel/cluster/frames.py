@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..payload import pickling as ser
-from ..payload import shm
+from ..payload import segments, shm
 from ..errors import NbParallelError
 from ..wire import messages as msg
 from ..wire.frames import Frame, close_fds
@@ -59,7 +59,7 @@ class Job:
         if self._spec is None:
             self._spec = json.dumps({"key": self.header["key"], "call": self.header.get("call", "one"),
                                      "stop_on_error": bool(self.header.get("stop_on_error")),
-                                     "path": self.header.get("path") or [], "out_of_band": shm.AVAILABLE,
+                                     "path": self.header.get("path") or [], "out_of_band": segments.AVAILABLE,
                                      "concurrency": int(self.header.get("concurrency") or 0)})
         return self._spec
 

@@ -23,6 +23,8 @@ from typing import Any
 #: Segments are named so /proc shows them as ``/memfd:nbparallel-...``; the prefix finds them there.
 NAME_PREFIX = "nbparallel"
 PAGE = mmap.PAGESIZE
+#: Anonymous shared-memory files exist here (Linux); elsewhere everything travels in band.
+AVAILABLE = hasattr(os, "memfd_create")
 
 _libc: Any = None
 

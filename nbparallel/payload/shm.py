@@ -10,11 +10,10 @@ In the kernel a buffer is placed when its frame is sent (``Packed.place``, by th
 buffer, in a segment reused from a pool where it can be (placement.py). Workers put their results
 in fresh segments of their own.
 
-``shared_array`` allocates an array in a segment to begin with, and ``share`` places a value there
-once. Such an array, and every view of it (contiguous or strided, any size, empty ones too),
-travels as a reference to the segment: workers get a view of the same memory, writable for a
-``shared_array``, so what they write is seen by everyone. Read-only (``share``, or an array marked
-read-only), a write raises instead of going to a private copy.
+An array that lives in a segment made by ``shared_array`` or ``share`` (shared.py), and every view
+of it, travels as a reference to that segment: no copy. Read-only ones (``share``, or an array
+marked read-only) are mapped read-only by the receiver, so a write raises instead of going to a
+private copy.
 
 No segment has a name, so nothing can be left in /dev/shm: a segment lives exactly as long as some
 process holds its descriptor or a mapping of it, and the sidecar (which holds the descriptors
@@ -24,29 +23,26 @@ Where ``memfd_create`` does not exist (macOS) everything travels in band.
 
 from __future__ import annotations
 
-import bisect
 import io
 import os
 import pickle
 import sys
-import threading
-import weakref
 from collections.abc import Callable
 from typing import Any
 
 import cloudpickle
 
-from . import placement, segments
-from .segments import SharedMemoryLimit
+from . import placement, segments, shared
+from .segments import AVAILABLE, SharedMemoryLimit
+from .shared import Registered
 from ..wire.frames import MAX_FDS, close_fds
 
-__all__ = ["Packed", "SharedMemoryLimit", "Shared", "dumps", "loads", "share", "shared_array", "segment_with"]
+__all__ = ["Packed", "SharedMemoryLimit", "dumps", "loads", "segment_with"]
 
 OUT_OF_BAND_MIN = 1 << 20  # smaller buffers are cheaper inline than as a segment of their own
 # A pickle stream this large (big bytes or strings, many small objects) goes into a segment of its
 # own too: the sidecar then holds a descriptor, never the megabytes, and stays small.
 STREAM_OUT_OF_BAND_MIN = 4 << 20
-AVAILABLE = hasattr(os, "memfd_create")
 
 
 class Packed:
@@ -99,47 +95,6 @@ class Packed:
         self.requests = []
 
 
-# Segments made by shared_array and share, by the address range of our mapping of them.
-class _Registered:
-    __slots__ = ("fd", "start", "end", "writable", "view")
-
-    def __init__(self, fd: int, start: int, view: memoryview, writable: bool) -> None:
-        self.fd, self.start, self.end, self.view, self.writable = fd, start, start + view.nbytes, view, writable
-
-
-_registered: dict[int, _Registered] = {}
-_starts: list[int] = []  # sorted keys of _registered
-_registered_lock = threading.Lock()
-
-
-def _register(fd: int, view: memoryview, *, writable: bool) -> int:
-    start = segments.address(view)
-    assert start is not None
-    with _registered_lock:
-        _registered[start] = _Registered(fd, start, view, writable)
-        bisect.insort(_starts, start)
-    return start
-
-
-def _forget(start: int) -> None:
-    with _registered_lock:
-        entry = _registered.pop(start, None)
-        if entry is not None:
-            del _starts[bisect.bisect_left(_starts, start)]
-    if entry is not None:
-        close_fds([entry.fd])
-
-
-def _segment_at(start: int, end: int) -> _Registered | None:
-    """The registered segment holding bytes ``start..end`` (``start == end``: an empty array there)."""
-    with _registered_lock:
-        at = bisect.bisect_right(_starts, start) - 1
-        if at < 0:
-            return None
-        found = _registered[_starts[at]]
-    return found if end <= found.end else None
-
-
 def _rebuild_view(buffer: Any, dtype: Any, shape: tuple[int, ...], strides: tuple[int, ...], offset: int) -> Any:
     """In the receiver: a view of a shared segment, laid out as the sender's array was."""
     import numpy  # only arrays from a shared segment come here, so numpy is there
@@ -157,7 +112,7 @@ class _Packer:
         self.specs: list[dict[str, Any]] = []
         self.owned: list[int] = []
         self.requests: list[placement.Request] = []
-        self.known: dict[int, tuple[_Registered, int, bool]] = {}  # id(PickleBuffer) -> where it lies
+        self.known: dict[int, tuple[Registered, int, bool]] = {}  # id(PickleBuffer) -> where it lies
         self.made: list[pickle.PickleBuffer] = []  # keeps those ids unique while pickling
         self.ndarray = getattr(sys.modules.get("numpy"), "ndarray", None)
 
@@ -174,9 +129,9 @@ class _Packer:
             return True
         if raw.nbytes == 0:
             return True
-        if _registered:
+        if shared.registered:
             start = segments.address(raw)
-            found = None if start is None else _segment_at(start, start + raw.nbytes)
+            found = None if start is None else shared.segment_at(start, start + raw.nbytes)
             if found is not None and start is not None:
                 self.reference(found, start - found.start, raw.nbytes, found.writable and not raw.readonly)
                 return False
@@ -207,7 +162,7 @@ class _Packer:
             array = array.base
         return array, start
 
-    def reference(self, segment: _Registered, offset: int, size: int, writable: bool) -> None:
+    def reference(self, segment: Registered, offset: int, size: int, writable: bool) -> None:
         """A spec for bytes of a registered segment: no copy, the receiver maps the segment."""
         if segment.fd not in self.fd_index:
             if len(self.fds) >= MAX_FDS - 1:
@@ -224,7 +179,7 @@ class _Packer:
         if array.dtype.hasobject:
             return None
         start, end = placement.extent(array)
-        segment = _segment_at(start, end)
+        segment = shared.segment_at(start, end)
         if segment is None:
             return None
         buffer = pickle.PickleBuffer(segment.view[start - segment.start : end - segment.start])
@@ -257,7 +212,7 @@ def dumps(value: Any, *, deferred: bool = False) -> Packed:
     try:
         if not AVAILABLE:
             data = cloudpickle.dumps(value, protocol=5)
-        elif _registered and packer.ndarray is not None:
+        elif shared.registered and packer.ndarray is not None:
             with io.BytesIO() as file:
                 _Pickler(file, packer).dump(value)
                 data = file.getvalue()
@@ -351,133 +306,3 @@ def _kept_map(fd: int, access: int) -> memoryview:
     while len(_kept) > _KEPT_MAPS:
         _kept.pop(next(iter(_kept)))
     return view
-
-
-def shared_array(shape: int | tuple[int, ...], dtype: Any = float) -> Any:
-    """A numpy array allocated in shared memory from the start.
-
-    Passing it, or any view of it (slices, strided or transposed views, inside closures, lists,
-    dicts or objects), to workers copies nothing: they map the same memory, writable, so they can
-    fill their own part in place. The memory is freed when the array, every view of it and every
-    worker mapping are gone.
-    """
-    import numpy  # optional: shared_array needs it, the rest of nbparallel does not
-
-    dtype = numpy.dtype(dtype)
-    count = int(numpy.prod(shape))
-    size = count * dtype.itemsize
-    if not AVAILABLE:
-        return numpy.zeros(shape, dtype)
-    fd = segments.new_segment(max(size, 1), "shared-array")
-    try:
-        view = segments.map_fd(fd, max(size, 1), segments.WRITE)
-    except BaseException:
-        os.close(fd)
-        raise
-    array = numpy.frombuffer(view, dtype=dtype, count=count).reshape(shape)
-    start = _register(fd, view, writable=True)
-    # When the array and its views are gone, forget the segment and close our descriptor.
-    weakref.finalize(array.base if array.base is not None else array, _forget, start)
-    return array
-
-
-_ALIGN = 64  # buffers start on cache-line boundaries, as numpy likes
-
-
-class Shared:
-    """A value placed in shared memory once, for use by any number of calls (``nbparallel.share``).
-
-    Passing the handle (as an argument, or captured by the mapped function) sends only a reference
-    to the segment; each worker unpickles the value once and keeps it, its arrays mapped read-only.
-    Use ``handle.value`` wherever the value is needed, in the kernel and in the task alike. In the
-    kernel it is backed by the same memory: drop the original to keep a single copy. The memory is
-    freed when the handle and every worker's copy are gone.
-    """
-
-    def __init__(self, value: Any) -> None:
-        buffers: list[pickle.PickleBuffer] = []
-
-        def collect(buffer: pickle.PickleBuffer) -> bool:
-            try:
-                buffer.raw()
-            except BufferError:
-                return True  # not contiguous: inline
-            buffers.append(buffer)
-            return False
-
-        stream = cloudpickle.dumps(value, protocol=5, buffer_callback=collect)
-        raws = [b.raw().cast("B") for b in buffers]
-        layout: list[tuple[int, int]] = []
-        at = _aligned(len(stream))
-        for raw in raws:
-            layout.append((at, raw.nbytes))
-            at = _aligned(at + raw.nbytes)
-        self.token = os.urandom(8).hex()
-        self.nbytes = at
-        if not AVAILABLE:  # no shared memory here: the handle pickles as the value itself
-            self.value = value
-            self._layout: tuple[int, list[tuple[int, int]]] | None = None
-            return
-        fd = segments.new_segment(max(at, 1), "shared")
-        try:
-            view = segments.map_fd(fd, max(at, 1), segments.WRITE)
-        except BaseException:
-            os.close(fd)
-            raise
-        view[: len(stream)] = stream
-        for (offset, size), raw in zip(layout, raws):
-            view[offset : offset + size] = raw
-        self._start = _register(fd, view, writable=False)
-        self._view = view
-        self._layout = (len(stream), layout)
-        self.value = _rebuild_from(self._view, self._layout)
-        weakref.finalize(self, _forget, self._start)
-
-    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
-        if self._layout is None or not isinstance(protocol, int) or protocol < 5:
-            return (_identity, (self.value,))
-        return (_attach, (self.token, self._layout, pickle.PickleBuffer(self._view)))
-
-    def __repr__(self) -> str:
-        return f"<nbparallel.Shared {type(self.value).__name__}, {self.nbytes / 2**20:.1f} MiB in shared memory>"
-
-
-def _aligned(n: int) -> int:
-    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
-
-
-def _rebuild_from(view: memoryview, layout: tuple[int, list[tuple[int, int]]]) -> Any:
-    stream_size, buffers = layout
-    return pickle.loads(view[:stream_size], buffers=[view[o : o + n] for o, n in buffers])
-
-
-def _identity(value: Any) -> Any:
-    return value
-
-
-_attached: dict[str, Shared] = {}  # in a worker: token -> handle, most recent last
-_ATTACHED_KEPT = 16
-
-
-def _attach(token: str, layout: tuple[int, list[tuple[int, int]]], buffer: Any) -> Shared:
-    """In a worker: the handle, its value unpickled on first use and kept for later calls."""
-    handle = _attached.pop(token, None)
-    if handle is None:
-        handle = Shared.__new__(Shared)
-        handle.token, handle._layout = token, None
-        handle.value = _rebuild_from(memoryview(buffer), layout)
-        handle.nbytes = len(buffer.raw()) if isinstance(buffer, pickle.PickleBuffer) else memoryview(buffer).nbytes
-    _attached[token] = handle
-    while len(_attached) > _ATTACHED_KEPT:
-        _attached.pop(next(iter(_attached)))
-    return handle
-
-
-def share(value: Any) -> Shared:
-    """Place ``value`` in shared memory once and return a handle to pass to any number of calls.
-
-    ``m = nbparallel.share(model)``, then ``nbparallel.map(lambda x: m.value.predict(x), batches)``:
-    every call sends a reference, each worker unpickles the model once, and its arrays are the
-    shared memory itself.
-    """
-    return Shared(value)

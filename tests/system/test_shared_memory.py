@@ -15,7 +15,7 @@ import pytest
 import nbparallel
 from nbparallel.payload import placement, segments, shm
 
-pytestmark = pytest.mark.skipif(not shm.AVAILABLE, reason="memfd_create is Linux-only; elsewhere arrays go in band")
+pytestmark = pytest.mark.skipif(not segments.AVAILABLE, reason="memfd_create is Linux-only; elsewhere arrays go in band")
 
 MB = 2**20
 
