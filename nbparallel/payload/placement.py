@@ -19,6 +19,7 @@ copied there once. This module decides where:
 
 Only the kernel pins and pools (``place`` is given a scope and a job by the runner when it sends a
 frame); workers put their results in fresh segments, which the kernel keeps as long as the results.
+The record of which owner's bytes lie where is placed.py's.
 """
 
 from __future__ import annotations
@@ -27,11 +28,11 @@ import os
 import resource
 import threading
 import time
-import weakref
 from collections.abc import Hashable
 from typing import Any
 
-from . import segments
+from . import placed, segments
+from .placed import Segment
 
 POOL_SECONDS = 30.0  # a released segment unused this long is given back
 POOL_MAX_BYTES = 4 << 30  # released segments kept at most (and at most a quarter of MemAvailable)
@@ -50,31 +51,6 @@ class Request:
 
     def __init__(self, raw: memoryview, spec: dict[str, Any], owner: Any = None, start: int | None = None) -> None:
         self.raw, self.spec, self.owner, self.start = raw, spec, owner, start
-
-
-class Segment:
-    """A segment made here: its descriptor, its mapping in this process (made when first needed),
-    the jobs it was sent with and not yet released (job -> scope), and the placements it holds."""
-
-    def __init__(self, fd: int, size: int) -> None:
-        self.fd, self.size = fd, size
-        self.inode = os.fstat(fd).st_ino
-        self.view: memoryview | None = None
-        self.jobs: dict[Any, Hashable] = {}
-        self.idle_since = 0.0
-        self.clean = False  # nobody else maps it or holds it since it was released
-        self.placements: list[Placement] = []
-        self.busy = threading.Lock()  # held while it is mapped or closed (here or in the background)
-
-    def base(self) -> int:
-        """The address of our mapping of it (shared, writable; every page faulted in at once)."""
-        with self.busy:  # a mapping under way in the background is waited for
-            if self.view is None:
-                self.view = segments.map_fd(self.fd, self.size, segments.WRITE, populate=True)
-            address = segments.address(self.view)
-        assert address is not None
-        return address
-
 
 
 def _map_later(waiting: list[Segment]) -> None:
@@ -106,21 +82,6 @@ def settle() -> None:
         _mappers.pop(0).join()
 
 
-class Placement:
-    """Bytes ``start..end`` of ``owner``'s memory (``key``: its id), copied to ``offset`` in ``segment``."""
-
-    __slots__ = ("owner", "key", "start", "end", "segment", "offset", "scopes")
-
-    def __init__(self, owner: weakref.ref[Any], key: int, start: int, end: int, segment: Segment, offset: int,
-                 scope: Hashable) -> None:
-        self.owner, self.key, self.start, self.end = owner, key, start, end
-        self.segment, self.offset = segment, offset
-        self.scopes = {scope}  # the calls that saw these bytes as they are (placed or compared)
-
-
-_lock = threading.RLock()
-_placed: dict[int, list[Placement]] = {}  # id(owner) -> its placements
-_owners: dict[int, weakref.ref[Any]] = {}  # id(owner) -> the owner, while it lives
 _pinned: dict[Any, list[Segment]] = {}  # job -> the segments sent with it
 _idle: list[Segment] = []  # released, oldest first
 _live: dict[Segment, None] = {}  # every segment whose descriptor we hold, least recently used first
@@ -135,11 +96,11 @@ def place(requests: list[Request], scope: Hashable, job: Any, fds: list[int], fd
     """Put each request's bytes in a segment and complete its spec (``fd``: an index into ``fds``,
     to which the segments' descriptors are added; ``offset``). The segments are pinned by ``job``
     until ``release(job)``."""
-    with _lock:
+    with placed.lock:
         pieces: list[Piece] = []
         held: list[set[int] | None] = []  # the scan of other processes, made once when needed
         for request in requests:
-            found = _lookup(request)
+            found = placed.lookup(request.owner, request.start, request.raw.nbytes)
             if found is not None and (found.segment.fd in fd_index or len(fds) < max_fds - 1):
                 if _usable(found, scope, held):
                     _use(found.segment, found.offset + (request.start or 0) - found.start, request, job, scope,
@@ -150,7 +111,8 @@ def place(requests: list[Request], scope: Hashable, job: Any, fds: list[int], fd
         if pieces:
             segment = _new_home(pieces, held)
             for piece in pieces:
-                _record(piece, segment, scope)
+                if piece.owner is not None and piece.start is not None:  # found again while the owner lives
+                    placed.record(piece.owner, piece.start, piece.raw.nbytes, segment, piece.offset, scope)
                 for request, offset in piece.requests:
                     _use(segment, piece.offset + offset, request, job, scope, fds, fd_index)
         _trim()
@@ -179,7 +141,7 @@ def _add_piece(pieces: list[Piece], request: Request) -> None:
                     and start + size <= piece.start + piece.raw.nbytes:
                 piece.requests.append((request, start - piece.start))
                 return
-        first, end = extent(owner)
+        first, end = placed.extent(owner)
         whole = bool(owner.flags.c_contiguous or owner.flags.f_contiguous)
         if whole and end - first <= 4 * size and first <= start and start + size <= end and end > first:
             piece = Piece(segments.view_at(first, end - first), owner, first)
@@ -191,25 +153,14 @@ def _add_piece(pieces: list[Piece], request: Request) -> None:
     pieces.append(piece)
 
 
-def _lookup(request: Request) -> Placement | None:
-    """A live placement of the request's owner that holds all of its bytes."""
-    if request.owner is None or request.start is None:
-        return None
-    end = request.start + request.raw.nbytes
-    for placement in _placed.get(id(request.owner), ()):
-        if placement.start <= request.start and end <= placement.end and placement.owner() is request.owner:
-            return placement
-    return None
-
-
-def _usable(placement: Placement, scope: Hashable, held: list[set[int] | None]) -> bool:
+def _usable(placement: placed.Placement, scope: Hashable, held: list[set[int] | None]) -> bool:
     """Whether the placement still holds the owner's bytes (bringing it up to date where nobody
     else can see it); False: place the request afresh."""
     segment = placement.segment
     if scope in placement.scopes and scope in segment.jobs.values():
         return True  # the same call sent these very bytes already: they are what it sees
-    if not _owner_holds(placement):
-        _drop(placement)
+    if not placed.owner_holds(placement):
+        placed.drop(placement)
         return False
     size = placement.end - placement.start
     at = segment.base() + placement.offset
@@ -217,45 +168,13 @@ def _usable(placement: Placement, scope: Hashable, held: list[set[int] | None]) 
     if segments.same(at, placement.start, size):
         placement.scopes.add(scope)
         return True
-    if not segment.jobs and _clean(segment, held):  # changed, and nobody sees the segment: rewrite it
+    if not segment.jobs and placed.is_clean(segment, held):  # changed, and nobody sees the segment: rewrite it
         segments.copy(at, placement.start, size)
         counters["copied"] += size
         placement.scopes = {scope}
         return True
-    _drop(placement)
+    placed.drop(placement)
     return False
-
-
-def _owner_holds(placement: Placement) -> bool:
-    """The owner still has those bytes (a numpy array's memory can move: ``ndarray.resize``)."""
-    owner = placement.owner()
-    if owner is None:
-        return False
-    start, end = extent(owner)
-    return start <= placement.start and placement.end <= end
-
-
-def extent(array: Any) -> tuple[int, int]:
-    """The addresses of the first and past the last byte a numpy array spans (any strides)."""
-    start = end = int(array.__array_interface__["data"][0])
-    if array.size:
-        for count, stride in zip(array.shape, array.strides):
-            if stride < 0:
-                start += (count - 1) * stride
-            else:
-                end += (count - 1) * stride
-        end += array.itemsize
-    return start, end
-
-
-def _clean(segment: Segment, held: list[set[int] | None]) -> bool:
-    if segment.clean:
-        return True
-    if not held:
-        held.append(segments.held_by_descendants())
-    if held[0] is not None and segment.inode not in held[0]:
-        segment.clean = True
-    return segment.clean
 
 
 def _new_home(pieces: list[Piece], held: list[set[int] | None]) -> Segment:
@@ -267,10 +186,10 @@ def _new_home(pieces: list[Piece], held: list[set[int] | None]) -> Segment:
         size = aligned(size + piece.raw.nbytes)
     copied = sum(piece.raw.nbytes for piece in pieces)
     for segment in sorted(_idle, key=lambda s: s.size):
-        if size <= segment.size <= 2 * size + segments.PAGE and _clean(segment, held):
+        if size <= segment.size <= 2 * size + segments.PAGE and placed.is_clean(segment, held):
             _idle.remove(segment)
             for placement in list(segment.placements):
-                _drop(placement)
+                placed.drop(placement)
             base = segment.base()
             for piece in pieces:
                 source = piece.start if piece.start is not None else segments.address(piece.raw)
@@ -295,25 +214,6 @@ def _new_home(pieces: list[Piece], held: list[set[int] | None]) -> Segment:
     return segment
 
 
-def _record(piece: Piece, segment: Segment, scope: Hashable) -> None:
-    """Remember where the owner's bytes went, while the owner lives."""
-    owner = piece.owner
-    if owner is None or piece.start is None:
-        return
-    key = id(owner)
-    reference = _owners.get(key)
-    if reference is None:
-        try:
-            reference = weakref.ref(owner)
-            weakref.finalize(owner, _forget_owner, key)
-        except TypeError:  # an owner without weak references cannot be found again
-            return
-        _owners[key], _placed[key] = reference, []
-    placement = Placement(reference, key, piece.start, piece.start + piece.raw.nbytes, segment, piece.offset, scope)
-    _placed[key].append(placement)
-    segment.placements.append(placement)
-
-
 def _use(segment: Segment, offset: int, request: Request, job: Any, scope: Hashable, fds: list[int],
          fd_index: dict[int, int]) -> None:
     if segment.fd not in fd_index:
@@ -333,7 +233,7 @@ def _use(segment: Segment, offset: int, request: Request, job: Any, scope: Hasha
 
 def release(job: Any) -> None:
     """The kernel is done with ``job``: the segments only it pinned go to the pool."""
-    with _lock:
+    with placed.lock:
         now = time.monotonic()
         holding: list[Segment] = []  # arrays a later call may send again: compared there
         for segment in _pinned.pop(job, ()):
@@ -350,20 +250,20 @@ def release(job: Any) -> None:
 
 def release_all() -> None:
     """The runner is gone (or going): no job pins anything any more."""
-    with _lock:
+    with placed.lock:
         for job in list(_pinned):
             release(job)
 
 
 def clear() -> None:
     """Give back every pooled segment now (shutdown)."""
-    with _lock:
+    with placed.lock:
         while _idle:
             _close(_idle.pop(0))
 
 
 def pooled_bytes() -> int:
-    with _lock:
+    with placed.lock:
         return sum(s.size for s in _idle)
 
 
@@ -394,7 +294,7 @@ def _trim(need: int = 0) -> None:
 
 def _on_timer() -> None:
     global _timer
-    with _lock:
+    with placed.lock:
         _timer = None
         _trim()
 
@@ -423,7 +323,7 @@ def max_segments() -> int:
 def _close(segment: Segment) -> None:
     _live.pop(segment, None)
     for placement in list(segment.placements):
-        _drop(placement)
+        placed.drop(placement)
     with segment.busy:  # not while it is being mapped
         segment.view = None  # our mapping goes when the last view of it does
         if segment.fd >= 0:
@@ -434,18 +334,3 @@ def _close(segment: Segment) -> None:
             segment.fd = -1
 
 
-def _drop(placement: Placement) -> None:
-    """Forget a placement: its bytes in the segment no longer stand for the owner's."""
-    if placement in placement.segment.placements:
-        placement.segment.placements.remove(placement)
-    owned = _placed.get(placement.key)
-    if owned and placement in owned:
-        owned.remove(placement)
-
-
-def _forget_owner(key: int) -> None:
-    with _lock:
-        _owners.pop(key, None)
-        for placement in _placed.pop(key, ()):
-            if placement in placement.segment.placements:
-                placement.segment.placements.remove(placement)

@@ -32,7 +32,7 @@ from typing import Any
 
 import cloudpickle
 
-from . import placement, segments, shared
+from . import placed, placement, segments, shared
 from .segments import AVAILABLE, SharedMemoryLimit
 from .shared import Registered
 from ..wire.frames import MAX_FDS, close_fds
@@ -178,7 +178,7 @@ class _Packer:
         its layout (any strides, empty included). None: not in one."""
         if array.dtype.hasobject:
             return None
-        start, end = placement.extent(array)
+        start, end = placed.extent(array)
         segment = shared.segment_at(start, end)
         if segment is None:
             return None
