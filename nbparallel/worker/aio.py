@@ -27,14 +27,12 @@ arrives meanwhile, on one event loop per worker (made once, reused):
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from .. import config
-from ..errors import SerializationError
 from ..payload import aiocall
 from ..payload import pickling as ser
 from ..payload.outcomes import Batch
@@ -42,6 +40,8 @@ from ..wire import messages as msg
 from ..wire import worker_messages as wmsg
 from ..wire.frames import Frame, read_frame
 from ..wire.slot import Slot
+from .running import unpickle_failure
+from .sending import Connection, WorkerState, flush_std, send_outcomes
 
 FLUSH_INTERVAL = 0.05  # seconds: outcomes of an async chunk go out at least this often
 HEARTBEAT = 0.1  # seconds between heartbeats in the slot (a quarter of a shorter timeout)
@@ -51,9 +51,9 @@ LATE_BY = 0.01  # seconds: a paced item may start this late (or one spacing, if 
 class Host(Protocol):
     """What this module needs of loop.py's Worker."""
 
-    conn: Any  # send(header, buffers, fds)
+    conn: Connection
     slot: Slot
-    state: Any  # .job, .current (a source of the index output is tagged with), .clear()
+    state: WorkerState
     jobs: dict[int, msg.Job]
     pending: deque[Frame]
 
@@ -74,9 +74,9 @@ def event_loop() -> asyncio.AbstractEventLoop:
     return _loop
 
 
-def settle(batch: Batch, state: Any) -> None:
+def settle(batch: Batch, state: WorkerState) -> None:
     """A plain job's function returned awaitables: await them here (see ``aiocall.resolve``);
-    ``state``: loop.py's WorkerState, whose output tags then follow the item awaited."""
+    ``state``: the worker's, whose output tags then follow the item awaited."""
     state.current = aiocall.CURRENT_INDEX.get
     try:
         aiocall.resolve(batch, event_loop(), config.ASYNC_CONCURRENCY)
@@ -143,9 +143,7 @@ class Chunk:
 
 
 def fail_all(chunk: Chunk, stage: str, exc: BaseException) -> None:
-    error = SerializationError(
-        f"the worker could not unpickle the {stage}: {type(exc).__name__}: {exc}. "
-        "Is the module that defines it importable in the worker (same sys.path, same cwd)?")
+    error = unpickle_failure(stage, exc)
     for offset in chunk.todo:
         chunk.record(offset, ser.FAILED, error)
     chunk.todo, chunk.unstarted = [], 0
@@ -169,13 +167,7 @@ def send(host: Host, chunk: Chunk, *, final: bool, running: int) -> None:
         header["settled"] = settled
     if final and chunk.requeue:
         header["requeue"] = True
-    packed = batch.pickle()
-    try:
-        if packed.specs:
-            header["oob"] = packed.specs
-        host.conn.send(header, [packed.data], packed.fds)
-    finally:
-        packed.close()
+    send_outcomes(host.conn, header, batch)
 
 
 class AsyncJob:
@@ -360,11 +352,3 @@ class AsyncJob:
                 offset, width = only, 1
         self.host.slot.write(started=time.monotonic() if self.timed else 0.0, chunk=head.id, offset=offset,
                              width=width)
-
-
-def flush_std() -> None:
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:  # a task may have closed or replaced them
-            pass
