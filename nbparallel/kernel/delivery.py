@@ -44,7 +44,30 @@ class Lane:
             if self.waiting <= self.idle or self.threads >= self.limit:
                 return
             self.threads += 1
-        threading.Thread(target=self._run, name=self.name, daemon=True).start()
+        try:
+            threading.Thread(target=self._run, name=self.name, daemon=True).start()
+        except RuntimeError:
+            # Python 3.12 starts no thread once the interpreter is shutting down, while the exit
+            # still waits for pending futures (tasks.py): their results are read here instead.
+            with self.lock:
+                self.threads -= 1
+            self._run_here()
+
+    def _run_here(self) -> None:
+        while True:
+            try:
+                work = self.queue.get_nowait()
+            except queue.Empty:
+                return
+            with self.lock:
+                self.waiting -= 1
+            self._call(work)
+
+    def _call(self, work: Callable[[], None]) -> None:
+        try:
+            work()
+        except BaseException:  # a bug of ours (the work catches what the user's code raises)
+            print(f"nbparallel: internal error on {self.name}:\n{traceback.format_exc()}", file=sys.stderr)
 
     def _run(self) -> None:
         _internal.flag = self.internal
@@ -63,10 +86,7 @@ class Lane:
             with self.lock:
                 self.idle -= 1
                 self.waiting -= 1
-            try:
-                work()
-            except BaseException:  # a bug of ours (the work catches what the user's code raises)
-                print(f"nbparallel: internal error on {self.name}:\n{traceback.format_exc()}", file=sys.stderr)
+            self._call(work)
             work = _done  # the future it settled, and its result, are the caller's alone now
 
 

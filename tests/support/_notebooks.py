@@ -174,7 +174,29 @@ class Kernel:
                 idle = True
         self.note_descendants()
         content, at = self.replies[msg_id]
+        if content["status"] == "error":
+            self.settle_abort(time.monotonic() + EXEC_TIMEOUT)
         return Execution(msg_id, content, self.messages_for(msg_id), at)
+
+    def settle_abort(self, deadline: float) -> None:
+        """After a failed cell, one shell round trip before the next request.
+
+        ipykernel 6 aborts execute requests queued behind a failed cell until a "stop aborting"
+        callback, scheduled with call_later(0), reaches its message queue. A request that arrives in
+        the same event-loop turn is queued first (asyncio runs I/O callbacks before timers), so on a
+        busy machine the test's next cell came back "aborted". Once a kernel_info request sent now
+        has its reply, the callback is queued ahead of anything this client sends next. A person
+        typing the next cell never races it; ipykernel 7 queues the abort differently."""
+        info_id = self.kc.kernel_info()
+        while info_id not in self.replies:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("no kernel_info reply after a failed cell")
+            try:
+                reply = self.kc.get_shell_msg(timeout=min(left, 0.05))
+            except queue.Empty:
+                continue
+            self.replies[reply["parent_header"].get("msg_id")] = (reply["content"], time.monotonic())
 
     def wait_for_text(self, msg_id: str, text: str, timeout: float = EXEC_TIMEOUT) -> None:
         """Wait until the request's stream output contains ``text`` (the cell keeps running)."""
