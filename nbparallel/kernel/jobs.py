@@ -26,7 +26,7 @@ from ..payload import salvage, tracebacks
 from ..payload.initializing import InitializerError
 from ..payload.retrying import ATTEMPTS_ATTR
 from ..wire import messages as msg
-from ..wire.frames import Frame
+from ..wire.frames import Buffer, Frame
 from .jobspec import Limits, caller_context, function_key
 from .runner import Client, JobHandle
 
@@ -37,11 +37,14 @@ Describe = Callable[[int], str]
 @dataclass
 class Batch:
     """Outcomes of some items: ``values[k]`` belongs to ``indices[k]``; ``errors`` are the failures:
-    the tasks' own exceptions and nbparallel's errors."""
+    the tasks' own exceptions and nbparallel's errors. ``pickled``: the worker's pickle of
+    ``(offsets, values, problems)`` as it came, when it holds every value and no problem (and no
+    buffer out of band), so that a journal (sweep.py) need not pickle the values again."""
 
     indices: range | list[int]
     values: list[Any]
     errors: dict[int, BaseException]
+    pickled: Buffer | None = None
 
 
 class Job:
@@ -146,7 +149,8 @@ class Job:
         for offset, (status, value) in problems.items():
             index = start + offset
             errors[index] = self.problem(status, value, index if self.numbered else None, describe(index))
-        return Batch(indices, values, errors)
+        whole = not problems and not frame.get("oob")  # one self-contained stream, every value in it
+        return Batch(indices, values, errors, frame.payload if whole else None)
 
     def problem(self, status: int, value: Any, index: int | None, item: str) -> BaseException:
         """The error for one item's problem (``status`` ``RAISED`` or ``FAILED``)."""

@@ -4,7 +4,10 @@ One file per sweep (``runs/sweep.db``), in WAL mode with ``synchronous=NORMAL``:
 transaction survives the death of the process that wrote it (SIGKILL included), and the file stays
 consistent whatever moment that happens at; only an OS crash or a power cut can take back the latest
 commits. A writer thread commits at most ``COMMIT_INTERVAL`` apart, so a killed kernel loses at
-most about the last second of results, and the caller's thread only pickles.
+most about the last second of results. The caller's thread only queues each batch (with the bytes a
+worker sent its values in, when small: stored as they are, not pickled again); the writer thread
+takes what was queued every ``PICKUP_INTERVAL``, makes a new journal's tables, pickles the items and
+writes the rows, so that a call whose results pour in is not slowed by it.
 
 Beside it, nothing but what SQLite keeps (``-wal``, ``-shm``) and, when needed:
 
@@ -33,23 +36,25 @@ import sys
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from queue import Empty, SimpleQueue
 from typing import Any
 
 import cloudpickle
 
-from ..errors import NbParallelError
+from ..wire.frames import Buffer
 from . import journalfiles as files
 from .identity import FunctionId
-from .journalrows import Row, identify, pack_indices
+from .journalrows import Row, identify, pack_indices, pickle_failure
+from .journalspec import (Checkpoint as Checkpoint, CheckpointBusy as CheckpointBusy,  # imported from here too
+                          CheckpointError as CheckpointError, CheckpointMismatch as CheckpointMismatch,
+                          as_checkpoint as as_checkpoint, mismatch)
 
-FORMAT = "1"
+FORMAT = "2"  # 2: a row's values may be a worker's (offsets, values, problems) tuple; format 1 is read too
 COMMIT_INTERVAL = 1.0  # seconds between commits at most: what a killed kernel can lose
+PICKUP_INTERVAL = 0.25  # seconds: how often the writer thread takes the rows queued meanwhile
 OUT_OF_BAND = 256 * 2**10  # bytes: a value's buffer this big goes to a file of its own
-ON_CHANGE = ("error", "restart", "keep")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -65,49 +70,6 @@ _INSERT = ("INSERT INTO outcomes (call, failed, first, count, indices, items, di
            "finished) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 
 
-class CheckpointError(NbParallelError):
-    """The journal of a checkpointed call cannot be used as asked."""
-
-
-class CheckpointBusy(CheckpointError):
-    """Another sweep is writing this journal now (in this process or another)."""
-
-
-class CheckpointMismatch(CheckpointError, ValueError):
-    """The journal holds results of a different function; ``on_change=`` says what to do."""
-
-    def __init__(self, message: str, *, stored: str, current: str) -> None:
-        super().__init__(message)
-        self.stored = stored
-        self.current = current
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """Where a sweep keeps its journal, and what to do with what it finds there.
-
-    ``on_change``: when the function differs from the one that wrote the journal, ``"error"``
-    (the default) raises ``CheckpointMismatch``; ``"restart"`` deletes the old results and starts
-    over; ``"keep"`` keeps them and runs only the missing items with the new function.
-    ``rerun_failed``: run the items that failed last time again (the default), or keep their failure.
-    """
-
-    path: str | os.PathLike[str]
-    on_change: str = "error"
-    rerun_failed: bool = True
-
-    def __post_init__(self) -> None:
-        if self.on_change not in ON_CHANGE:
-            raise ValueError(f'on_change must be "error", "restart" or "keep", got {self.on_change!r}')
-        if not isinstance(self.path, (str, os.PathLike)) or not os.fspath(self.path):
-            raise TypeError(f"a checkpoint is a file path, got {self.path!r}")
-
-
-def as_checkpoint(value: Any) -> Checkpoint:
-    """``checkpoint=`` as given (a path or a Checkpoint) made a Checkpoint."""
-    return value if isinstance(value, Checkpoint) else Checkpoint(value)
-
-
 class Journal:
     """An open journal. ``Journal.open(path)`` takes the writer's lock; ``write=False`` only reads."""
 
@@ -116,12 +78,19 @@ class Journal:
         self.blobs = path.with_name(path.name + "-blobs")
         self.db = connection
         self.lock = lock
-        # Rows, or what makes one (record(now=False)); an Event asks for a commit; None ends it.
-        self.queue: SimpleQueue[tuple[Any, ...] | Callable[[], tuple[Any, ...]] | threading.Event | None] = \
-            SimpleQueue()
+        # Rows, or what makes one (record(now=False)); an Event asks for a commit; None ends it. The
+        # writer picks them up every PICKUP_INTERVAL; ``wake`` brings it at once (values to pickle,
+        # an Event, the end): waking it for each batch would contend with the caller's thread.
+        self.pending: deque[tuple[Any, ...] | Callable[[], tuple[Any, ...]] | threading.Event | None] = deque()
+        self.wake = threading.Event()
         self.writer: threading.Thread | None = None
         self.failure: BaseException | None = None  # what stopped the writer thread
         self.call = 0
+        # A journal made by this open is set up, and a call new to it written, by the writer thread
+        # before its first row; the caller's thread reads the journal only before it queues one.
+        self.fresh = False  # the file is made by this open (or, read only: holds no table yet)
+        self.ready = True  # set up (tables made): its connection can serve the next call
+        self.new_call: tuple[Any, ...] | None = None  # the calls row to write, its source a callable
         self.closing = False
         self.warned = False
         self.finishing = threading.Lock()
@@ -146,12 +115,14 @@ class Journal:
                 raise CheckpointBusy(f"the checkpoint {os.fspath(path)!r} is being written by another sweep "
                                      f"({held.holder}); wait for it to finish (or stop it), or give this call "
                                      "another path") from None
+        fresh = write and not where.exists()  # (after the lock: no other writer can make it meanwhile)
         try:
             db = files.take_idle(where) if write else None
             if db is None:
                 db = sqlite3.connect(where, timeout=30, isolation_level=None, check_same_thread=False)
                 try:
-                    _prepare(db, where, write)
+                    if not fresh and not _prepare(db, where, write):
+                        fresh = True  # read only, and no table yet: nothing in it
                 except BaseException:
                     db.close()
                     raise
@@ -163,8 +134,12 @@ class Journal:
             raise
         journal = cls(where, db, lock)
         journal.shown = os.fspath(path)
-        if write:
+        journal.fresh = fresh
+        journal.ready = not (fresh and write)
+        if write and not fresh:
             journal.remove_orphans()
+        if write:  # now, while the CPUs are free: a thread started mid-call can wait a while for one
+            journal._start()
         return journal
 
     # -- the call -----------------------------------------------------------------------------
@@ -173,21 +148,22 @@ class Journal:
         """Check ``fid`` against the function that wrote the journal (see ``Checkpoint``); return
         the call's id, under which this run's outcomes are written (``source()``: its text, kept
         for people when the function is new to the journal)."""
-        latest = self.db.execute("SELECT id, digest, name FROM calls ORDER BY id DESC LIMIT 1").fetchone()
+        latest = None if self.fresh else self.db.execute(
+            "SELECT id, digest, name FROM calls ORDER BY id DESC LIMIT 1").fetchone()
         if latest is not None and latest[1] != fid.digest:
             count, last = self.db.execute("SELECT SUM(count), MAX(finished) FROM outcomes WHERE failed = 0").fetchone()
             if count and on_change == "error":
-                raise _mismatch(self, latest[2], latest[1], fid, count, last)
+                raise mismatch(self.shown, latest[2], latest[1], fid, count, last)
             if on_change == "restart":
                 self.clear()
                 latest = None
         if latest is not None and latest[1] == fid.digest:
             self.call = int(latest[0])
-        else:
-            self.call = int(self.db.execute(
-                "INSERT INTO calls (digest, name, source, exact, started, pid, host, python) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (fid.digest, fid.name, fid.source or source(), int(fid.exact), time.time(), os.getpid(), socket.gethostname(),
-                 sys.version.split()[0])).lastrowid or 0)
+            return self.call
+        # The writer thread writes it (the lock is ours: nobody else can take this id meanwhile).
+        self.call = int(latest[0]) + 1 if latest is not None else 1  # (latest: the highest id)
+        self.new_call = (self.call, fid.digest, fid.name, (lambda: fid.source) if fid.source else source,
+                         int(fid.exact), time.time(), os.getpid())
         return self.call
 
     def clear(self) -> None:
@@ -201,12 +177,16 @@ class Journal:
     # -- reading ------------------------------------------------------------------------------
 
     def rows(self, newest_first: bool = True) -> list[Row]:
+        if self.fresh:
+            return []
         order = "DESC" if newest_first else "ASC"
         return [Row(raw, self.read_blob) for raw in self.db.execute(
             "SELECT id, call, failed, first, count, indices, items, digests, value, buffers, message, finished "
             f"FROM outcomes ORDER BY id {order}")]
 
     def calls(self) -> list[tuple[Any, ...]]:
+        if self.fresh:
+            return []
         return self.db.execute("SELECT id, digest, name, source, exact, started, pid, host, python FROM calls "
                                "ORDER BY id").fetchall()
 
@@ -217,26 +197,39 @@ class Journal:
                 raise CheckpointError(f"the large value {name} beside the journal is cut short")
         return data
 
-    # -- writing (the caller's thread pickles; the writer thread writes) -----------------------
+    # -- writing (the caller's thread queues; the writer thread writes) ------------------------
 
-    def record(self, indices: Sequence[int], items: list[Any], values: list[Any], *, now: bool = True) -> None:
+    def record(self, indices: Sequence[int], items: list[Any], values: list[Any], *, now: bool = True,
+               pickled: Buffer | None = None) -> None:
         """Queue the values of ``items`` at ``indices`` (a range or ascending list). ``now=False``
         pickles them on the writer thread, while the caller waits for results: only for values
-        nobody can change before ``close`` (a ``map``'s, not an ``imap``'s, which the consumer has)."""
+        nobody can change before ``close`` (a ``map``'s, not an ``imap``'s, which the consumer has;
+        the list is copied). ``pickled``: a worker's ``(offsets, values, problems)`` stream holding
+        these very values, stored as it is when too small to hold a value kept out of band."""
         if not indices:
             return
-        if not now:
-            self.put(functools.partial(self._values_row, indices, items, values, time.time()))
+        if pickled is not None and memoryview(pickled).nbytes < OUT_OF_BAND:
+            values = []  # not pickled again: the row holds the worker's bytes
+        else:
+            pickled = None
+            values = values if now else list(values)  # (the engine owns the list)
+        if not now:  # values to pickle: the writer starts on them at once, while the call goes on
+            self.put(functools.partial(self._values_row, indices, items, values, time.time(), pickled),
+                     wake=pickled is None)
             return
         try:
-            row = self._values_row(indices, items, values, time.time())
+            row = self._values_row(indices, items, values, time.time(), pickled)
         except Exception as exc:  # a value plain storage refuses: those items run again next time
             self._skipped(exc)
             return
         self.put(row)
 
-    def _values_row(self, indices: Sequence[int], items: list[Any], values: list[Any], finished: float
-                    ) -> tuple[Any, ...]:
+    def _values_row(self, indices: Sequence[int], items: list[Any], values: list[Any], finished: float,
+                    pickled: Buffer | None = None) -> tuple[Any, ...]:
+        first, count, packed = pack_indices(indices)
+        stored, digests = identify(items)
+        if pickled is not None:
+            return (self.call, 0, first, count, packed, stored, digests, pickled, None, None, finished)
         large: list[pickle.PickleBuffer] = []
 
         def out_of_band(buffer: pickle.PickleBuffer) -> bool:
@@ -247,8 +240,6 @@ class Journal:
 
         value = cloudpickle.dumps(values, protocol=5, buffer_callback=out_of_band)
         buffers = json.dumps([self.write_blob(buffer) for buffer in large]) if large else None
-        first, count, packed = pack_indices(indices)
-        stored, digests = identify(items)
         return (self.call, 0, first, count, packed, stored, digests, value, buffers, None, finished)
 
     def record_failure(self, index: int, item: Any, error: BaseException) -> None:
@@ -256,9 +247,7 @@ class Journal:
         try:
             if completed:  # what else had finished belongs to that call, not to this item's failure
                 setattr(error, "completed", {})
-            value: bytes | None = cloudpickle.dumps(error, protocol=5)
-        except Exception:  # an exception that cannot be pickled: its message is kept
-            value = None
+            value = pickle_failure(error)  # None: cannot be pickled; its message is kept
         finally:
             if completed:
                 setattr(error, "completed", completed)
@@ -272,50 +261,64 @@ class Journal:
             file.write(raw)
             return [name, raw.nbytes]
 
-    def put(self, row: tuple[Any, ...] | Callable[[], tuple[Any, ...]]) -> None:
+    def put(self, row: tuple[Any, ...] | Callable[[], tuple[Any, ...]], *, wake: bool = False) -> None:
+        """Queue ``row`` for the writer thread; ``wake``: have it start at once (values to pickle)."""
         if self.failure is not None:
             raise CheckpointError(f"the checkpoint {self.path} could not be written: "
                                   f"{type(self.failure).__name__}: {self.failure}") from self.failure
+        self._start()
+        self.pending.append(row)
+        if wake:
+            self.wake.set()
+
+    def _start(self) -> None:
         if self.writer is None:
             self.writer = threading.Thread(target=self._write, name="nbparallel-journal", daemon=True)
             self.writer.start()
-        self.queue.put(row)
 
     def flush(self) -> None:
         """Wait until everything queued so far is committed."""
         if self.writer is not None and self.writer.is_alive():
             done = threading.Event()
-            self.queue.put(done)
+            self.pending.append(done)
+            self.wake.set()
             while not done.wait(0.1) and self.writer.is_alive():
                 pass
 
     def _write(self) -> None:
+        # A row is picked up at most PICKUP_INTERVAL after it was queued, and committed at most
+        # COMMIT_INTERVAL after it was queued.
         deadline: float | None = None  # when the open transaction must be committed
         try:
             while True:
-                try:
-                    wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-                    row = self.queue.get(timeout=wait)
-                except Empty:
-                    row = threading.Event()  # time to commit
-                if callable(row):
-                    try:
-                        row = row()
-                    except Exception as exc:  # a value storage refuses: those items run again next time
-                        self._skipped(exc)
+                wait = PICKUP_INTERVAL if deadline is None else min(PICKUP_INTERVAL, deadline - time.monotonic())
+                self.wake.wait(max(0.0, wait))
+                self.wake.clear()
+                if self.pending:  # (the caller's thread reads the journal until it queues its first row)
+                    self._set_up()
+                while self.pending:
+                    row = self.pending.popleft()
+                    if callable(row):
+                        try:
+                            row = row()
+                        except Exception as exc:  # a value storage refuses: those items run again next time
+                            self._skipped(exc)
+                            continue
+                    if isinstance(row, tuple):
+                        if deadline is None:
+                            self.db.execute("BEGIN")
+                            deadline = time.monotonic() + COMMIT_INTERVAL - PICKUP_INTERVAL
+                        self.db.execute(_INSERT, row)
                         continue
-                if isinstance(row, tuple):
-                    if deadline is None:
-                        self.db.execute("BEGIN")
-                        deadline = time.monotonic() + COMMIT_INTERVAL
-                    self.db.execute(_INSERT, row)
-                    continue
-                if deadline is not None:
+                    if deadline is not None:
+                        self.db.execute("COMMIT")
+                        deadline = None
+                    if row is None:
+                        return
+                    row.set()
+                if deadline is not None and time.monotonic() >= deadline:
                     self.db.execute("COMMIT")
                     deadline = None
-                if row is None:
-                    return
-                row.set()
         except BaseException as exc:  # a full disk, say: the next record() raises it
             self.failure = exc
             if self.db.in_transaction:
@@ -323,6 +326,19 @@ class Journal:
         finally:
             if self.closing:
                 self._finish()
+
+    def _set_up(self) -> None:
+        """Make the journal's tables if this open made the file; write the call if new to it."""
+        if not self.ready:
+            _prepare(self.db, self.path, True)
+            self.remove_orphans()  # a -blobs folder left by a journal deleted since
+            self.ready = True
+        if self.new_call is not None:
+            call, digest, name, source, exact, started, pid = self.new_call
+            self.new_call = None
+            self.db.execute("INSERT INTO calls (id, digest, name, source, exact, started, pid, host, python) "
+                            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", (call, digest, name, source(), exact, started, pid,
+                                                                   socket.gethostname(), sys.version.split()[0]))
 
     def close(self) -> None:
         """Let go of the journal: the writer thread commits what is queued (a few ms of pickling
@@ -334,7 +350,8 @@ class Journal:
             self._finish()
             return
         files.add_pending(self.path, writer)
-        self.queue.put(None)
+        self.pending.append(None)
+        self.wake.set()
         if self.failure is not None:  # the writer stopped early, maybe before it saw ``closing``
             writer.join()
             self._finish()
@@ -351,7 +368,7 @@ class Journal:
             if self.finished:
                 return
             self.finished = True
-        if self.lock is not None and self.failure is None:
+        if self.lock is not None and self.failure is None and self.ready:
             files.keep_idle(self.path, self.db)
         else:
             self.db.close()
@@ -371,12 +388,13 @@ class Journal:
                 entry.unlink(missing_ok=True)
 
 
-def _prepare(db: sqlite3.Connection, where: Path, write: bool) -> None:
+def _prepare(db: sqlite3.Connection, where: Path, write: bool) -> bool:
+    """Check the journal, and to write it, set it up; False when it has no table (yet)."""
     tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     if tables and "outcomes" not in tables:
         raise CheckpointError(f"{where} is an SQLite database but not an nbparallel journal; give another path")
     if not write:
-        return
+        return bool(tables)
     # Setting up syncs nothing: a journal whose creation an OS crash undoes is simply made again.
     db.execute("PRAGMA synchronous = OFF")
     db.execute("PRAGMA journal_mode = WAL")
@@ -384,19 +402,10 @@ def _prepare(db: sqlite3.Connection, where: Path, write: bool) -> None:
         db.executescript(f"BEGIN; {_SCHEMA} INSERT INTO meta (key, value) VALUES ('format', '{FORMAT}'); COMMIT;")
     db.execute("PRAGMA synchronous = NORMAL")  # with WAL: a process crash loses nothing committed
     found = db.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
+    if found is not None and found[0] == "1":  # its rows read as they are; an older version refuses ours
+        db.execute("UPDATE meta SET value = ? WHERE key = 'format'", (FORMAT,))
+        found = (FORMAT,)
     if found is None or found[0] != FORMAT:
         raise CheckpointError(f"{where} was written by another version of nbparallel (journal format "
                               f"{found[0] if found else '?'}, this one reads {FORMAT})")
-
-
-def _mismatch(journal: Journal, name: str, stored: str, fid: FunctionId, count: int, last: float | None) -> CheckpointMismatch:
-    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(last)) if last else "?"
-    shown = journal.shown
-    return CheckpointMismatch(
-        f"the checkpoint {shown!r} holds {count:,} results of a different function: {name} (digest {stored[:8]}, "
-        f"last result {when}); this call's {fid.name} is not the same (digest {fid.digest[:8]}): its code, a "
-        "default, its closure or a global it reads changed. Choose one: pass "
-        f"checkpoint=nbparallel.checkpoint.Checkpoint({shown!r}, on_change=\"restart\") to start over (the old "
-        "results are deleted), on_change=\"keep\" to keep the old results and run only the missing items with this "
-        "function, or give a new path (in %%parallel: --on-change restart|keep, or another --checkpoint).",
-        stored=stored, current=fid.digest)
+    return True

@@ -1,7 +1,8 @@
 """A journal's rows: how a batch's outcomes and items are stored, read back and compared.
 
 A row holds the values of some items (``indices``: first and count, or an int64 array when they
-have gaps) or one failure. Its items are kept so that a later call can tell whether the item at an
+have gaps), pickled as a list or as the ``(offsets, values, problems)`` tuple a worker sent them in
+(stored as it came: format 2), or one failure. Its items are kept so that a later call can tell whether the item at an
 index is still the same: pickled as one list (compared as bytes with the current items pickled the
 same way: one comparison for a whole batch), or, for big items, a digest each (identity.py). When
 the bytes differ (an item changed, or equal values pickle differently), items are compared one by
@@ -16,10 +17,13 @@ import pickle
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import cloudpickle
+
 from ..payload.pickling import RemoteException
 from .identity import DIGEST_SIZE, item_digest
 
 ITEMS_INLINE = 2**20  # bytes: a batch's items pickled bigger than this are kept as digests
+CAUSES = 8  # a failure is stored with at most this many exceptions of its __cause__ chain
 
 
 class Row:
@@ -41,10 +45,16 @@ class Row:
         if self.decoded is None:
             if self.failed:
                 error = pickle.loads(self.value) if self.value is not None else None
+                if type(error) is tuple and error and isinstance(error[0], BaseException):  # with its causes
+                    for outer, cause in zip(error, error[1:]):
+                        object.__setattr__(outer, "__cause__", cause)  # (as errors.attach does)
+                    error = error[0]
                 # An exception that could not be pickled was kept as its message.
                 self.decoded = [error if isinstance(error, BaseException) else RemoteException("?", self.message or "")]
             else:
-                self.decoded = pickle.loads(self.value, buffers=[self.read_blob(n, s) for n, s in self.buffers])
+                values = pickle.loads(self.value, buffers=[self.read_blob(n, s) for n, s in self.buffers])
+                # A worker's (offsets, values, problems) stored as it came (journal.record's ``pickled``).
+                self.decoded = values[1] if type(values) is tuple else values
         return self.decoded
 
     def same_items(self, current: list[Any]) -> bool:
@@ -74,6 +84,24 @@ class Row:
         except Exception:
             pass
         return item_digest(stored) == item_digest(item)
+
+
+def pickle_failure(error: BaseException) -> bytes | None:
+    """``error`` pickled with its ``__cause__`` chain, which pickle leaves out (a task's exception
+    has its remote traceback and item there: errors.details): as much of it as can be pickled;
+    None if not even ``error`` can be."""
+    chain = [error]
+    while len(chain) < CAUSES:
+        cause = chain[-1].__cause__
+        if cause is None or any(cause is seen for seen in chain):
+            break
+        chain.append(cause)
+    while chain:
+        try:
+            return bytes(cloudpickle.dumps(tuple(chain) if len(chain) > 1 else error, protocol=5))
+        except Exception:  # a cause that cannot be pickled: without it
+            chain.pop()
+    return None
 
 
 def pack_indices(indices: Sequence[int]) -> tuple[int, int, bytes | None]:

@@ -78,10 +78,9 @@ class Sweep:
             indices = [self.todo[k] for k in run]
             for k in run:
                 self.written[k] = 1
-        if batch.values:  # a map's values are pickled on the writer thread; an imap's consumer has them now
-            deferred = not isinstance(self.items, dict)  # (a copy of the list: the engine owns batch.values)
-            self.journal.record(indices, self.item_list(indices), list(batch.values) if deferred else batch.values,
-                                now=not deferred)
+        if batch.values:  # stored as the worker sent them if it can; else pickled: a map's on the writer
+            deferred = not isinstance(self.items, dict)  # thread, an imap's now (its consumer has them)
+            self.journal.record(indices, self.item_list(indices), batch.values, now=not deferred, pickled=batch.pickled)
         errors: dict[int, BaseException] = {}
         for k, error in batch.errors.items():
             index = self.todo[k]

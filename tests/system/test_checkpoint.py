@@ -103,10 +103,12 @@ def test_resume_after_an_exception_reruns_the_failure(tmp_path: Path, journal: s
     assert _named(caught.value, 7)
     contents = load(journal)
     assert isinstance(contents.failures[7], ValueError) and 7 not in contents.values
+    assert _named(contents.failures[7], 7)  # restored with its __cause__: the remote traceback, the item
     assert all(contents.values[i] == i * i for i in contents.values)
     # errors="return" keeps a failure in its place; rerun_failed=False restores it instead of running it.
     kept = nbparallel.map(square, range(40), errors="return", checkpoint=Checkpoint(journal, rerun_failed=False))
     assert isinstance(kept[7], ValueError) and kept[8] == 64
+    assert _named(kept[7], 7) and "seven is unlucky" in nbparallel.details(kept[7]).remote_traceback  # type: ignore[union-attr]
     flag.unlink()
     first = len(computed(log))
     assert nbparallel.map(square, range(40), checkpoint=journal) == [x * x for x in range(40)]
