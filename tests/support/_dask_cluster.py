@@ -8,12 +8,15 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
+from _shm_leftovers import SHM, holders
 
+SEMAPHORE_LOOK = 0.2  # seconds between looks for the semaphores the cluster's processes map
 START_WITHIN = 60.0  # seconds for the scheduler and every worker to come up on a busy 2-core machine
 # Each Dask process is started through this: the kernel kills it if the test process dies (even by
 # pytest-timeout's os._exit, which skips every teardown), and the nannies take their workers along.
@@ -26,6 +29,11 @@ class DaskCluster:
     address: str = ""
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
     logs: list[Path] = field(default_factory=list)
+    # Named semaphores (/dev/shm/sem.*) any process of the cluster mapped, looked for every
+    # SEMAPHORE_LOOK seconds while it runs: see release_orphaned_semaphores.
+    semaphores: set[str] = field(default_factory=set)
+    stopping: threading.Event = field(default_factory=threading.Event)
+    watcher: threading.Thread | None = None
 
     def start_scheduler(self, folder: Path, host: str, *, netns: str | None = None,
                         env: dict[str, str] | None = None) -> str:
@@ -71,6 +79,40 @@ class DaskCluster:
                 [*prefix, sys.executable, "-c", LAUNCH, "-m", *module_args], stdout=out, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})},
                 start_new_session=True))  # a group of its own: stop() takes nannies and workers together
+        if self.watcher is None:
+            self.watcher = threading.Thread(target=self._watch_semaphores, name="dask-semaphores", daemon=True)
+            self.watcher.start()
+
+    def _watch_semaphores(self) -> None:
+        while not self.stopping.wait(SEMAPHORE_LOOK):
+            for proc in list(self.processes):
+                try:
+                    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+                except psutil.NoSuchProcess:
+                    continue
+                for member in tree:
+                    try:
+                        with open(f"/proc/{member.pid}/maps", "rb") as maps:
+                            for line in maps:
+                                if b"/dev/shm/sem." in line:
+                                    self.semaphores.add(line.rsplit(b"/dev/shm/", 1)[1].split()[0].decode())
+                    except OSError:
+                        continue
+
+    def release_orphaned_semaphores(self) -> list[str]:
+        """Unlink the semaphores the cluster's processes mapped that are still there with nobody holding
+        them; return their names. A Dask worker the tests SIGKILL (or that a task ends with os._exit)
+        cannot unlink what it made, and on Python 3.10 with distributed 2024.1 nothing does it for
+        them: this is the clean-up that the killed process would have done."""
+        released = []
+        for name in sorted(self.semaphores):
+            if (SHM / name).exists() and not holders(name):
+                try:
+                    (SHM / name).unlink()
+                    released.append(name)
+                except FileNotFoundError:
+                    pass
+        return released
 
     def _check_alive(self) -> None:
         for proc in self.processes:
@@ -111,3 +153,7 @@ class DaskCluster:
                     pass
             if all(proc.poll() is not None for proc in self.processes):
                 break
+        self.stopping.set()
+        if self.watcher is not None:
+            self.watcher.join(timeout=5)
+        self.release_orphaned_semaphores()
