@@ -16,8 +16,15 @@ echo "test.sh: $venv: $("$venv/bin/python" -c 'import sys; print("Python", sys.v
   "${NBP_CONSTRAINTS:+(constraints: $NBP_CONSTRAINTS)}"
 echo "test.sh: resolved:" $("$venv/bin/python" -m pip freeze --exclude-editable 2>/dev/null \
   | grep -iE '^(cloudpickle|psutil|ipykernel|ipywidgets|anywidget|joblib|numpy|dask|distributed|jupyter[_-]client|jupyterlab|notebook|nbclient|ipython|pytest|mypy)==' | sort -f)
-echo "test.sh: set up in $((SECONDS - started)) s; pytest $*"
+# Test files run side by side in NBP_TEST_PROCESSES pytest processes (pytest-xdist; default: the CPU
+# count, at most 4). Most tests wait on the processes they start, so on 2 cores two files at once
+# take about half the time; a file stays in one process (--dist loadfile), so a module's fixtures
+# (a Dask cluster, a kernel) are made once. NBP_TEST_PROCESSES=0 runs everything in this process.
+processes="${NBP_TEST_PROCESSES:-$("$venv/bin/python" -c 'import os; print(min(4, os.cpu_count() or 1))')}"
+parallel=()
+[ "$processes" -gt 0 ] && parallel=(-n "$processes" --dist loadfile)
+echo "test.sh: set up in $((SECONDS - started)) s; pytest ${parallel[*]} $*"
 status=0
-"$venv/bin/python" -m pytest "$@" || status=$?
+"$venv/bin/python" -m pytest "${parallel[@]}" "$@" || status=$?
 echo "test.sh: $venv done in $((SECONDS - started)) s (pytest exit $status)"
 exit "$status"
