@@ -15,12 +15,34 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 WAIT_SLICE = 0.25  # seconds: how often a wait for the reading thread looks at the clock
 PAUSE = 0.02  # seconds without a new item after which the items read so far are taken as they are
+SHORTEST_WAIT = 0.01  # seconds: a shorter blocking wait on a queue waits this long (see get_within)
+
+T = TypeVar("T")
 
 Taken = tuple[list[Any], BaseException | None]  # the items read, and what the input raised, if it did
+
+
+def get_within(source: queue.SimpleQueue[T], timeout: float) -> T:
+    """``source.get(timeout=timeout)``, sure to return or raise ``queue.Empty`` within
+    ``max(timeout, SHORTEST_WAIT)`` seconds even if nothing is ever put again; ``timeout <= 0``:
+    without blocking.
+
+    CPython's SimpleQueue before 3.13 (Modules/_queuemodule.c) takes its internal lock on an empty
+    queue, then computes the time left again; when the deadline passed in between (a timeout of 0
+    on Python 3.10, a few microseconds on 3.10 to 3.12, with the thread preempted or slow there),
+    the time left is negative, which the lock takes as "no limit": the get returns only at the next
+    put. Past a call's deadline nothing more is put, so the caller waited forever (an imap over an
+    infinite input with total_timeout; on 3.10 one get(timeout=0) in 10,000 to 50,000 on an idle
+    machine, more often under load). A get that must not block does no time arithmetic at all
+    (``block=False``), and a shorter wait is lengthened, so that only a preemption longer than
+    SHORTEST_WAIT, at that very instruction, could still do it."""
+    if timeout <= 0:
+        return source.get(block=False)
+    return source.get(timeout=max(timeout, SHORTEST_WAIT))
 
 
 class Feeder:
@@ -59,7 +81,7 @@ class Feeder:
             if items:  # an input that pauses: the workers get what came so far (the request stays out)
                 timeout = min(timeout, PAUSE)
             try:
-                kind, value = self.answers.get(timeout=timeout)
+                kind, value = get_within(self.answers, timeout)
             except queue.Empty:
                 if items:
                     return items, None

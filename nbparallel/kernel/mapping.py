@@ -21,7 +21,7 @@ from ..payload import pickling as ser
 from ..wire import messages as msg
 from ..wire.frames import Frame
 from .chunking import ChunkSizer, iterate, known_length
-from .feeding import Feeder
+from .feeding import Feeder, get_within
 from .jobs import Batch as Batch  # what a run yields; the progress observer reads it from here
 from .jobs import HeldInterrupts, Job
 from .jobspec import Flow, Limits, wrap
@@ -278,7 +278,9 @@ class MapRun:
                     raise cf.TimeoutError("the results did not all arrive before the timeout")
                 timeout = min(timeout, max(0.0, self.deadline - now))
             try:
-                return self.events.get(timeout=timeout)
+                # Not events.get(timeout=...): past the deadline (timeout 0) that may never return on
+                # Python 3.10 (get_within says why).
+                return get_within(self.events, timeout)
             except queue.Empty:
                 if self.client.dead is not None:
                     return self.client.dead
@@ -368,7 +370,7 @@ class MapRun:
         try:
             while (left := deadline - time.monotonic()) > 0:
                 try:
-                    event = self.events.get(timeout=min(left, WAIT_SLICE))
+                    event = get_within(self.events, min(left, WAIT_SLICE))
                 except queue.Empty:
                     continue
                 if isinstance(event, SidecarDied) or event.op == "cancelled":

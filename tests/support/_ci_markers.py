@@ -27,11 +27,6 @@ MYPY = {
 }
 
 SLOW = {
-    # KNOWN BUG (see the closing note of session 2): on CI's lowest leg (Python 3.10, oldest
-    # dependencies), run after tests/adversarial/test_faults.py, imap over an infinite input with
-    # total_timeout=1 never returns; alone, and on the main leg, it passes. Until it is found, only
-    # the main leg runs it, so a hang there cannot take a whole leg down.
-    "tests/adversarial/test_inputs.py::test_an_infinite_input_with_total_timeout",
     # notebooks run end to end; their parts are tested one by one on every leg
     "tests/system/test_examples.py::test_notebook_runs_and_prints_what_it_should[progress_demo.ipynb]",
     "tests/system/test_examples.py::test_notebook_runs_and_prints_what_it_should[scikit_learn.ipynb]",
