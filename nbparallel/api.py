@@ -11,7 +11,7 @@ from . import config
 from .errors import NbParallelError
 from .kernel import collect
 from .kernel import runner as _client
-from .kernel import sweep as _sweep
+from .kernel.recording import recording
 from .kernel.jobspec import Flow, Limits
 from .kernel.mapping import MapRun
 from .progress import driver as _progress
@@ -98,6 +98,9 @@ def map(
     __tracebackhide__ = True  # IPython shows the caller's line and the task's exception, not our plumbing
     _check_errors(errors)
     if checkpoint is not None:  # a durable sweep: kernel/sweep.py calls this map on what the journal lacks
+        # heavy (the journal, sqlite3: ~20 ms at a cold start), and only for a checkpointed call
+        from .kernel import sweep as _sweep
+
         return _sweep.run_map(map, fn, iterables, checkpoint, errors=errors, ordered=ordered, workers=workers,
                               chunksize=chunksize, progress=progress, timeout=timeout, total_timeout=total_timeout,
                               retries=retries, retry_on=retry_on, memory_limit=memory_limit,
@@ -106,7 +109,7 @@ def map(
     limits = Limits.make(timeout, retries, retry_on, memory_limit)
     flow = Flow.make(concurrency, rate, backoff)
     run = MapRun(fn, iterables, workers=workers, chunksize=chunksize, stop_on_error=errors == "raise",
-                 limits=limits, observer=_sweep.recording(observer), flow=flow)
+                 limits=limits, observer=recording(observer), flow=flow)
     run.deadline = collect.deadline_after(total_timeout)
     return collect.gather(run, ordered=ordered, errors=errors, total_timeout=total_timeout)
 
@@ -140,6 +143,9 @@ def imap(
     """
     _check_errors(errors)
     if checkpoint is not None:  # a durable sweep, as in map
+        # heavy (the journal, sqlite3), and only for a checkpointed call
+        from .kernel import sweep as _sweep
+
         return _sweep.run_imap(imap, fn, iterables, checkpoint, errors=errors, ordered=ordered, workers=workers,
                                chunksize=chunksize, progress=progress, timeout=timeout, total_timeout=total_timeout,
                                retries=retries, retry_on=retry_on, memory_limit=memory_limit,
@@ -148,7 +154,7 @@ def imap(
     limits = Limits.make(timeout, retries, retry_on, memory_limit)
     flow = Flow.make(concurrency, rate, backoff)
     run = MapRun(fn, iterables, workers=workers, chunksize=chunksize, stop_on_error=errors == "raise",
-                 limits=limits, observer=_sweep.recording(observer), flow=flow)
+                 limits=limits, observer=recording(observer), flow=flow)
     iterator = collect.stream(run, ordered=ordered, errors=errors, deadline=collect.deadline_after(total_timeout),
                               total_timeout=total_timeout)
     return _progress.attach(observer, iterator)

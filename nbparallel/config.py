@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 #: Set in the environment of the processes nbparallel starts (runner, worker): the package then
 #: leaves the joblib hook alone. Workers remove it once started, so a task's own processes are plain.
@@ -115,16 +114,22 @@ def usable_cpus() -> int:
     return max(1, count)
 
 
+def _read(path: str) -> str:
+    # open(), not pathlib: this module is imported by the sidecar and every worker at their start
+    with open(path) as file:
+        return file.read()
+
+
 def _cgroup_quota() -> float | None:
     try:
-        text = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        text = _read("/sys/fs/cgroup/cpu.max").split()
         if text and text[0] != "max":
             return int(text[0]) / int(text[1])
     except (OSError, ValueError, IndexError):
         pass
     try:
-        quota = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
-        period = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        quota = int(_read("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"))
+        period = int(_read("/sys/fs/cgroup/cpu/cpu.cfs_period_us"))
         if quota > 0 and period > 0:
             return quota / period
     except (OSError, ValueError):

@@ -13,7 +13,6 @@ an item that kills its process kills the outer item's worker (that item fails wi
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import itertools
 import os
@@ -145,6 +144,8 @@ def _load(header: Mapping[str, Any], buffers: Sequence[Buffer], fds: Sequence[in
 
 
 def _run_awaitable(value: Any) -> Any:
+    import asyncio  # heavy (~15 ms at a cold start): only for a nested call that returned an awaitable
+
     async def wait() -> Any:
         return await value
 

@@ -11,7 +11,7 @@
    restored results into ``err.completed`` too (and writes what arrived while cancelling).
 
 The recorder reaches the inner call through a context variable that ``recording`` reads once,
-so the front door's only change is to pass its observer through ``recording``.
+so the front door's only change is to pass its observer through ``recording`` (recording.py).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import itertools
 import operator
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextvars import ContextVar
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -29,23 +28,10 @@ from ..errors import Interrupted, NbParallelError, completed_of, is_failure, kee
 from .identity import function_id, source
 from .journal import Checkpoint, Journal, as_checkpoint
 from .journalrows import Row
+from .recording import RECORDER
 
 if TYPE_CHECKING:
     from .mapping import Batch, MapRun, Observer
-
-_recorder: ContextVar[Recorder | None] = ContextVar("nbparallel_sweep_recorder", default=None)
-
-
-def recording(observer: Observer | None) -> Observer | None:
-    """The observer a map/imap call runs with: ``observer``, or inside a checkpointed call the
-    ``Recorder`` that writes each batch to the journal before passing it on to ``observer``."""
-    recorder = _recorder.get()
-    if recorder is None:
-        return observer
-    _recorder.set(None)  # only the call the sweep makes, not one it might trigger
-    recorder.inner = observer
-    return recorder
-
 
 class Sweep:
     """The bookkeeping of one checkpointed call: which original index each run index is, what was
@@ -262,7 +248,7 @@ def run_map(map_fn: Callable[..., list[Any]], fn: Callable[..., Any], iterables:
         got: list[Any] = []
         if todo:
             pending = items if isinstance(todo, range) else [items[i] for i in todo]
-            token = _recorder.set(Recorder(sweep))
+            token = RECORDER.set(Recorder(sweep))
             try:
                 got = map_fn(fn, *(zip(*pending) if star else (pending,)), errors=errors, ordered=ordered, **options)
             except BaseException as error:  # a task's own exception too (see errors.details)
@@ -272,7 +258,7 @@ def run_map(map_fn: Callable[..., list[Any]], fn: Callable[..., Any], iterables:
                     keep_completed(error, sweep.completed(completed, _kept(outcomes, restored, failed)))
                 raise
             finally:
-                _recorder.reset(token)
+                RECORDER.reset(token)
             if ordered:
                 sweep.catch_up(got)
         if not ordered:
@@ -323,11 +309,11 @@ def run_imap(imap_fn: Callable[..., Iterator[Any]], fn: Callable[..., Any], iter
 
         args = tuple(map(operator.itemgetter(j), part) for j, part in enumerate(itertools.tee(feed(), len(iterables)))) \
             if star else (feed(),)
-        token = _recorder.set(Recorder(sweep))
+        token = RECORDER.set(Recorder(sweep))
         try:
             inner = imap_fn(fn, *args, errors=errors, ordered=ordered, **options)
         finally:
-            _recorder.reset(token)
+            RECORDER.reset(token)
     except BaseException:
         journal.close()
         raise

@@ -88,7 +88,10 @@ class Sidecar(WorkerSupervision):
             return
         now = time.monotonic()
         memory_limited = any(job.memory_limit for job in self.jobs.values())
-        if now - self.last_sample >= (WATCH_TICK if memory_limited else SAMPLE_INTERVAL):
+        # Nothing to sample before the first worker or job (the first pass, at start): psutil is then
+        # imported while the workers start, not before the first one is spawned.
+        interval = WATCH_TICK if memory_limited else SAMPLE_INTERVAL
+        if (self.workers or self.jobs) and now - self.last_sample >= interval:
             self.last_sample = now
             self.sample_memory()
         self.enforce_limits(now)
