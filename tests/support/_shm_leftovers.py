@@ -33,6 +33,14 @@ SHM = Path("/dev/shm")
 TAG_VARIABLE = "NBPARALLEL_TEST_SESSION"
 OURS, FOREIGN, UNKNOWN = "ours", "foreign", "unknown"
 _PID_IN_NAME = re.compile(r"^(?:sem\.)?loky-(\d+)-")
+# glibc's sem_open makes a semaphore as a temporary "sem.XXXXXX", then links it to its name and
+# unlinks the temporary: a process killed between the two leaves the temporary behind.
+_SEM_OPEN_TEMPORARY = re.compile(r"^sem\.[A-Za-z0-9]{6}$")
+
+
+def is_sem_open_temporary(name: str) -> bool:
+    """Whether ``name`` is the temporary file of a sem_open that never finished (see above)."""
+    return bool(_SEM_OPEN_TEMPORARY.match(name))
 
 
 def listing(folder: Path = SHM) -> set[str]:

@@ -12,7 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from _shm_leftovers import FOREIGN, OURS, SHM, TAG_VARIABLE, UNKNOWN, ShmWatcher, pid_in_name, verdict, wait_for
+from _shm_leftovers import (FOREIGN, OURS, SHM, TAG_VARIABLE, UNKNOWN, ShmWatcher, is_sem_open_temporary, pid_in_name,
+                            verdict, wait_for)
 
 pytestmark = pytest.mark.skipif(not (SHM.is_dir() and Path("/proc/self/maps").exists()),
                                 reason="needs /dev/shm and /proc (Linux)")
@@ -93,6 +94,12 @@ def test_pids_in_names() -> None:
     assert pid_in_name("sem.loky-4242-a1b2c3") == 4242
     assert pid_in_name("loky-7-x") == 7
     assert pid_in_name("sem.mp-3x7d_0k2") is None and pid_in_name("psm_4242") is None
+
+
+def test_sem_open_temporaries_are_told_from_named_semaphores() -> None:
+    assert is_sem_open_temporary("sem.pmZrbA") and is_sem_open_temporary("sem.0a9Z1x")
+    assert not is_sem_open_temporary("sem.mp-3x7d_0k2") and not is_sem_open_temporary("sem.loky-42-abc")
+    assert not is_sem_open_temporary("sem.abcdefg") and not is_sem_open_temporary("psm_abcdef")
 
 
 def test_only_entries_held_by_this_sessions_processes_count(names: list[str]) -> None:
