@@ -70,14 +70,22 @@ class WorkerSupervision(JobQueues):
             worker.channel.send(wmsg.exit())
 
     def read_worker(self, worker: WorkerProcess) -> None:
+        # Whole frames read before the stream turned corrupt are kept and served: one read may bring
+        # the result of the chunk before, sent just before a task of the next chunk wrote into the
+        # socket. Dropped with the garbage, that result was lost: its chunk stayed at the head of
+        # ``assigned`` while the slot named the next one, so the death was taken for one outside any
+        # item and, the second time, its innocent items failed as crashed (not the culprit).
+        frames: list[Frame] = []
+        closed = False
         try:
-            frames = list(worker.channel.receive())
+            for frame in worker.channel.receive():
+                frames.append(frame)
         except EOFError:
-            frames = None
+            closed = True
         except ProtocolError:  # a task wrote into the worker's socket: the worker is lost, not the pool
             worker.kill()
-            frames = None
-        for frame in frames or ():
+            closed = True
+        for frame in frames:
             if frame.op == "result":
                 self.on_worker_result(worker, frame)
             elif frame.op == "output":
@@ -97,7 +105,7 @@ class WorkerSupervision(JobQueues):
                 worker.ready = True
                 self.startup.started()
                 self.sample_memory()  # so status() shows its memory from the start
-        if frames is None:
+        if closed:
             self.on_worker_exit(worker)
 
     def on_worker_result(self, worker: WorkerProcess, frame: Frame) -> None:

@@ -4,6 +4,7 @@ and the pool comes back whole (processes, descriptors, shared memory)."""
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
 import stat
@@ -160,6 +161,43 @@ def test_a_task_that_writes_into_its_workers_socket_fails_alone() -> None:
         results = nbparallel.map(scribble, range(12), errors="return", progress=False)
         assert isinstance(results[3], WorkerCrashed)
         assert [r for i, r in enumerate(results) if i != 3] == [i for i in range(12) if i != 3]
+
+
+def test_a_result_read_with_the_garbage_after_it_still_counts() -> None:
+    """The race in the test above, made certain: the result of the chunk before and the garbage of
+    the next chunk's task reach the sidecar in one read. The result counts, and the item whose task
+    wrote the garbage alone fails: not the one whose result came with it (once blamed twice)."""
+
+    def sockets() -> list[int]:
+        found = []
+        for name in os.listdir("/proc/self/fd"):
+            try:
+                if stat.S_ISSOCK(os.fstat(int(name)).st_mode):
+                    found.append(int(name))
+            except OSError:
+                continue
+        return found
+
+    def scribble_after(x: int) -> int:
+        sidecar = os.getppid()
+        if x == 2:
+            # Item 3's chunk already waits on this worker's socket (prefetched): stop the sidecar
+            # until item 3 has written, so this item's result and the garbage arrive together.
+            ready, _, _ = select.select(sockets(), [], [], 5)
+            if ready:
+                os.kill(sidecar, signal.SIGSTOP)
+                threading.Timer(2, os.kill, (sidecar, signal.SIGCONT)).start()  # should item 3 not follow
+        if x == 3:
+            for fd in sockets():
+                os.write(fd, b"\xff" * 64 + b"not a frame")
+            os.kill(sidecar, signal.SIGCONT)
+            time.sleep(30)
+        return x
+
+    with leaves_nothing():
+        results = nbparallel.map(scribble_after, range(6), workers=1, chunksize=1, errors="return", progress=False)
+        assert isinstance(results[3], WorkerCrashed) and results[3].index == 3
+        assert [r for i, r in enumerate(results) if i != 3] == [0, 1, 2, 4, 5]
 
 
 def test_setsid_and_signals_in_a_task() -> None:
