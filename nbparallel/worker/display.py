@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import base64
 import importlib
-import importlib.abc
 import importlib.machinery
 import io
 import json
@@ -30,9 +29,12 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ..wire import worker_messages as wmsg
+
+if TYPE_CHECKING:
+    from importlib.abc import Loader
 
 #: A bundle bigger than this (as JSON) is replaced by a line saying so: it would cost the kernel and
 #: the notebook file more than it can be worth.
@@ -221,8 +223,11 @@ def _choose_backend(module: ModuleType) -> None:
             pass
 
 
-class _AfterImport(importlib.abc.MetaPathFinder):
-    """Runs a hook on a module right after its first import (before the importer sees it)."""
+class _AfterImport:
+    """Runs a hook on a module right after its first import (before the importer sees it).
+
+    A meta path finder and loader by their methods, not importlib.abc's classes: importing
+    importlib.abc costs every worker's start ~10 ms (importlib.resources, tempfile, pathlib)."""
 
     def __init__(self, hooks: dict[str, Callable[[ModuleType], None]]) -> None:
         self.hooks = hooks
@@ -246,11 +251,11 @@ class _AfterImport(importlib.abc.MetaPathFinder):
         del self.hooks[fullname]
         if not self.hooks and self in sys.meta_path:
             sys.meta_path.remove(self)
-        spec.loader = _HookedLoader(loader, hook)
+        spec.loader = cast("Loader", _HookedLoader(loader, hook))  # a Loader by its methods
         return spec
 
 
-class _HookedLoader(importlib.abc.Loader):
+class _HookedLoader:
     """The module's own loader, then the hook."""
 
     def __init__(self, loader: Any, hook: Callable[[ModuleType], None]) -> None:
