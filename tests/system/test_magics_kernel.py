@@ -121,7 +121,8 @@ def test_background_cell_finishes_while_another_cell_runs(kernel: Kernel) -> Non
 
 def test_runs_are_named_by_their_parameters(kernel: Kernel) -> None:
     execution = kernel.wait(kernel.submit("%%parallel --map k=range(3) --map seed=[3]\n"
-                                          "print('run', k)\nif k == 1:\n    raise KeyError(k)\nk * seed"))
+                                          "print('run', k)\nif k == 1:\n    import time; time.sleep(2)\n"
+                                          "    raise KeyError(k)\nk * seed"))  # run 0 has printed by then
     assert execution.status == "error" and execution.ename == "KeyError"
     text = shown(execution.messages)
     assert "[k=0, seed=3] run 0" in text and "(1,)" not in text and "item 1 (" not in text.replace("item 1 (k=1", "")
