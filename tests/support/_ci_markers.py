@@ -1,11 +1,10 @@
 """Markers for tests whose files do not mark themselves; pyproject.toml registers the markers, and
 conftest.py imports the hook below. CI's main leg (.ci/run) runs everything; the lowest leg
--m "not browser and not slow"; the other Pythons' legs -m "not browser and not dask and not slow and
-not mypy".
+-m "not browser"; the other Pythons' legs -m "not browser and not dask and not mypy".
 
 - dask: needs a Dask cluster; test_dask.py marks itself, the examples that start one are marked here.
-- slow: a slow system test whose outcome hardly depends on the Python version or the versions of
-  the dependencies, so only the main leg runs it: CI has 15 minutes on 2 cores.
+- slow: a slow system test (15 to 45 s), for a quick local run: -m "not slow". Every CI leg runs
+  them (since test files run side by side, CI has room for them in its 15 minutes).
 - mypy: the type check, which the main and lowest legs run.
 
 A node id listed here that no longer exists marks nothing (the test then runs on every leg).
