@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import TaskTimeout
 from . import pickling as ser
+from .calls import call_item
 
 if TYPE_CHECKING:
     from .outcomes import Batch
@@ -41,24 +42,13 @@ def is_async(fn: Any) -> bool:
     return inspect.iscoroutinefunction(getattr(type(fn), "__call__", None))
 
 
-def call(fn: Callable[..., Any], mode: str, item: Any) -> Any:
-    """``fn`` applied to ``item`` the way the job says: ``fn(item)``, ``fn(*item)``, or submit's
-    ``(args, kwargs)``."""
-    __tracebackhide__ = True  # our plumbing: remote tracebacks start at the user's function
-    if mode == "one":
-        return fn(item)
-    if mode == "star":
-        return fn(*item)
-    return fn(*item[0], **item[1])
-
-
 async def outcome(fn: Callable[..., Any], mode: str, item: Any) -> tuple[int, Any]:
     """Run one item to its outcome: ``(ser.OK, value)``, ``(ser.RAISED, encoded exception)``, or
     ``(ser.FAILED, error)`` for a ``TaskTimeout`` (payload/retrying.py's ``Attempts`` raises it
     when an attempt ran past ``timeout=``: the machinery's verdict, not the function's)."""
     __tracebackhide__ = True
     try:
-        value = call(fn, mode, item)
+        value = call_item(fn, mode, item)
         if inspect.isawaitable(value):
             value = await value
     except TaskTimeout as exc:

@@ -134,6 +134,17 @@ def new_segment(size: int, name: str = "buffer") -> int:
     return fd
 
 
+def new_mapped(size: int, name: str) -> tuple[int, memoryview]:
+    """A new segment of ``size`` bytes (at least 1) and a writable mapping of it; the descriptor is
+    closed again if the mapping fails (a limit on mappings or memory)."""
+    fd = new_segment(max(size, 1), name)
+    try:
+        return fd, map_fd(fd, max(size, 1), WRITE)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def write(fd: int, raw: memoryview, at: int) -> None:
     """Write ``raw`` into the segment at offset ``at``. pwrite fills fresh pages faster than page
     faults through a mapping would: this is the floor for a first placement."""

@@ -87,12 +87,7 @@ def shared_array(shape: int | tuple[int, ...], dtype: Any = float) -> Any:
     size = count * dtype.itemsize
     if not AVAILABLE:
         return numpy.zeros(shape, dtype)
-    fd = segments.new_segment(max(size, 1), "shared-array")
-    try:
-        view = segments.map_fd(fd, max(size, 1), segments.WRITE)
-    except BaseException:
-        os.close(fd)
-        raise
+    fd, view = segments.new_mapped(size, "shared-array")
     array = numpy.frombuffer(view, dtype=dtype, count=count).reshape(shape)
     start = register(fd, view, writable=True)
     # When the array and its views are gone, forget the segment and close our descriptor.
@@ -134,12 +129,7 @@ class Shared:
             self.value = value
             self._layout: tuple[int, list[tuple[int, int]]] | None = None
             return
-        fd = segments.new_segment(max(at, 1), "shared")
-        try:
-            view = segments.map_fd(fd, max(at, 1), segments.WRITE)
-        except BaseException:
-            os.close(fd)
-            raise
+        fd, view = segments.new_mapped(at, "shared")
         view[: len(stream)] = stream
         for (offset, size), raw in zip(layout, raws):
             view[offset : offset + size] = raw

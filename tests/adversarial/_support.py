@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ import psutil
 import pytest
 
 import nbparallel
+from _waiting import wait_for as wait_for  # the adversarial tests import it from here
 from nbparallel.payload import placement
 from nbparallel.wire import strays
 
@@ -121,16 +122,6 @@ def script(code: str, *, timeout: float = 60, env: dict[str, str] | None = None)
     full["PYTHONUNBUFFERED"] = "1"
     full.update(env or {})
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=full)
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "the condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"{what} did not happen within {timeout} s")
 
 
 def gone(pids: list[int]) -> bool:

@@ -163,11 +163,7 @@ class Kernel:
                 raise TimeoutError(f"no reply/idle for {msg_id} within {timeout} s; "
                                    f"output so far:\n{stream_text(self.messages_for(msg_id))}")
             if msg_id not in self.replies:
-                try:
-                    reply = self.kc.get_shell_msg(timeout=min(left, 0.05))
-                    self.replies[reply["parent_header"].get("msg_id")] = (reply["content"], time.monotonic())
-                except queue.Empty:
-                    pass
+                self.take_reply(min(left, 0.05))
             msg = self.pump(min(left, 0.05))
             if (msg is not None and msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle"
                     and msg["parent_header"].get("msg_id") == msg_id):
@@ -192,11 +188,15 @@ class Kernel:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError("no kernel_info reply after a failed cell")
-            try:
-                reply = self.kc.get_shell_msg(timeout=min(left, 0.05))
-            except queue.Empty:
-                continue
-            self.replies[reply["parent_header"].get("msg_id")] = (reply["content"], time.monotonic())
+            self.take_reply(min(left, 0.05))
+
+    def take_reply(self, timeout: float) -> None:
+        """Log one shell reply, by the request it answers, if one comes within ``timeout``."""
+        try:
+            reply = self.kc.get_shell_msg(timeout=timeout)
+        except queue.Empty:
+            return
+        self.replies[reply["parent_header"].get("msg_id")] = (reply["content"], time.monotonic())
 
     def wait_for_text(self, msg_id: str, text: str, timeout: float = EXEC_TIMEOUT) -> None:
         """Wait until the request's stream output contains ``text`` (the cell keeps running)."""

@@ -34,6 +34,7 @@ from nbparallel.crashes import WorkerCrashed  # noqa: E402
 from nbparallel.errors import ClusterUnavailable, Interrupted, NbParallelError  # noqa: E402
 
 from _dask_cluster import DaskCluster  # noqa: E402
+from _waiting import wait_for  # noqa: E402
 
 SCHEDULER_ENV = {"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "1"}
 
@@ -59,16 +60,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, shared_processes: set[int]
 
 def _busy_workers() -> list[dict[str, Any]]:
     return [w for w in nbparallel.status()["workers"] if w["state"] == "busy"]
-
-
-def _wait_until(check: Any, within: float, what: str) -> Any:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"{what} within {within} s")
 
 
 @pytest.mark.timeout(90)
@@ -164,7 +155,7 @@ def test_a_dask_worker_killed_mid_call_is_retried_then_reported(cluster: DaskClu
 
     # Killed from outside while running the task: Dask runs it again on another worker.
     future = nbparallel.submit(slow_pid, 1)
-    victim = _wait_until(_busy_workers, 20, "no Dask worker became busy")[0]["pid"]
+    victim = wait_for(_busy_workers, 20, "a Dask worker to become busy")[0]["pid"]
     os.kill(victim, signal.SIGKILL)
     assert future.result(timeout=30) != victim
 
@@ -182,7 +173,7 @@ def test_a_dask_worker_killed_mid_call_is_retried_then_reported(cluster: DaskClu
     # others finish.
     assert all(r == i or isinstance(r, WorkerCrashed) for i, r in enumerate(results)), results
     assert sum(r == i for i, r in enumerate(results)) >= 2
-    _wait_until(lambda: len(nbparallel.status()["workers"]) == 2, 30, "the nannies did not restart the workers")
+    wait_for(lambda: len(nbparallel.status()["workers"]) == 2, 30, "the nannies to restart the workers")
 
 
 @pytest.mark.timeout(60)
@@ -223,7 +214,7 @@ def test_an_interrupt_cancels_on_the_cluster_keeps_results_and_the_next_call_wor
     completed = caught.value.completed
     assert completed and all(completed[i] == i for i in completed)
     # The running chunks stop at their next item (not after their whole second), and the cluster idles.
-    _wait_until(lambda: not _busy_workers(), 0.8, "the cancelled tasks kept the Dask workers busy")
+    wait_for(lambda: not _busy_workers(), 0.8, "the cancelled tasks to leave the Dask workers")
     assert nbparallel.map(abs, [-1, -2]) == [1, 2]
 
 
@@ -248,7 +239,7 @@ def test_the_bridge_exits_with_the_kernel_even_on_sigkill(cluster: DaskCluster, 
         first = proc.stdout.readline()
         assert first.startswith("VALUES [1, 2]"), first + (proc.stderr.read() if proc.stderr else "")
         bridge = int(proc.stdout.readline().split()[1])
-        _wait_until(_busy_workers, 10, "the script's sleeps did not start")
+        wait_for(_busy_workers, 10, "the script's sleeps to start")
         proc.kill()
         proc.wait(timeout=10)
         killed = time.monotonic()
@@ -259,10 +250,10 @@ def test_the_bridge_exits_with_the_kernel_even_on_sigkill(cluster: DaskCluster, 
             except psutil.NoSuchProcess:
                 return True
 
-        _wait_until(gone, 2.0, f"the bridge (pid {bridge}) outlived its kernel")
+        wait_for(gone, 2.0, f"the bridge (pid {bridge}) to go with its kernel")
         assert time.monotonic() - killed < 2.0
         # Its tasks were dropped with it: the cluster is free for the next caller.
-        _wait_until(lambda: not _busy_workers(), 10, "the dead kernel's tasks kept running")
+        wait_for(lambda: not _busy_workers(), 10, "the dead kernel's tasks to stop")
     finally:
         proc.kill()
         proc.communicate()
