@@ -59,7 +59,10 @@ def browser() -> Iterator[Any]:
 def server(tmp_path: Path) -> Iterator[JupyterServer]:
     require_browser()
     shutil.copy(DEMO, tmp_path / DEMO.name)  # a copy: JupyterLab edits and may autosave what it opens
-    jupyter = JupyterServer(tmp_path, {"NBPARALLEL_DEMO_SCALE": SCALE}, save_widget_state=True)
+    # PROGRESS_AFTER 0: the sweep's display shows however quick its runs are (with compiled modules
+    # cached, its four figures take under the default second, and a call that quick shows none)
+    jupyter = JupyterServer(tmp_path, {"NBPARALLEL_DEMO_SCALE": SCALE, "NBPARALLEL_DEMO_PROGRESS_AFTER": "0"},
+                            save_widget_state=True)
     jupyter.start()
     try:
         yield jupyter
